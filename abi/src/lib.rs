@@ -1,0 +1,214 @@
+//! The control-link ABI shared by the host tools and every image.
+//!
+//! A control link is a byte stream (a virtio-serial port whose host side is
+//! a unix socket). On it travel **frames**: a 4-byte little-endian payload
+//! length, then a `postcard` payload of at most [`MAX_PAYLOAD`] bytes. A
+//! payload is an [`Envelope`]: the ABI [`VERSION`], a request id chosen by
+//! the sender of a request and echoed in its reply, and a [`Body`].
+//!
+//! Decoding is sans-IO and bounded: [`FrameDecoder`] takes whatever bytes
+//! arrived, never buffers more than one frame (`4 + MAX_PAYLOAD` bytes),
+//! rejects an oversized length prefix before reading its data, and
+//! [`Envelope::decode`] borrows strings and byte fields from the payload
+//! instead of allocating. No input makes it panic (proptest and the fuzz
+//! target in `abi/fuzz` check that).
+//!
+//! Compatibility: the version is decoded first and a payload of another
+//! version is refused with [`FrameError::Version`]. New [`Body`] variants are
+//! only ever appended, so a peer may answer an unknown variant with
+//! [`ErrorCode::Unsupported`].
+#![no_std]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+#[cfg(any(feature = "std", test))]
+extern crate std;
+
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+/// The ABI version this crate speaks.
+pub const VERSION: u16 = 1;
+/// Largest payload accepted or produced, in bytes.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// Bytes of the length prefix.
+pub const PREFIX: usize = 4;
+
+/// A typed error carried in [`Body::Error`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The request could not be decoded.
+    Malformed,
+    /// The peer speaks another ABI version.
+    Version,
+    /// The request is valid but this domain does not serve it.
+    Unsupported,
+    /// The request was refused by policy.
+    Denied,
+    /// The domain failed while serving it.
+    Internal,
+}
+
+/// What a frame says. Variants are appended, never reordered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body<'a> {
+    /// Image → builder, first frame on the control link.
+    Hello { image: &'a str, version: &'a str },
+    /// Image → builder: initialized and serving.
+    Ready { image: &'a str, boot_us: u64 },
+    /// Liveness check; the reply is a `Pong` with the same payload.
+    Ping { payload: &'a [u8] },
+    /// Reply to `Ping`.
+    Pong { payload: &'a [u8] },
+    /// A request failed.
+    Error { code: ErrorCode, message: &'a str },
+    /// Builder → image: stop cleanly.
+    Shutdown,
+}
+
+/// One decoded payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope<'a> {
+    pub version: u16,
+    pub request_id: u64,
+    #[serde(borrow)]
+    pub body: Body<'a>,
+}
+
+/// Why bytes could not become a frame or an envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// A length prefix (or an encoded envelope) exceeds [`MAX_PAYLOAD`];
+    /// the stream cannot be resynchronized and must be closed.
+    TooLarge { len: usize },
+    /// The payload is not a valid envelope.
+    Malformed,
+    /// The payload is from another ABI version.
+    Version { got: u16 },
+}
+
+impl core::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FrameError::TooLarge { len } => {
+                write!(f, "control frame of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit; closing the link")
+            }
+            FrameError::Malformed => f.write_str("control frame is not a valid envelope"),
+            FrameError::Version { got } => {
+                write!(f, "control frame speaks ABI version {got}, this side speaks {VERSION}; update the older side")
+            }
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for FrameError {}
+
+impl<'a> Envelope<'a> {
+    /// An envelope of this ABI version.
+    pub fn new(request_id: u64, body: Body<'a>) -> Self {
+        Envelope { version: VERSION, request_id, body }
+    }
+
+    /// Decodes a payload (without its length prefix). Borrows from `payload`.
+    pub fn decode(payload: &'a [u8]) -> Result<Self, FrameError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(FrameError::TooLarge { len: payload.len() });
+        }
+        let (version, _) = postcard::take_from_bytes::<u16>(payload).map_err(|_| FrameError::Malformed)?;
+        if version != VERSION {
+            return Err(FrameError::Version { got: version });
+        }
+        let (env, rest) = postcard::take_from_bytes::<Envelope<'a>>(payload).map_err(|_| FrameError::Malformed)?;
+        if !rest.is_empty() {
+            return Err(FrameError::Malformed);
+        }
+        Ok(env)
+    }
+
+    /// Appends this envelope as one frame (prefix + payload) to `out`.
+    pub fn encode_frame(&self, out: &mut Vec<u8>) -> Result<(), FrameError> {
+        let at = out.len();
+        out.extend_from_slice(&[0; PREFIX]);
+        let payload = postcard::to_extend(self, core::mem::take(out)).map_err(|_| FrameError::Malformed)?;
+        *out = payload;
+        let len = out.len() - at - PREFIX;
+        if len > MAX_PAYLOAD {
+            out.truncate(at);
+            return Err(FrameError::TooLarge { len });
+        }
+        out[at..at + PREFIX].copy_from_slice(&(len as u32).to_le_bytes());
+        Ok(())
+    }
+
+    /// This envelope as one frame.
+    pub fn to_frame(&self) -> Result<Vec<u8>, FrameError> {
+        let mut v = Vec::new();
+        self.encode_frame(&mut v)?;
+        Ok(v)
+    }
+}
+
+/// Splits a byte stream into frame payloads. Feed it whatever arrived; take
+/// complete payloads out with [`FrameDecoder::next_payload`].
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    failed: Option<FrameError>,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn wanted(&self) -> usize {
+        if self.buf.len() < PREFIX {
+            PREFIX
+        } else {
+            PREFIX + u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.buf.len() >= PREFIX && self.buf.len() == self.wanted()
+    }
+
+    /// Takes bytes from `input` up to the end of the current frame; returns
+    /// how many it took. Take the payload out, then feed the rest.
+    pub fn feed(&mut self, input: &[u8]) -> usize {
+        let mut taken = 0;
+        while self.failed.is_none() && !self.complete() && taken < input.len() {
+            let wanted = self.wanted();
+            let n = (wanted - self.buf.len()).min(input.len() - taken);
+            self.buf.extend_from_slice(&input[taken..taken + n]);
+            taken += n;
+            if self.buf.len() == PREFIX && self.wanted() > PREFIX + MAX_PAYLOAD {
+                self.failed = Some(FrameError::TooLarge { len: self.wanted() - PREFIX });
+            }
+        }
+        taken
+    }
+
+    /// The next complete payload, if one has arrived. After an error the
+    /// decoder stays failed: the stream is out of sync.
+    pub fn next_payload(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        if self.complete() {
+            let payload = self.buf.split_off(PREFIX);
+            self.buf.clear();
+            return Ok(Some(payload));
+        }
+        Ok(None)
+    }
+
+    /// Bytes buffered for the frame in progress.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;
