@@ -100,10 +100,14 @@ impl core::fmt::Display for DeviceError {
 }
 
 impl Platform {
-    fn scan() -> Self {
-        let root = PciRoot::new(pci::PortCam);
+    fn scan(ram: &[MemRegion]) -> Result<Self, &'static str> {
+        let mut root = PciRoot::new(pci::PortCam);
         let functions = pci::scan(&root);
-        Platform { root, functions }
+        let assigned = pci::assign_bars(&mut root, &functions, ram)?;
+        if assigned > 0 {
+            log::debug!(target: "ssc", "assigned {assigned} PCI BARs (firmware left some unassigned)");
+        }
+        Ok(Platform { root, functions })
     }
 
     /// Every PCI function found.
@@ -307,7 +311,10 @@ mod start {
         if cmdline_arg(cmdline, "ssc.probe") == Some("1") {
             probe();
         }
-        let platform = Platform::scan();
+        let platform = match Platform::scan(&regions[..n]) {
+            Ok(p) => p,
+            Err(e) => exit::fail(Failure::Device, e),
+        };
         let boot = Boot { cmdline, ram: regions[..n].to_vec(), heap_bytes, platform };
         // SAFETY: `ssc_image_main` is defined by the image through `entry!`
         // with exactly this signature.
@@ -323,8 +330,8 @@ mod start {
     fn probe() -> ! {
         const MIB: usize = 1 << 20;
         let mut a = alloc::vec![0u8; 4 * MIB];
-        for (i, b) in a.iter_mut().enumerate() {
-            *b = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1];
+        for (i, w) in a.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
         }
         let b = a.clone();
         if a != b {

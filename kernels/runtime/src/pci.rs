@@ -1,14 +1,26 @@
 //! PCI enumeration over the legacy configuration mechanism (ports 0xCF8 /
-//! 0xCFC), which `pc` and `q35` both offer. Firmware (SeaBIOS or qboot) has
-//! assigned the BARs; we enable memory decoding and bus mastering ourselves
-//! (SeaBIOS leaves bus mastering off for virtio-serial).
+//! 0xCFC), which `pc` and `q35` both offer.
+//!
+//! BARs: SeaBIOS assigns them all, qboot (the fast firmware the builder
+//! prefers) leaves 64-bit BARs unassigned. When any memory BAR on the
+//! machine is unassigned, [`assign_bars`] lays out every memory BAR itself:
+//! 32-bit BARs in `[max(3 GiB, top of low RAM), 0xFEC0_0000)` (below the
+//! IOAPIC; q35's MMCONFIG at 0xB000_0000 lies under it), 64-bit BARs from the
+//! first 1 GiB boundary above RAM and 4 GiB, largest first so each is
+//! naturally aligned. QEMU routes every address that is not RAM to the PCI
+//! address space, so no host-bridge window needs programming. We enable
+//! memory decoding and bus mastering ourselves (SeaBIOS leaves bus mastering
+//! off for virtio-serial); I/O decoding stays off: virtio-pci modern needs
+//! none.
 
 use alloc::vec::Vec;
 
 use virtio_drivers::transport::DeviceType;
 use virtio_drivers::transport::pci::bus::{
-    Command, ConfigurationAccess, DeviceFunction, DeviceFunctionInfo, HeaderType, PciRoot,
+    BarInfo, Command, ConfigurationAccess, DeviceFunction, DeviceFunctionInfo, HeaderType, MemoryBarType, PciRoot,
 };
+
+use crate::start_info::MemRegion;
 use virtio_drivers::transport::pci::virtio_device_type;
 
 use crate::cpu::{inl, outl};
@@ -78,8 +90,67 @@ fn root_read(_root: &PciRoot<PortCam>, df: DeviceFunction, offset: u8) -> u32 {
     PortCam.read_word(df, offset)
 }
 
-/// Turns on memory decoding, I/O decoding and bus mastering.
+/// Turns on memory decoding and bus mastering.
 pub fn enable(root: &mut PciRoot<PortCam>, df: DeviceFunction) {
     let (_, cmd) = root.get_status_command(df);
-    root.set_command(df, cmd | Command::MEMORY_SPACE | Command::IO_SPACE | Command::BUS_MASTER);
+    root.set_command(df, cmd | Command::MEMORY_SPACE | Command::BUS_MASTER);
+}
+
+struct Bar {
+    function: DeviceFunction,
+    index: u8,
+    size: u64,
+    wide: bool,
+}
+
+const LOW_WINDOW_END: u64 = 0xfec0_0000;
+const GIB: u64 = 1 << 30;
+
+/// Assigns every memory BAR of ordinary (type 0) functions if firmware left
+/// any unassigned. Returns how many BARs were (re)assigned.
+pub fn assign_bars(root: &mut PciRoot<PortCam>, functions: &[PciFunction], ram: &[MemRegion]) -> Result<usize, &'static str> {
+    let mut bars = alloc::vec::Vec::new();
+    let mut unassigned = false;
+    for f in functions.iter().filter(|f| f.info.header_type == HeaderType::Standard) {
+        let mut index = 0;
+        while index < 6 {
+            let info = root.bar_info(f.address, index).map_err(|_| "PCI BAR could not be read")?;
+            let step = if info.as_ref().is_some_and(BarInfo::takes_two_entries) { 2 } else { 1 };
+            if let Some(BarInfo::Memory { address_type, address, size, .. }) = info
+                && size > 0
+            {
+                unassigned |= address == 0;
+                let wide = address_type == MemoryBarType::Width64;
+                bars.push(Bar { function: f.address, index, size, wide });
+            }
+            index += step;
+        }
+    }
+    if !unassigned {
+        return Ok(0);
+    }
+    let low_ram_end = ram.iter().map(|r| r.start + r.len).filter(|&e| e <= 4 * GIB).max().unwrap_or(0);
+    let high_ram_end = ram.iter().map(|r| r.start + r.len).max().unwrap_or(0);
+    let mut low = low_ram_end.max(3 * GIB);
+    let mut high = high_ram_end.max(4 * GIB).next_multiple_of(GIB);
+    for f in functions {
+        let (_, cmd) = root.get_status_command(f.address);
+        root.set_command(f.address, cmd - Command::MEMORY_SPACE);
+    }
+    bars.sort_by(|a, b| b.size.cmp(&a.size));
+    for bar in &bars {
+        if bar.wide {
+            let at = high.next_multiple_of(bar.size);
+            root.set_bar_64(bar.function, bar.index, at);
+            high = at + bar.size;
+        } else {
+            let at = low.next_multiple_of(bar.size);
+            if at + bar.size > LOW_WINDOW_END {
+                return Err("32-bit PCI BARs do not fit below the IOAPIC; give the guest less low RAM");
+            }
+            root.set_bar_32(bar.function, bar.index, at as u32);
+            low = at + bar.size;
+        }
+    }
+    Ok(bars.len())
 }
