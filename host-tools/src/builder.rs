@@ -1,0 +1,713 @@
+//! The domain builder: turns a domain spec into a QEMU process with the
+//! project's device conventions, and owns its lifetime.
+//!
+//! Devices of every domain (see docs/architecture.md, "How domains are
+//! wired"):
+//! * console: COM1 on QEMU's stdout, read line by line (the image's log);
+//! * control link: a `virtserialport` named `ctl` whose host side is a unix
+//!   socket in the run directory; the builder connects to it and speaks the
+//!   `ssc-abi` frames (Hello, Ready, Ping/Pong, Shutdown);
+//! * data links: `virtserialport`s named by the spec, each a unix socket
+//!   that QEMU listens on (`server=on,wait=off`) for a peer to connect;
+//! * disks: `virtio-blk-pci` on raw files;
+//! * QMP on a unix socket in the run directory, for a clean `quit`;
+//! * `isa-debug-exit` at 0xf4 so the image's verdict is QEMU's exit status.
+//!
+//! Cleanup: QEMU runs under `setpriv --pdeathsig KILL`, so it dies with the
+//! builder even on a crash; dropping a [`Domain`] quits or kills QEMU and
+//! removes the sockets it created; dropping a [`RunDir`] removes the run
+//! directory, and [`RunDir::create`] sweeps directories left by builders
+//! that died. Ctrl-C makes every wait return an error, so the drops run.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ssc_abi::{Body, Envelope, FrameDecoder};
+
+use crate::qemu::{Accel, Firmware, ImageExit, Machine, QEMU};
+
+/// Name of the control link every domain gets.
+pub const CONTROL_LINK: &str = "ctl";
+
+/// A named data link and the unix socket QEMU listens on for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkSpec {
+    pub name: String,
+    pub socket: PathBuf,
+}
+
+impl std::str::FromStr for LinkSpec {
+    type Err = anyhow::Error;
+
+    /// `NAME=SOCKET`.
+    fn from_str(s: &str) -> Result<Self> {
+        let (name, socket) = s.split_once('=').ok_or_else(|| anyhow!("link `{s}` is not NAME=SOCKET"))?;
+        validate_link_name(name)?;
+        if socket.is_empty() {
+            bail!("link `{name}` has an empty socket path");
+        }
+        Ok(LinkSpec { name: name.into(), socket: socket.into() })
+    }
+}
+
+fn validate_link_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    {
+        bail!("link name `{name}` must be 1-64 characters of a-z, 0-9, `.`, `_`, `-`");
+    }
+    if name == CONTROL_LINK {
+        bail!("link name `{CONTROL_LINK}` is reserved for the builder's control link");
+    }
+    Ok(())
+}
+
+/// Everything the builder needs to start one domain.
+#[derive(Clone, Debug)]
+pub struct DomainSpec {
+    pub name: String,
+    pub image: PathBuf,
+    pub mem_mib: u32,
+    pub disks: Vec<PathBuf>,
+    pub links: Vec<LinkSpec>,
+    /// Extra kernel command line (`-append`), e.g. `ssc.log=debug`.
+    pub append: String,
+    pub machine: Machine,
+    pub firmware: Firmware,
+}
+
+impl DomainSpec {
+    pub fn new(name: &str, image: &Path) -> Self {
+        DomainSpec {
+            name: name.into(),
+            image: image.into(),
+            mem_mib: 128,
+            disks: vec![],
+            links: vec![],
+            append: String::new(),
+            machine: Machine::Q35,
+            firmware: Firmware::Auto,
+        }
+    }
+}
+
+/// QEMU option values separate fields with commas; a literal comma is `,,`.
+fn opt_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// The QEMU command line for a domain (without the binary).
+pub fn qemu_args(spec: &DomainSpec, accel: Accel, run_dir: &Path) -> Vec<OsString> {
+    let mut a: Vec<String> = vec![];
+    let (_, bios) = spec.firmware.resolve();
+    a.extend(["-name".into(), spec.name.clone(), "-machine".into(), spec.machine.name().into()]);
+    if let Some(b) = bios {
+        a.extend(["-bios".into(), opt_path(&b)]);
+    }
+    a.extend(accel.args().map(String::from));
+    a.extend(["-m".into(), format!("{}M", spec.mem_mib), "-smp".into(), "1".into()]);
+    a.extend(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio"].map(String::from));
+    a.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", opt_path(&qmp_socket(run_dir, &spec.name)))]);
+    a.extend(["-device".into(), "isa-debug-exit,iobase=0xf4,iosize=1".into()]);
+    for (i, d) in spec.disks.iter().enumerate() {
+        a.extend(["-drive".into(), format!("file={},format=raw,if=none,id=disk{i}", opt_path(d))]);
+        a.extend(["-device".into(), format!("virtio-blk-pci,drive=disk{i}")]);
+    }
+    // Port 0 is reserved for a console; ports 1.. carry ctl and the links.
+    a.extend(["-device".into(), format!("virtio-serial-pci,id=vser0,max_ports={}", spec.links.len() + 2)]);
+    let ctl = control_socket(run_dir, &spec.name);
+    let mut ports = vec![(CONTROL_LINK.to_string(), ctl)];
+    ports.extend(spec.links.iter().map(|l| (l.name.clone(), l.socket.clone())));
+    for (i, (name, sock)) in ports.iter().enumerate() {
+        a.extend(["-chardev".into(), format!("socket,id=port{i},path={},server=on,wait=off", opt_path(sock))]);
+        a.extend(["-device".into(), format!("virtserialport,bus=vser0.0,chardev=port{i},name={name}")]);
+    }
+    a.extend(["-kernel".into(), opt_path(&spec.image)]);
+    if !spec.append.is_empty() {
+        a.extend(["-append".into(), spec.append.clone()]);
+    }
+    a.into_iter().map(OsString::from).collect()
+}
+
+fn qmp_socket(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join(format!("{name}.qmp"))
+}
+
+fn control_socket(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join(format!("{name}.ctl"))
+}
+
+/// Checks that `path` is an image QEMU can boot by PVH: a 64-bit x86-64
+/// `EXEC` ELF with a `XEN_ELFNOTE_PHYS32_ENTRY` note, not truncated.
+pub fn check_image(path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
+    let fail = |why: &str| anyhow!("{} is not a bootable SSC image: {why}; rebuild it with `make images`", path.display());
+    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {
+        return Err(fail("no ELF header"));
+    }
+    if bytes[4] != 2 || bytes[5] != 1 {
+        return Err(fail("not a 64-bit little-endian ELF"));
+    }
+    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let u64_at = |o: usize| bytes.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    if u16_at(16) != Some(2) {
+        return Err(fail("not an EXEC (static, non-relocatable) ELF"));
+    }
+    if u16_at(18) != Some(62) {
+        return Err(fail("not an x86-64 ELF"));
+    }
+    let phoff = u64_at(32).ok_or_else(|| fail("truncated"))? as usize;
+    let phentsize = u16_at(54).ok_or_else(|| fail("truncated"))? as usize;
+    let phnum = u16_at(56).ok_or_else(|| fail("truncated"))? as usize;
+    let mut has_pvh = false;
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        let (Some(kind), Some(off), Some(filesz)) = (u32_at(ph), u64_at(ph + 8), u64_at(ph + 32)) else {
+            return Err(fail("program headers run past the end of the file (truncated)"));
+        };
+        let (off, filesz) = (off as usize, filesz as usize);
+        if off.checked_add(filesz).is_none_or(|end| end > bytes.len()) {
+            return Err(fail("a segment runs past the end of the file (truncated)"));
+        }
+        if kind == 4 {
+            let mut n = off;
+            while n + 12 <= off + filesz {
+                let (namesz, descsz, ty) = (u32_at(n).unwrap() as usize, u32_at(n + 4).unwrap() as usize, u32_at(n + 8).unwrap());
+                let name = bytes.get(n + 12..n + 12 + namesz).unwrap_or(&[]);
+                if ty == 18 && name.starts_with(b"Xen") {
+                    has_pvh = true;
+                }
+                n += 12 + namesz.next_multiple_of(4) + descsz.next_multiple_of(4);
+            }
+        }
+    }
+    if !has_pvh {
+        return Err(fail("no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"));
+    }
+    Ok(())
+}
+
+static RUN_DIRS: AtomicU64 = AtomicU64::new(0);
+
+/// A private directory (mode 0700) for one builder run's sockets. Removed on
+/// drop; directories of dead builders are swept by the next `create`.
+#[derive(Debug)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    fn base() -> PathBuf {
+        match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) if Path::new(&d).is_dir() => PathBuf::from(d).join("ssc"),
+            _ => std::env::temp_dir().join(format!("ssc-{}", std::env::var("USER").unwrap_or_else(|_| "user".into()))),
+        }
+    }
+
+    pub fn create() -> Result<RunDir> {
+        let base = Self::base();
+        std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))?;
+        Self::sweep(&base);
+        let path = base.join(format!("{}-{}", std::process::id(), RUN_DIRS.fetch_add(1, Ordering::SeqCst)));
+        std::fs::create_dir(&path).with_context(|| format!("creating run directory {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
+        Ok(RunDir { path })
+    }
+
+    fn sweep(base: &Path) {
+        let Ok(entries) = std::fs::read_dir(base) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Where the image's log lines go besides the domain's own buffer.
+#[derive(Clone, Debug)]
+pub enum LogEcho {
+    Quiet,
+    /// Print each line to stdout with this prefix.
+    Stdout(String),
+}
+
+/// What the control link delivered, owned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlEvent {
+    Hello { image: String, version: String },
+    Ready { image: String, boot_us: u64 },
+    Pong { request_id: u64, payload: Vec<u8> },
+    Error { code: ssc_abi::ErrorCode, message: String },
+    Other(String),
+    /// The link failed (bad frame, closed): the reason.
+    Broken(String),
+}
+
+fn owned(env: Envelope<'_>) -> ControlEvent {
+    match env.body {
+        Body::Hello { image, version } => ControlEvent::Hello { image: image.into(), version: version.into() },
+        Body::Ready { image, boot_us } => ControlEvent::Ready { image: image.into(), boot_us },
+        Body::Pong { payload } => ControlEvent::Pong { request_id: env.request_id, payload: payload.into() },
+        Body::Error { code, message } => ControlEvent::Error { code, message: message.into() },
+        other => ControlEvent::Other(format!("{other:?}")),
+    }
+}
+
+/// The builder's end of a domain's control link.
+pub struct ControlLink {
+    writer: UnixStream,
+    events: Receiver<ControlEvent>,
+    next_id: u64,
+}
+
+impl ControlLink {
+    fn connect(path: &Path, child: &mut Child, timeout: Duration) -> Result<ControlLink> {
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < timeout && child.try_wait()?.is_none() => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => return Err(e).with_context(|| format!("connecting to control link {}", path.display())),
+            }
+        };
+        let mut reader = stream.try_clone()?;
+        let (tx, events) = channel();
+        std::thread::spawn(move || {
+            let mut dec = FrameDecoder::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let used = dec.feed(rest);
+                    rest = &rest[used..];
+                    match dec.next_payload() {
+                        Ok(Some(p)) => {
+                            let ev = Envelope::decode(&p).map(owned).unwrap_or_else(|e| ControlEvent::Broken(e.to_string()));
+                            if tx.send(ev).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = tx.send(ControlEvent::Broken(e.to_string()));
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(ControlLink { writer: stream, events, next_id: 1 })
+    }
+
+    /// Sends a request body; returns its request id.
+    pub fn send(&mut self, body: Body<'_>) -> Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = Envelope::new(id, body).to_frame()?;
+        self.writer.write_all(&frame).context("writing to the control link")?;
+        Ok(id)
+    }
+
+    /// The next event, if one arrives within `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Option<ControlEvent> {
+        self.events.recv_timeout(timeout).ok()
+    }
+
+    fn try_recv(&self) -> Option<ControlEvent> {
+        self.events.try_recv().ok()
+    }
+}
+
+/// Timings of a domain's start.
+#[derive(Clone, Copy, Debug)]
+pub struct Ready {
+    /// QEMU spawn → first line on the console.
+    pub first_line: Duration,
+    /// QEMU spawn → the `ssc: ready` line.
+    pub ready: Duration,
+    /// Guest time from PVH entry to ready, as the image measured it.
+    pub guest_boot_us: u64,
+}
+
+/// A running domain: one QEMU process.
+pub struct Domain {
+    pub name: String,
+    child: Option<Child>,
+    lines: Receiver<(Instant, String)>,
+    log: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    control: Option<ControlLink>,
+    qmp: PathBuf,
+    owned_sockets: Vec<PathBuf>,
+    started: Instant,
+    first_line: Option<Duration>,
+    ping: Option<(u64, Vec<u8>, Instant)>,
+    /// Set once a Ping on the control link came back intact.
+    pub control_verified: Option<Duration>,
+}
+
+fn spawn_line_reader(stream: impl Read + Send + 'static, tx: Sender<(Instant, String)>, echo: LogEcho) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).split(b'\n') {
+            let Ok(line) = line else { return };
+            let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+            if let LogEcho::Stdout(prefix) = &echo {
+                println!("{prefix}{line}");
+            }
+            if tx.send((Instant::now(), line)).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+impl Domain {
+    /// Starts QEMU for `spec` and connects the control link.
+    pub fn launch(spec: &DomainSpec, accel: Accel, run_dir: &RunDir, echo: LogEcho) -> Result<Domain> {
+        check_image(&spec.image)?;
+        for d in &spec.disks {
+            if !d.is_file() {
+                bail!("disk {} does not exist (create it with `truncate -s 64M {}`)", d.display(), d.display());
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for l in &spec.links {
+            validate_link_name(&l.name)?;
+            if !seen.insert(&l.name) {
+                bail!("link `{}` is given twice", l.name);
+            }
+            if l.socket.exists() {
+                bail!("link `{}`: {} already exists; remove it or choose another path", l.name, l.socket.display());
+            }
+        }
+        let args = qemu_args(spec, accel, run_dir.path());
+        let mut cmd = if Path::new("/usr/bin/setpriv").exists() {
+            let mut c = Command::new("/usr/bin/setpriv");
+            c.args(["--pdeathsig", "KILL", "--", QEMU]);
+            c
+        } else {
+            Command::new(QEMU)
+        };
+        cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().with_context(|| {
+            format!("starting {QEMU}: is it installed? (`sudo apt-get install -y qemu-system-x86`, or `ssc doctor`)")
+        })?;
+        let (tx, lines) = channel();
+        spawn_line_reader(child.stdout.take().expect("piped stdout"), tx, echo);
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let mut err_pipe = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err_pipe.read_to_string(&mut s);
+            sink.lock().unwrap().push_str(&s);
+        });
+        let mut owned_sockets: Vec<PathBuf> = spec.links.iter().map(|l| l.socket.clone()).collect();
+        let ctl_path = control_socket(run_dir.path(), &spec.name);
+        owned_sockets.push(ctl_path.clone());
+        let mut dom = Domain {
+            name: spec.name.clone(),
+            child: None,
+            lines,
+            log: vec![],
+            stderr,
+            control: None,
+            qmp: qmp_socket(run_dir.path(), &spec.name),
+            owned_sockets,
+            started,
+            first_line: None,
+            ping: None,
+            control_verified: None,
+        };
+        let control = ControlLink::connect(&ctl_path, &mut child, Duration::from_secs(10));
+        dom.child = Some(child);
+        match control {
+            Ok(c) => dom.control = Some(c),
+            Err(e) => {
+                let exit = dom.wait_exit(Some(Duration::from_secs(2)));
+                return Err(dom.failure(format!("{e:#}; QEMU: {}", exit.map(|x| x.to_string()).unwrap_or_default())));
+            }
+        }
+        Ok(dom)
+    }
+
+    /// An error that carries the last log lines and QEMU's stderr.
+    pub fn failure(&self, what: String) -> anyhow::Error {
+        let tail: Vec<&String> = self.log.iter().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+        let stderr = self.stderr.lock().map(|s| s.trim().to_string()).unwrap_or_default();
+        let mut msg = format!("domain `{}`: {what}", self.name);
+        if !tail.is_empty() {
+            msg.push_str("\n--- last console lines ---");
+            for l in tail {
+                msg.push_str("\n  ");
+                msg.push_str(l);
+            }
+        }
+        if !stderr.is_empty() {
+            msg.push_str("\n--- QEMU stderr ---\n  ");
+            msg.push_str(&stderr.replace('\n', "\n  "));
+        }
+        anyhow!(msg)
+    }
+
+    /// Console lines so far.
+    pub fn log(&self) -> &[String] {
+        &self.log
+    }
+
+    fn take_line(&mut self, timeout: Duration) -> Option<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok((at, line)) => {
+                if self.first_line.is_none() {
+                    self.first_line = Some(at - self.started);
+                }
+                self.log.push(line.clone());
+                Some(line)
+            }
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Pings on Ready, checks Pongs: the builder's liveness check of the
+    /// control link.
+    fn service_control(&mut self) -> Result<()> {
+        let Some(ctl) = self.control.as_mut() else { return Ok(()) };
+        while let Some(ev) = ctl.try_recv() {
+            match ev {
+                ControlEvent::Ready { .. } => {
+                    let payload: Vec<u8> = (0..256u32).map(|i| (i * 7 + self.started.elapsed().subsec_nanos()) as u8).collect();
+                    let id = ctl.send(Body::Ping { payload: &payload })?;
+                    self.ping = Some((id, payload, Instant::now()));
+                }
+                ControlEvent::Pong { request_id, payload } => match &self.ping {
+                    Some((id, sent, at)) if *id == request_id && *sent == payload => {
+                        self.control_verified = Some(at.elapsed());
+                    }
+                    _ => bail!("control link: Pong {request_id} does not match the Ping sent"),
+                },
+                ControlEvent::Broken(why) => bail!("control link broken: {why}"),
+                ControlEvent::Error { code, message } => bail!("image reported {code:?}: {message}"),
+                ControlEvent::Hello { .. } | ControlEvent::Other(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the image's `ssc: ready` line.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<Ready> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if crate::interrupted() {
+                return Err(self.failure("interrupted".into()));
+            }
+            if let Some(line) = self.take_line(Duration::from_millis(20)) {
+                if let Some(rest) = line.split(" ssc: ready ").nth(1) {
+                    let guest_boot_us = rest
+                        .split_whitespace()
+                        .find_map(|kv| kv.strip_prefix("boot_us="))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    return Ok(Ready {
+                        first_line: self.first_line.unwrap_or_default(),
+                        ready: self.started.elapsed(),
+                        guest_boot_us,
+                    });
+                }
+                continue;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.drain_lines();
+                return Err(self.failure(format!("exited before it was ready: {}", ImageExit::from_status(status))));
+            }
+            if Instant::now() > deadline {
+                return Err(self.failure(format!("not ready after {} s", timeout.as_secs())));
+            }
+        }
+    }
+
+    fn drain_lines(&mut self) {
+        while self.take_line(Duration::from_millis(50)).is_some() {}
+    }
+
+    /// Waits for QEMU to exit (the image's verdict), serving the control
+    /// link meanwhile. `None` waits forever (until Ctrl-C).
+    pub fn wait_exit(&mut self, timeout: Option<Duration>) -> Result<ImageExit> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if crate::interrupted() {
+                return Err(self.failure("interrupted".into()));
+            }
+            self.service_control()?;
+            while self.take_line(Duration::from_millis(0)).is_some() {}
+            let Some(child) = self.child.as_mut() else { bail!("domain `{}` was not started", self.name) };
+            if let Some(status) = child.try_wait()? {
+                self.drain_lines();
+                let _ = self.service_control();
+                self.child = None;
+                return Ok(ImageExit::from_status(status));
+            }
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                return Err(self.failure(format!("still running after {} s; stopped it", timeout.unwrap_or_default().as_secs())));
+            }
+            let _ = self.take_line(Duration::from_millis(20));
+        }
+    }
+
+    /// The control link, once connected.
+    pub fn control(&mut self) -> Option<&mut ControlLink> {
+        self.control.as_mut()
+    }
+
+    /// Stops QEMU: QMP `quit`, then SIGKILL if it is still there after 2 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if child.try_wait().ok().flatten().is_none() {
+            if let Ok(mut q) = crate::qmp::Qmp::connect(&self.qmp, Duration::from_millis(500)) {
+                let _ = q.execute("quit", None);
+            }
+            let start = Instant::now();
+            while child.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+
+    /// Kills QEMU at once (benchmarks, failed probes).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        self.stop();
+        for s in &self.owned_sockets {
+            let _ = std::fs::remove_file(s);
+        }
+        let _ = std::fs::remove_file(&self.qmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined(spec: &DomainSpec) -> String {
+        qemu_args(spec, Accel::Tcg, Path::new("/run/x"))
+            .iter()
+            .map(|s| s.to_string_lossy().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn every_domain_gets_console_qmp_exit_device_and_control_link() {
+        let spec = DomainSpec { firmware: Firmware::Seabios, ..DomainSpec::new("sd1", Path::new("/img/selftest")) };
+        let a = joined(&spec);
+        for want in [
+            "-serial stdio",
+            "-qmp unix:/run/x/sd1.qmp,server=on,wait=off",
+            "isa-debug-exit,iobase=0xf4,iosize=1",
+            "virtio-serial-pci,id=vser0,max_ports=2",
+            "socket,id=port0,path=/run/x/sd1.ctl,server=on,wait=off",
+            "virtserialport,bus=vser0.0,chardev=port0,name=ctl",
+            "-kernel /img/selftest",
+            "-accel tcg -cpu max",
+        ] {
+            assert!(a.contains(want), "missing `{want}` in {a}");
+        }
+        assert!(!a.contains("-bios"));
+    }
+
+    #[test]
+    fn disks_and_links_become_devices_and_commas_are_escaped() {
+        let mut spec = DomainSpec::new("d", Path::new("/img/a,b"));
+        spec.disks.push("/v/disk,1.img".into());
+        spec.links.push("echo=/tmp/e.sock".parse().unwrap());
+        spec.firmware = Firmware::Qboot;
+        let a = joined(&spec);
+        assert!(a.contains("file=/v/disk,,1.img,format=raw,if=none,id=disk0"));
+        assert!(a.contains("virtio-blk-pci,drive=disk0"));
+        assert!(a.contains("path=/tmp/e.sock,server=on,wait=off"));
+        assert!(a.contains("name=echo"));
+        assert!(a.contains("max_ports=3"));
+        assert!(a.contains("-kernel /img/a,,b"));
+        assert!(a.contains("-bios /usr/share/qemu/qboot.rom"));
+    }
+
+    #[test]
+    fn link_specs_are_validated() {
+        assert!("echo".parse::<LinkSpec>().unwrap_err().to_string().contains("NAME=SOCKET"));
+        assert!("ctl=/x".parse::<LinkSpec>().unwrap_err().to_string().contains("reserved"));
+        assert!("Bad Name=/x".parse::<LinkSpec>().unwrap_err().to_string().contains("a-z"));
+        assert!("up=".parse::<LinkSpec>().unwrap_err().to_string().contains("empty"));
+        assert_eq!("up=/s".parse::<LinkSpec>().unwrap(), LinkSpec { name: "up".into(), socket: "/s".into() });
+    }
+
+    #[test]
+    fn non_images_and_truncated_images_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        std::fs::write(&p, b"#!/bin/sh\n").unwrap();
+        let e = check_image(&p).unwrap_err().to_string();
+        assert!(e.contains("no ELF header") && e.contains("make images"), "{e}");
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[5] = 1;
+        elf[16] = 2;
+        elf[18] = 62;
+        elf[32] = 64; // phoff
+        elf[54] = 56; // phentsize
+        elf[56] = 1; // phnum, but no program header follows
+        std::fs::write(&p, &elf).unwrap();
+        assert!(check_image(&p).unwrap_err().to_string().contains("truncated"));
+        assert!(check_image(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn run_dirs_are_private_and_removed_on_drop() {
+        let d = RunDir::create().unwrap();
+        let p = d.path().to_path_buf();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o700);
+        drop(d);
+        assert!(!p.exists());
+    }
+}

@@ -1,0 +1,381 @@
+//! The image catalog: a folder of signed manifests beside the images.
+//!
+//! For each image `NAME`, the catalog holds `NAME-VERSION.elf` and
+//! `NAME.toml`:
+//!
+//! ```toml
+//! [image]
+//! name = "selftest"
+//! version = "0.1.0"
+//! file = "selftest-0.1.0.elf"
+//! sha384 = "…"            # of the image file
+//! permissions = []        # what Udom0 may grant it: mem-read, mem-write, …
+//! offers = []             # link types it offers (e.g. "block")
+//! needs = []              # link types it needs downstream
+//! description = "…"
+//!
+//! [signature]
+//! publisher = "…"         # Ed25519 public key, hex
+//! ed25519 = "…"           # over "ssc-catalog-manifest-v1\n" + JSON of [image]
+//! ```
+//!
+//! Trust is the verifier's: `verify` takes the publisher keys the tenant
+//! trusts; a manifest signed by any other key is refused even if its
+//! signature is valid. The signed bytes are the canonical JSON of the
+//! `[image]` table (fixed field order), so any edit of any field after
+//! signing breaks the signature, and a flipped byte of the image breaks
+//! the digest.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use ring::rand::SystemRandom;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+
+/// Permissions an image may declare.
+pub const PERMISSIONS: &[&str] = &["mem-read", "mem-write", "blk-interpose", "net", "hsm"];
+const DOMAIN: &[u8] = b"ssc-catalog-manifest-v1\n";
+
+/// The signed part of a manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageEntry {
+    pub name: String,
+    pub version: String,
+    pub file: String,
+    pub sha384: String,
+    pub permissions: Vec<String>,
+    pub offers: Vec<String>,
+    pub needs: Vec<String>,
+    pub description: String,
+}
+
+/// The publisher's signature over an [`ImageEntry`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature {
+    pub publisher: String,
+    pub ed25519: String,
+}
+
+/// A manifest file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub image: ImageEntry,
+    pub signature: Signature,
+}
+
+/// One image of `kernels/images.toml`: what the catalog build publishes.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSource {
+    pub name: String,
+    /// Binary name under the kernels target directory.
+    pub binary: String,
+    pub description: String,
+    #[serde(default)]
+    pub permissions: Vec<String>,
+    #[serde(default)]
+    pub offers: Vec<String>,
+    #[serde(default)]
+    pub needs: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ImagesFile {
+    image: Vec<ImageSource>,
+}
+
+/// Why a catalog entry was refused. Every variant names the image.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("image `{image}`: digest mismatch: {file} has SHA-384 {actual}, the manifest says {expected} (image modified after signing)")]
+    DigestMismatch { image: String, file: String, expected: String, actual: String },
+    #[error("image `{image}`: signature check failed: the manifest was modified after signing, or the signature is not the publisher's")]
+    BadSignature { image: String },
+    #[error("image `{image}`: publisher key {key} is not trusted (pass its public key with --trust)")]
+    UnknownPublisher { image: String, key: String },
+    #[error("image `{image}`: {file} is missing from the catalog")]
+    MissingFile { image: String, file: String },
+    #[error("image `{image}`: declares unknown permission `{permission}` (known: {known})")]
+    UnknownPermission { image: String, permission: String, known: String },
+    #[error("{path}: not a valid manifest: {why}")]
+    Malformed { path: String, why: String },
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn unhex(s: &str) -> Result<Vec<u8>> {
+    let s = s.trim();
+    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("`{s}` is not hex");
+    }
+    Ok((0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect())
+}
+
+fn signed_bytes(entry: &ImageEntry) -> Vec<u8> {
+    let mut v = DOMAIN.to_vec();
+    v.extend(serde_json::to_vec(entry).expect("ImageEntry serializes"));
+    v
+}
+
+pub fn sha384_file(path: &Path) -> Result<String> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hex(ring::digest::digest(&ring::digest::SHA384, &data).as_ref()))
+}
+
+/// Creates a publisher key pair: PKCS#8 private key (mode 0600) and the hex
+/// public key. Returns the public key.
+pub fn keygen(private: &Path, public: &Path) -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| anyhow::anyhow!("key generation failed"))?;
+    let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|_| anyhow::anyhow!("generated key unusable"))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(private)
+        .with_context(|| format!("creating {} (it must not exist yet)", private.display()))?;
+    std::io::Write::write_all(&mut f, doc.as_ref())?;
+    let pubkey = hex(pair.public_key().as_ref());
+    std::fs::write(public, format!("{pubkey}\n")).with_context(|| format!("writing {}", public.display()))?;
+    Ok(pubkey)
+}
+
+fn load_key(private: &Path) -> Result<Ed25519KeyPair> {
+    let der = std::fs::read(private).with_context(|| format!("reading publisher key {}", private.display()))?;
+    Ed25519KeyPair::from_pkcs8(&der)
+        .map_err(|_| anyhow::anyhow!("{} is not an Ed25519 PKCS#8 key (make one with `ssc catalog keygen`)", private.display()))
+}
+
+/// Reads trusted public keys (hex, one per file).
+pub fn load_trusted(paths: &[PathBuf]) -> Result<Vec<String>> {
+    paths
+        .iter()
+        .map(|p| {
+            let s = std::fs::read_to_string(p).with_context(|| format!("reading trusted key {}", p.display()))?;
+            let k = unhex(&s).with_context(|| format!("{}: not a hex public key", p.display()))?;
+            if k.len() != 32 {
+                bail!("{}: an Ed25519 public key has 32 bytes, this has {}", p.display(), k.len());
+            }
+            Ok(hex(&k))
+        })
+        .collect()
+}
+
+fn check_permissions(entry: &ImageEntry) -> Result<(), CatalogError> {
+    for p in &entry.permissions {
+        if !PERMISSIONS.contains(&p.as_str()) {
+            return Err(CatalogError::UnknownPermission {
+                image: entry.name.clone(),
+                permission: p.clone(),
+                known: PERMISSIONS.join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Builds a catalog in `out` from `images.toml`, the built binaries in
+/// `bin_dir`, the version, and the publisher's private key.
+pub fn build(images_toml: &Path, bin_dir: &Path, version: &str, key: &Path, out: &Path) -> Result<Vec<Manifest>> {
+    let text = std::fs::read_to_string(images_toml).with_context(|| format!("reading {}", images_toml.display()))?;
+    let spec: ImagesFile = toml::from_str(&text).with_context(|| format!("parsing {}", images_toml.display()))?;
+    let pair = load_key(key)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut manifests = vec![];
+    for src in spec.image {
+        let bin = bin_dir.join(&src.binary);
+        crate::builder::check_image(&bin).with_context(|| format!("image `{}`", src.name))?;
+        let file = format!("{}-{version}.elf", src.name);
+        std::fs::copy(&bin, out.join(&file)).with_context(|| format!("copying {}", bin.display()))?;
+        let entry = ImageEntry {
+            name: src.name,
+            version: version.into(),
+            sha384: sha384_file(&out.join(&file))?,
+            file,
+            permissions: src.permissions,
+            offers: src.offers,
+            needs: src.needs,
+            description: src.description,
+        };
+        check_permissions(&entry)?;
+        let sig = pair.sign(&signed_bytes(&entry));
+        let m = Manifest {
+            signature: Signature { publisher: hex(pair.public_key().as_ref()), ed25519: hex(sig.as_ref()) },
+            image: entry,
+        };
+        std::fs::write(out.join(format!("{}.toml", m.image.name)), toml::to_string_pretty(&m)?)?;
+        manifests.push(m);
+    }
+    Ok(manifests)
+}
+
+/// Reads every manifest in `dir` without verifying it.
+pub fn read(dir: &Path) -> Result<Vec<(PathBuf, Result<Manifest, CatalogError>)>> {
+    let mut out = vec![];
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading catalog {}", dir.display()))?;
+    let mut paths: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+    paths.sort();
+    for p in paths {
+        let m = std::fs::read_to_string(&p)
+            .map_err(|e| e.to_string())
+            .and_then(|t| toml::from_str::<Manifest>(&t).map_err(|e| e.to_string()))
+            .map_err(|why| CatalogError::Malformed { path: p.display().to_string(), why });
+        out.push((p, m));
+    }
+    if out.is_empty() {
+        bail!("{} holds no manifests; build one with `ssc catalog build` (or `make catalog`)", dir.display());
+    }
+    Ok(out)
+}
+
+/// Verifies one manifest against the catalog folder and the trusted keys.
+pub fn verify_manifest(dir: &Path, m: &Manifest, trusted: &[String]) -> Result<PathBuf, CatalogError> {
+    let name = m.image.name.clone();
+    if !trusted.iter().any(|k| k.eq_ignore_ascii_case(&m.signature.publisher)) {
+        return Err(CatalogError::UnknownPublisher { image: name, key: m.signature.publisher.clone() });
+    }
+    let (Ok(key), Ok(sig)) = (unhex(&m.signature.publisher), unhex(&m.signature.ed25519)) else {
+        return Err(CatalogError::BadSignature { image: name });
+    };
+    UnparsedPublicKey::new(&ED25519, key)
+        .verify(&signed_bytes(&m.image), &sig)
+        .map_err(|_| CatalogError::BadSignature { image: name.clone() })?;
+    check_permissions(&m.image)?;
+    if m.image.file.contains('/') || m.image.file.starts_with('.') {
+        return Err(CatalogError::MissingFile { image: name, file: m.image.file.clone() });
+    }
+    let file = dir.join(&m.image.file);
+    if !file.is_file() {
+        return Err(CatalogError::MissingFile { image: name, file: m.image.file.clone() });
+    }
+    let actual = sha384_file(&file).map_err(|_| CatalogError::MissingFile { image: name.clone(), file: m.image.file.clone() })?;
+    if actual != m.image.sha384 {
+        return Err(CatalogError::DigestMismatch {
+            image: name,
+            file: m.image.file.clone(),
+            expected: m.image.sha384.clone(),
+            actual,
+        });
+    }
+    Ok(file)
+}
+
+/// A verified image: its manifest and the path of its file.
+#[derive(Clone, Debug)]
+pub struct VerifiedImage {
+    pub manifest: Manifest,
+    pub path: PathBuf,
+}
+
+/// Verifies the whole catalog; the first failure is the error.
+pub fn verify(dir: &Path, trusted: &[String]) -> Result<Vec<VerifiedImage>> {
+    let mut out = vec![];
+    for (_, m) in read(dir)? {
+        let m = m?;
+        let path = verify_manifest(dir, &m, trusted)?;
+        out.push(VerifiedImage { manifest: m, path });
+    }
+    Ok(out)
+}
+
+/// Finds and verifies the image called `name`.
+pub fn find(dir: &Path, trusted: &[String], name: &str) -> Result<VerifiedImage> {
+    for img in verify(dir, trusted)? {
+        if img.manifest.image.name == name {
+            return Ok(img);
+        }
+    }
+    bail!("no image `{name}` in catalog {}", dir.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> (tempfile::TempDir, PathBuf, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = dir.path().join("catalog");
+        std::fs::create_dir(&cat).unwrap();
+        let key = dir.path().join("pub.pk8");
+        let pubkey = keygen(&key, &dir.path().join("pub.hex")).unwrap();
+        let file = "img-1.0.elf";
+        std::fs::write(cat.join(file), b"\x7fELF pretend image bytes").unwrap();
+        let entry = ImageEntry {
+            name: "img".into(),
+            version: "1.0".into(),
+            file: file.into(),
+            sha384: sha384_file(&cat.join(file)).unwrap(),
+            permissions: vec!["mem-read".into()],
+            offers: vec![],
+            needs: vec![],
+            description: "test".into(),
+        };
+        let pair = load_key(&key).unwrap();
+        let sig = pair.sign(&signed_bytes(&entry));
+        let m = Manifest { image: entry, signature: Signature { publisher: pubkey.clone(), ed25519: hex(sig.as_ref()) } };
+        std::fs::write(cat.join("img.toml"), toml::to_string_pretty(&m).unwrap()).unwrap();
+        (dir, cat, pubkey)
+    }
+
+    #[test]
+    fn a_signed_catalog_verifies() {
+        let (_d, cat, pk) = fixture();
+        let v = verify(&cat, &[pk]).unwrap();
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].manifest.image.name, "img");
+    }
+
+    #[test]
+    fn a_flipped_image_byte_is_a_digest_mismatch_naming_the_image() {
+        let (_d, cat, pk) = fixture();
+        let f = cat.join("img-1.0.elf");
+        let mut b = std::fs::read(&f).unwrap();
+        b[5] ^= 1;
+        std::fs::write(&f, b).unwrap();
+        let e = verify(&cat, &[pk]).unwrap_err().to_string();
+        assert!(e.contains("image `img`") && e.contains("digest mismatch"), "{e}");
+    }
+
+    #[test]
+    fn a_manifest_edited_after_signing_fails_the_signature() {
+        let (_d, cat, pk) = fixture();
+        let p = cat.join("img.toml");
+        let t = std::fs::read_to_string(&p).unwrap().replace("\"mem-read\"", "\"mem-write\"");
+        std::fs::write(&p, t).unwrap();
+        let e = verify(&cat, &[pk]).unwrap_err().to_string();
+        assert!(e.contains("image `img`") && e.contains("signature check failed"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_publisher_is_refused_even_with_a_valid_signature() {
+        let (d, cat, _pk) = fixture();
+        let other = keygen(&d.path().join("o.pk8"), &d.path().join("o.hex")).unwrap();
+        let e = verify(&cat, &[other]).unwrap_err().to_string();
+        assert!(e.contains("image `img`") && e.contains("not trusted"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_image_file_and_a_malformed_manifest_are_named() {
+        let (_d, cat, pk) = fixture();
+        std::fs::remove_file(cat.join("img-1.0.elf")).unwrap();
+        let e = verify(&cat, std::slice::from_ref(&pk)).unwrap_err().to_string();
+        assert!(e.contains("missing"), "{e}");
+        std::fs::write(cat.join("img.toml"), "not = [valid").unwrap();
+        let e = verify(&cat, &[pk]).unwrap_err().to_string();
+        assert!(e.contains("img.toml") && e.contains("not a valid manifest"), "{e}");
+    }
+
+    #[test]
+    fn keygen_refuses_to_overwrite_and_trusted_keys_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let k = d.path().join("k");
+        keygen(&k, &d.path().join("k.pub")).unwrap();
+        assert!(keygen(&k, &d.path().join("k2.pub")).is_err());
+        std::fs::write(d.path().join("short"), "abcd").unwrap();
+        assert!(load_trusted(&[d.path().join("short")]).unwrap_err().to_string().contains("32 bytes"));
+    }
+}

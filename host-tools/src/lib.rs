@@ -1,0 +1,35 @@
+//! The host side of SSC-on-unikernels.
+//!
+//! * [`qemu`]: the QEMU binary, accelerators (KVM probed, TCG fallback),
+//!   machine and firmware choice, and what an image's exit status means;
+//! * [`builder`]: the domain builder: a domain spec becomes a QEMU process
+//!   with the project's device conventions; start, readiness, control link,
+//!   stop and cleanup (sockets, run directories) even on Ctrl-C or crash;
+//! * [`qmp`]: a small QMP client;
+//! * [`catalog`]: signed image manifests (SHA-384, Ed25519);
+//! * [`doctor`]: what this machine has and how to install what it lacks;
+//! * [`bench`]: boot-time benchmarks.
+//!
+//! The `ssc` binary (src/main.rs) is a thin clap front end over these.
+
+pub mod bench;
+pub mod builder;
+pub mod catalog;
+pub mod doctor;
+pub mod qemu;
+pub mod qmp;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs a Ctrl-C handler that makes every wait loop in this crate
+/// return an "interrupted" error, so destructors stop QEMU and clean up.
+pub fn install_interrupt_handler() {
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+}
+
+/// Whether Ctrl-C was pressed.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}

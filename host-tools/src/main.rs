@@ -1,0 +1,329 @@
+//! `ssc`: the Self-Service Cloud command line.
+//!
+//! Verbs are grouped by who uses them: running domains (`run`), checking the
+//! machine (`doctor`), the image catalog (`catalog`, for publishers and
+//! tenants), and benchmarks (`bench`). Later issues add tenant verbs (`up`,
+//! `attest`, `checkpoint`, …) and provider verbs (`provider …`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use ssc::builder::{Domain, DomainSpec, LinkSpec, LogEcho, RunDir};
+use ssc::qemu::{self, AccelChoice, Firmware, ImageExit, Machine};
+use ssc::{bench, catalog, doctor};
+
+#[derive(Parser)]
+#[command(name = "ssc", version, about = "Self-Service Cloud on unikernels: run, check, publish and benchmark service-domain images")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot one image in QEMU, stream its log, and exit with its verdict.
+    ///
+    /// IMAGE is a path to an image file, or the name of an image in the
+    /// catalog given by --catalog (verified against --trust first). The
+    /// builder attaches a control link `ctl`, a QMP socket and the
+    /// isa-debug-exit device; --disk and --link add devices. Exit status: 0
+    /// when the image reports success, 1 otherwise.
+    Run {
+        image: String,
+        /// A raw disk file, attached as virtio-blk (repeatable, in order).
+        #[arg(long)]
+        disk: Vec<PathBuf>,
+        /// A data link NAME=SOCKET: a virtio-serial port named NAME whose host
+        /// side is a unix socket QEMU listens on (repeatable).
+        #[arg(long)]
+        link: Vec<LinkSpec>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        mem: u32,
+        /// Accelerator: auto probes KVM and falls back to TCG (SSC_ACCEL overrides).
+        #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+        accel: AccelChoice,
+        #[arg(long, value_enum, default_value_t = Machine::Q35)]
+        machine: Machine,
+        /// Firmware before the PVH entry: qboot is faster, SeaBIOS is the QEMU default.
+        #[arg(long, value_enum, default_value_t = Firmware::Auto)]
+        firmware: Firmware,
+        /// Extra kernel command line, e.g. `ssc.log=debug`.
+        #[arg(long, default_value = "")]
+        append: String,
+        /// Give up (and stop QEMU) after this many seconds; 0 waits until Ctrl-C.
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+        /// Catalog folder to resolve IMAGE names in.
+        #[arg(long, env = "SSC_CATALOG")]
+        catalog: Option<PathBuf>,
+        /// Trusted publisher public key files for --catalog.
+        #[arg(long, env = "SSC_TRUST", value_delimiter = ':')]
+        trust: Vec<PathBuf>,
+        /// Do not print the image's console.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Report QEMU, KVM usability, swtpm and the rest, with install commands.
+    Doctor {
+        /// An image to probe KVM with (default: a built selftest image).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build, verify and list the signed image catalog.
+    #[command(subcommand)]
+    Catalog(CatalogCmd),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum CatalogCmd {
+    /// Create a publisher key pair (Ed25519).
+    Keygen {
+        /// PKCS#8 private key to create (mode 0600; must not exist).
+        #[arg(long)]
+        private: PathBuf,
+        /// Hex public key file to write: what tenants pass to --trust.
+        #[arg(long)]
+        public: PathBuf,
+    },
+    /// Sign the built images listed in images.toml into a catalog folder.
+    Build {
+        #[arg(long, default_value = "kernels/images.toml")]
+        images: PathBuf,
+        /// Where the built image binaries are.
+        #[arg(long, default_value = "kernels/target/x86_64-unknown-linux-gnu/release")]
+        bin_dir: PathBuf,
+        /// Publisher private key (from `ssc catalog keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Verify every manifest: publisher trusted, signature valid, digest matches.
+    Verify {
+        catalog: PathBuf,
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List images with their permissions and verification status.
+    List {
+        catalog: PathBuf,
+        #[arg(long)]
+        trust: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Boot time of every catalog image (median of --runs boots) per
+    /// accelerator, machine type and firmware.
+    Boot {
+        #[arg(long)]
+        catalog: PathBuf,
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    ssc::install_interrupt_handler();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ssc: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn default_probe_image() -> Option<PathBuf> {
+    let p = PathBuf::from("kernels/target/x86_64-unknown-linux-gnu/release/selftest");
+    p.is_file().then_some(p)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Cmd::Run { image, disk, link, mem, accel, machine, firmware, append, timeout, catalog, trust, quiet } => {
+            let path = resolve_image(&image, catalog.as_deref(), &trust)?;
+            let (accel, why) = qemu::resolve_accel(accel, Some(&path))?;
+            eprintln!("ssc: accelerator {accel} ({why})");
+            let name = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "image".into());
+            let name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+            let spec = DomainSpec { mem_mib: mem, disks: disk, links: link, append, machine, firmware, ..DomainSpec::new(&name, &path) };
+            let run_dir = RunDir::create()?;
+            let echo = if quiet { LogEcho::Quiet } else { LogEcho::Stdout(String::new()) };
+            let mut dom = Domain::launch(&spec, accel, &run_dir, echo)?;
+            let wait = (timeout > 0).then(|| Duration::from_secs(timeout));
+            let ready = dom.wait_ready(wait.unwrap_or(Duration::from_secs(120)))?;
+            eprintln!(
+                "ssc: {name} ready: {:.1} ms after QEMU start (first console line {:.1} ms, guest boot {:.2} ms)",
+                ready.ready.as_secs_f64() * 1e3,
+                ready.first_line.as_secs_f64() * 1e3,
+                ready.guest_boot_us as f64 / 1e3
+            );
+            let exit = dom.wait_exit(wait)?;
+            if let Some(rtt) = dom.control_verified {
+                eprintln!("ssc: control link verified (Ping/Pong round trip {:.2} ms)", rtt.as_secs_f64() * 1e3);
+            }
+            eprintln!("ssc: {name}: {exit}");
+            Ok(match exit {
+                ImageExit::Success => ExitCode::SUCCESS,
+                _ => {
+                    let e = dom.failure(exit.to_string());
+                    eprintln!("ssc: error: {e:#}");
+                    ExitCode::from(1)
+                }
+            })
+        }
+        Cmd::Doctor { image, json } => {
+            let image = image.or_else(default_probe_image);
+            let checks = doctor::run(image.as_deref());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                print!("{}", doctor::render(&checks));
+            }
+            let missing = checks.iter().any(|c| !c.ok && !c.optional);
+            Ok(if missing { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+        Cmd::Catalog(c) => catalog_cmd(c),
+        Cmd::Bench(BenchCmd::Boot { catalog: dir, trust, runs, json }) => {
+            let trusted = catalog::load_trusted(&trust)?;
+            let images = catalog::verify(&dir, &trusted)?;
+            let probe = images.first().map(|i| i.path.clone());
+            let mut accels = vec![qemu::Accel::Tcg];
+            if let Some(p) = probe {
+                let v = qemu::probe_kvm(&p, Duration::from_secs(8));
+                eprintln!("ssc: KVM: {}", v.reason);
+                if v.usable {
+                    accels.insert(0, qemu::Accel::Kvm);
+                }
+            }
+            let rows = bench::boot(&images, &accels, runs.max(1))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", bench::render(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn resolve_image(image: &str, catalog_dir: Option<&Path>, trust: &[PathBuf]) -> Result<PathBuf> {
+    let p = Path::new(image);
+    if p.is_file() {
+        return Ok(p.to_path_buf());
+    }
+    let Some(dir) = catalog_dir else {
+        bail!("{image} is not a file; to run a catalog image by name pass --catalog DIR --trust KEY (or set SSC_CATALOG/SSC_TRUST)");
+    };
+    if trust.is_empty() {
+        bail!("running `{image}` from catalog {} needs --trust PUBLISHER_KEY", dir.display());
+    }
+    let img = catalog::find(dir, &catalog::load_trusted(trust)?, image)?;
+    eprintln!("ssc: {} {} verified (sha384 {}…)", img.manifest.image.name, img.manifest.image.version, &img.manifest.image.sha384[..16]);
+    Ok(img.path)
+}
+
+fn workspace_version(images_toml: &Path) -> Result<String> {
+    let cargo = images_toml.parent().unwrap_or(Path::new(".")).join("Cargo.toml");
+    let text = std::fs::read_to_string(&cargo).with_context(|| format!("reading {}", cargo.display()))?;
+    let v: toml::Value = toml::from_str(&text)?;
+    v.get("workspace")
+        .and_then(|w| w.get("package"))
+        .and_then(|p| p.get("version"))
+        .and_then(|v| v.as_str())
+        .map(String::from)
+        .with_context(|| format!("{} has no [workspace.package] version", cargo.display()))
+}
+
+fn catalog_cmd(c: CatalogCmd) -> Result<ExitCode> {
+    match c {
+        CatalogCmd::Keygen { private, public } => {
+            let k = catalog::keygen(&private, &public)?;
+            println!("publisher key {k}\nprivate: {}\npublic:  {} (give this to tenants for --trust)", private.display(), public.display());
+        }
+        CatalogCmd::Build { images, bin_dir, key, out } => {
+            let version = workspace_version(&images)?;
+            let ms = catalog::build(&images, &bin_dir, &version, &key, &out)?;
+            for m in &ms {
+                println!("signed {} {} ({}) sha384 {}…", m.image.name, m.image.version, m.image.file, &m.image.sha384[..16]);
+            }
+            println!("catalog written to {}", out.display());
+        }
+        CatalogCmd::Verify { catalog: dir, trust, json } => {
+            let trusted = catalog::load_trusted(&trust)?;
+            let v = catalog::verify(&dir, &trusted)?;
+            if json {
+                let list: Vec<_> = v.iter().map(|i| &i.manifest).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for i in &v {
+                    println!("ok  {} {}  sha384 {}…  publisher {}…", i.manifest.image.name, i.manifest.image.version, &i.manifest.image.sha384[..16], &i.manifest.signature.publisher[..16]);
+                }
+                println!("{} image(s) verified", v.len());
+            }
+        }
+        CatalogCmd::List { catalog: dir, trust, json } => {
+            let trusted = catalog::load_trusted(&trust)?;
+            let mut rows = vec![];
+            for (path, m) in catalog::read(&dir)? {
+                let (m, status) = match m {
+                    Ok(m) => {
+                        let status = if trusted.is_empty() {
+                            "unverified (no --trust)".to_string()
+                        } else {
+                            match catalog::verify_manifest(&dir, &m, &trusted) {
+                                Ok(_) => "verified".into(),
+                                Err(e) => format!("REFUSED: {e}"),
+                            }
+                        };
+                        (Some(m), status)
+                    }
+                    Err(e) => (None, format!("REFUSED: {e}")),
+                };
+                rows.push((path, m, status));
+            }
+            if json {
+                let j: Vec<_> = rows
+                    .iter()
+                    .map(|(p, m, s)| serde_json::json!({ "manifest": p, "image": m.as_ref().map(|m| &m.image), "status": s }))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&j)?);
+            } else {
+                println!("{:<14} {:<9} {:<28} {:<30} status", "name", "version", "permissions", "description");
+                for (p, m, s) in &rows {
+                    match m {
+                        Some(m) => println!(
+                            "{:<14} {:<9} {:<28} {:<30} {s}",
+                            m.image.name,
+                            m.image.version,
+                            if m.image.permissions.is_empty() { "-".into() } else { m.image.permissions.join(",") },
+                            m.image.description.chars().take(30).collect::<String>()
+                        ),
+                        None => println!("{:<14} {s}", p.display()),
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
