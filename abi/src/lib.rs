@@ -91,11 +91,17 @@ impl core::fmt::Display for FrameError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             FrameError::TooLarge { len } => {
-                write!(f, "control frame of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit; closing the link")
+                write!(
+                    f,
+                    "control frame of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit; closing the link"
+                )
             }
             FrameError::Malformed => f.write_str("control frame is not a valid envelope"),
             FrameError::Version { got } => {
-                write!(f, "control frame speaks ABI version {got}, this side speaks {VERSION}; update the older side")
+                write!(
+                    f,
+                    "control frame speaks ABI version {got}, this side speaks {VERSION}; update the older side"
+                )
             }
         }
     }
@@ -107,7 +113,11 @@ impl std::error::Error for FrameError {}
 impl<'a> Envelope<'a> {
     /// An envelope of this ABI version.
     pub fn new(request_id: u64, body: Body<'a>) -> Self {
-        Envelope { version: VERSION, request_id, body }
+        Envelope {
+            version: VERSION,
+            request_id,
+            body,
+        }
     }
 
     /// Decodes a payload (without its length prefix). Borrows from `payload`.
@@ -115,11 +125,13 @@ impl<'a> Envelope<'a> {
         if payload.len() > MAX_PAYLOAD {
             return Err(FrameError::TooLarge { len: payload.len() });
         }
-        let (version, _) = postcard::take_from_bytes::<u16>(payload).map_err(|_| FrameError::Malformed)?;
+        let (version, _) =
+            postcard::take_from_bytes::<u16>(payload).map_err(|_| FrameError::Malformed)?;
         if version != VERSION {
             return Err(FrameError::Version { got: version });
         }
-        let (env, rest) = postcard::take_from_bytes::<Envelope<'a>>(payload).map_err(|_| FrameError::Malformed)?;
+        let (env, rest) = postcard::take_from_bytes::<Envelope<'a>>(payload)
+            .map_err(|_| FrameError::Malformed)?;
         if !rest.is_empty() {
             return Err(FrameError::Malformed);
         }
@@ -130,7 +142,8 @@ impl<'a> Envelope<'a> {
     pub fn encode_frame(&self, out: &mut Vec<u8>) -> Result<(), FrameError> {
         let at = out.len();
         out.extend_from_slice(&[0; PREFIX]);
-        let payload = postcard::to_extend(self, core::mem::take(out)).map_err(|_| FrameError::Malformed)?;
+        let payload =
+            postcard::to_extend(self, core::mem::take(out)).map_err(|_| FrameError::Malformed)?;
         *out = payload;
         let len = out.len() - at - PREFIX;
         if len > MAX_PAYLOAD {
@@ -166,7 +179,8 @@ impl FrameDecoder {
         if self.buf.len() < PREFIX {
             PREFIX
         } else {
-            PREFIX + u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize
+            PREFIX
+                + u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize
         }
     }
 
@@ -184,7 +198,9 @@ impl FrameDecoder {
             self.buf.extend_from_slice(&input[taken..taken + n]);
             taken += n;
             if self.buf.len() == PREFIX && self.wanted() > PREFIX + MAX_PAYLOAD {
-                self.failed = Some(FrameError::TooLarge { len: self.wanted() - PREFIX });
+                self.failed = Some(FrameError::TooLarge {
+                    len: self.wanted() - PREFIX,
+                });
             }
         }
         taken

@@ -1,18 +1,35 @@
 use super::*;
-use alloc::vec;
 use proptest::prelude::*;
+use std::string::String;
+use std::vec;
+use std::vec::Vec;
 
 fn body_strategy() -> impl Strategy<Value = (String, String, Vec<u8>, u64, u8)> {
-    (".{0,40}", ".{0,40}", proptest::collection::vec(any::<u8>(), 0..2048), any::<u64>(), 0u8..6)
+    (
+        ".{0,40}",
+        ".{0,40}",
+        proptest::collection::vec(any::<u8>(), 0..2048),
+        any::<u64>(),
+        0u8..6,
+    )
 }
 
 fn make_body<'a>(k: u8, s1: &'a str, s2: &'a str, bytes: &'a [u8], n: u64) -> Body<'a> {
     match k {
-        0 => Body::Hello { image: s1, version: s2 },
-        1 => Body::Ready { image: s1, boot_us: n },
+        0 => Body::Hello {
+            image: s1,
+            version: s2,
+        },
+        1 => Body::Ready {
+            image: s1,
+            boot_us: n,
+        },
         2 => Body::Ping { payload: bytes },
         3 => Body::Pong { payload: bytes },
-        4 => Body::Error { code: ErrorCode::Denied, message: s1 },
+        4 => Body::Error {
+            code: ErrorCode::Denied,
+            message: s1,
+        },
         _ => Body::Shutdown,
     }
 }
@@ -72,12 +89,20 @@ fn oversized_length_prefix_is_refused_before_its_data_arrives() {
     let mut dec = FrameDecoder::new();
     let prefix = ((MAX_PAYLOAD + 1) as u32).to_le_bytes();
     assert_eq!(dec.feed(&prefix), PREFIX);
-    assert_eq!(dec.next_payload(), Err(FrameError::TooLarge { len: MAX_PAYLOAD + 1 }));
+    assert_eq!(
+        dec.next_payload(),
+        Err(FrameError::TooLarge {
+            len: MAX_PAYLOAD + 1
+        })
+    );
     assert_eq!(dec.feed(&[0; 16]), 0, "a failed decoder takes nothing more");
     let huge = u32::MAX.to_le_bytes();
     let mut dec = FrameDecoder::new();
     dec.feed(&huge);
-    assert!(matches!(dec.next_payload(), Err(FrameError::TooLarge { .. })));
+    assert!(matches!(
+        dec.next_payload(),
+        Err(FrameError::TooLarge { .. })
+    ));
     assert!(dec.buffered() <= PREFIX);
 }
 
@@ -93,12 +118,17 @@ fn other_version_is_named_in_the_error() {
 
 #[test]
 fn trailing_garbage_and_truncation_are_malformed() {
-    let frame = Envelope::new(1, Body::Ping { payload: b"abc" }).to_frame().unwrap();
+    let frame = Envelope::new(1, Body::Ping { payload: b"abc" })
+        .to_frame()
+        .unwrap();
     let mut longer = frame[PREFIX..].to_vec();
     longer.push(0);
     assert_eq!(Envelope::decode(&longer), Err(FrameError::Malformed));
     for cut in 0..frame.len() - PREFIX {
-        assert!(Envelope::decode(&frame[PREFIX..PREFIX + cut]).is_err(), "cut at {cut}");
+        assert!(
+            Envelope::decode(&frame[PREFIX..PREFIX + cut]).is_err(),
+            "cut at {cut}"
+        );
     }
 }
 
@@ -112,7 +142,9 @@ fn a_seq_claiming_four_gigabytes_allocates_nothing_big() {
 #[test]
 fn encoding_more_than_the_limit_is_refused() {
     let big = vec![0u8; MAX_PAYLOAD];
-    let err = Envelope::new(1, Body::Ping { payload: &big }).to_frame().unwrap_err();
+    let err = Envelope::new(1, Body::Ping { payload: &big })
+        .to_frame()
+        .unwrap_err();
     assert!(matches!(err, FrameError::TooLarge { .. }));
 }
 

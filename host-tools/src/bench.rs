@@ -33,15 +33,27 @@ fn median(mut v: Vec<f64>) -> f64 {
         return 0.0;
     }
     let m = v.len() / 2;
-    if v.len() % 2 == 0 { (v[m - 1] + v[m]) / 2.0 } else { v[m] }
+    if v.len().is_multiple_of(2) {
+        (v[m - 1] + v[m]) / 2.0
+    } else {
+        v[m]
+    }
 }
 
 /// Boots each image `runs` times per combination.
 pub fn boot(images: &[VerifiedImage], accels: &[Accel], runs: usize) -> Result<Vec<BootRow>> {
     let combos: Vec<(Machine, Firmware)> = if Path::new(crate::qemu::QBOOT).exists() {
-        vec![(Machine::Q35, Firmware::Qboot), (Machine::Pc, Firmware::Qboot), (Machine::Q35, Firmware::Seabios), (Machine::Pc, Firmware::Seabios)]
+        vec![
+            (Machine::Q35, Firmware::Qboot),
+            (Machine::Pc, Firmware::Qboot),
+            (Machine::Q35, Firmware::Seabios),
+            (Machine::Pc, Firmware::Seabios),
+        ]
     } else {
-        vec![(Machine::Q35, Firmware::Seabios), (Machine::Pc, Firmware::Seabios)]
+        vec![
+            (Machine::Q35, Firmware::Seabios),
+            (Machine::Pc, Firmware::Seabios),
+        ]
     };
     let total = (images.len() * accels.len() * combos.len() * runs) as u64;
     let bar = indicatif::ProgressBar::new(total).with_style(
@@ -53,7 +65,12 @@ pub fn boot(images: &[VerifiedImage], accels: &[Accel], runs: usize) -> Result<V
     for img in images {
         for &accel in accels {
             for &(machine, firmware) in &combos {
-                bar.set_message(format!("{} {accel} {} {}", img.manifest.image.name, machine.name(), firmware.name()));
+                bar.set_message(format!(
+                    "{} {accel} {} {}",
+                    img.manifest.image.name,
+                    machine.name(),
+                    firmware.name()
+                ));
                 let (mut first, mut ready, mut guest) = (vec![], vec![], vec![]);
                 for _ in 0..runs {
                     if crate::interrupted() {
@@ -97,7 +114,15 @@ pub fn render(rows: &[BootRow]) -> String {
     for r in rows {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.2} |\n",
-            r.image, r.size_kib, r.accel, r.machine.name(), r.firmware.name(), r.runs, r.first_line_ms, r.ready_ms, r.guest_boot_ms
+            r.image,
+            r.size_kib,
+            r.accel,
+            r.machine.name(),
+            r.firmware.name(),
+            r.runs,
+            r.first_line_ms,
+            r.ready_ms,
+            r.guest_boot_ms
         ));
     }
     s.push_str(

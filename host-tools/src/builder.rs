@@ -50,19 +50,26 @@ impl std::str::FromStr for LinkSpec {
 
     /// `NAME=SOCKET`.
     fn from_str(s: &str) -> Result<Self> {
-        let (name, socket) = s.split_once('=').ok_or_else(|| anyhow!("link `{s}` is not NAME=SOCKET"))?;
+        let (name, socket) = s
+            .split_once('=')
+            .ok_or_else(|| anyhow!("link `{s}` is not NAME=SOCKET"))?;
         validate_link_name(name)?;
         if socket.is_empty() {
             bail!("link `{name}` has an empty socket path");
         }
-        Ok(LinkSpec { name: name.into(), socket: socket.into() })
+        Ok(LinkSpec {
+            name: name.into(),
+            socket: socket.into(),
+        })
     }
 }
 
 fn validate_link_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name.len() > 64
-        || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
     {
         bail!("link name `{name}` must be 1-64 characters of a-z, 0-9, `.`, `_`, `-`");
     }
@@ -110,27 +117,79 @@ fn opt_path(p: &Path) -> String {
 pub fn qemu_args(spec: &DomainSpec, accel: Accel, run_dir: &Path) -> Vec<OsString> {
     let mut a: Vec<String> = vec![];
     let (_, bios) = spec.firmware.resolve();
-    a.extend(["-name".into(), spec.name.clone(), "-machine".into(), spec.machine.name().into()]);
+    a.extend([
+        "-name".into(),
+        spec.name.clone(),
+        "-machine".into(),
+        spec.machine.name().into(),
+    ]);
     if let Some(b) = bios {
         a.extend(["-bios".into(), opt_path(&b)]);
     }
     a.extend(accel.args().map(String::from));
-    a.extend(["-m".into(), format!("{}M", spec.mem_mib), "-smp".into(), "1".into()]);
-    a.extend(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio"].map(String::from));
-    a.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", opt_path(&qmp_socket(run_dir, &spec.name)))]);
-    a.extend(["-device".into(), "isa-debug-exit,iobase=0xf4,iosize=1".into()]);
+    a.extend([
+        "-m".into(),
+        format!("{}M", spec.mem_mib),
+        "-smp".into(),
+        "1".into(),
+    ]);
+    a.extend(
+        [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ]
+        .map(String::from),
+    );
+    a.extend([
+        "-qmp".into(),
+        format!(
+            "unix:{},server=on,wait=off",
+            opt_path(&qmp_socket(run_dir, &spec.name))
+        ),
+    ]);
+    a.extend([
+        "-device".into(),
+        "isa-debug-exit,iobase=0xf4,iosize=1".into(),
+    ]);
     for (i, d) in spec.disks.iter().enumerate() {
-        a.extend(["-drive".into(), format!("file={},format=raw,if=none,id=disk{i}", opt_path(d))]);
+        a.extend([
+            "-drive".into(),
+            format!("file={},format=raw,if=none,id=disk{i}", opt_path(d)),
+        ]);
         a.extend(["-device".into(), format!("virtio-blk-pci,drive=disk{i}")]);
     }
     // Port 0 is reserved for a console; ports 1.. carry ctl and the links.
-    a.extend(["-device".into(), format!("virtio-serial-pci,id=vser0,max_ports={}", spec.links.len() + 2)]);
+    a.extend([
+        "-device".into(),
+        format!(
+            "virtio-serial-pci,id=vser0,max_ports={}",
+            spec.links.len() + 2
+        ),
+    ]);
     let ctl = control_socket(run_dir, &spec.name);
     let mut ports = vec![(CONTROL_LINK.to_string(), ctl)];
-    ports.extend(spec.links.iter().map(|l| (l.name.clone(), l.socket.clone())));
+    ports.extend(
+        spec.links
+            .iter()
+            .map(|l| (l.name.clone(), l.socket.clone())),
+    );
     for (i, (name, sock)) in ports.iter().enumerate() {
-        a.extend(["-chardev".into(), format!("socket,id=port{i},path={},server=on,wait=off", opt_path(sock))]);
-        a.extend(["-device".into(), format!("virtserialport,bus=vser0.0,chardev=port{i},name={name}")]);
+        a.extend([
+            "-chardev".into(),
+            format!(
+                "socket,id=port{i},path={},server=on,wait=off",
+                opt_path(sock)
+            ),
+        ]);
+        a.extend([
+            "-device".into(),
+            format!("virtserialport,bus=vser0.0,chardev=port{i},name={name}"),
+        ]);
     }
     a.extend(["-kernel".into(), opt_path(&spec.image)]);
     if !spec.append.is_empty() {
@@ -151,16 +210,33 @@ fn control_socket(run_dir: &Path, name: &str) -> PathBuf {
 /// `EXEC` ELF with a `XEN_ELFNOTE_PHYS32_ENTRY` note, not truncated.
 pub fn check_image(path: &Path) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
-    let fail = |why: &str| anyhow!("{} is not a bootable SSC image: {why}; rebuild it with `make images`", path.display());
+    let fail = |why: &str| {
+        anyhow!(
+            "{} is not a bootable SSC image: {why}; rebuild it with `make images`",
+            path.display()
+        )
+    };
     if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {
         return Err(fail("no ELF header"));
     }
     if bytes[4] != 2 || bytes[5] != 1 {
         return Err(fail("not a 64-bit little-endian ELF"));
     }
-    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-    let u64_at = |o: usize| bytes.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
     if u16_at(16) != Some(2) {
         return Err(fail("not an EXEC (static, non-relocatable) ELF"));
     }
@@ -173,8 +249,11 @@ pub fn check_image(path: &Path) -> Result<()> {
     let mut has_pvh = false;
     for i in 0..phnum {
         let ph = phoff + i * phentsize;
-        let (Some(kind), Some(off), Some(filesz)) = (u32_at(ph), u64_at(ph + 8), u64_at(ph + 32)) else {
-            return Err(fail("program headers run past the end of the file (truncated)"));
+        let (Some(kind), Some(off), Some(filesz)) = (u32_at(ph), u64_at(ph + 8), u64_at(ph + 32))
+        else {
+            return Err(fail(
+                "program headers run past the end of the file (truncated)",
+            ));
         };
         let (off, filesz) = (off as usize, filesz as usize);
         if off.checked_add(filesz).is_none_or(|end| end > bytes.len()) {
@@ -183,7 +262,11 @@ pub fn check_image(path: &Path) -> Result<()> {
         if kind == 4 {
             let mut n = off;
             while n + 12 <= off + filesz {
-                let (namesz, descsz, ty) = (u32_at(n).unwrap() as usize, u32_at(n + 4).unwrap() as usize, u32_at(n + 8).unwrap());
+                let (namesz, descsz, ty) = (
+                    u32_at(n).unwrap() as usize,
+                    u32_at(n + 4).unwrap() as usize,
+                    u32_at(n + 8).unwrap(),
+                );
                 let name = bytes.get(n + 12..n + 12 + namesz).unwrap_or(&[]);
                 if ty == 18 && name.starts_with(b"Xen") {
                     has_pvh = true;
@@ -211,7 +294,10 @@ impl RunDir {
     fn base() -> PathBuf {
         match std::env::var_os("XDG_RUNTIME_DIR") {
             Some(d) if Path::new(&d).is_dir() => PathBuf::from(d).join("ssc"),
-            _ => std::env::temp_dir().join(format!("ssc-{}", std::env::var("USER").unwrap_or_else(|_| "user".into()))),
+            _ => std::env::temp_dir().join(format!(
+                "ssc-{}",
+                std::env::var("USER").unwrap_or_else(|_| "user".into())
+            )),
         }
     }
 
@@ -220,17 +306,26 @@ impl RunDir {
         std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
         std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))?;
         Self::sweep(&base);
-        let path = base.join(format!("{}-{}", std::process::id(), RUN_DIRS.fetch_add(1, Ordering::SeqCst)));
-        std::fs::create_dir(&path).with_context(|| format!("creating run directory {}", path.display()))?;
+        let path = base.join(format!(
+            "{}-{}",
+            std::process::id(),
+            RUN_DIRS.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir(&path)
+            .with_context(|| format!("creating run directory {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
         Ok(RunDir { path })
     }
 
     fn sweep(base: &Path) {
-        let Ok(entries) = std::fs::read_dir(base) else { return };
+        let Ok(entries) = std::fs::read_dir(base) else {
+            return;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
             if !Path::new(&format!("/proc/{pid}")).exists() {
                 let _ = std::fs::remove_dir_all(e.path());
             }
@@ -259,10 +354,22 @@ pub enum LogEcho {
 /// What the control link delivered, owned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ControlEvent {
-    Hello { image: String, version: String },
-    Ready { image: String, boot_us: u64 },
-    Pong { request_id: u64, payload: Vec<u8> },
-    Error { code: ssc_abi::ErrorCode, message: String },
+    Hello {
+        image: String,
+        version: String,
+    },
+    Ready {
+        image: String,
+        boot_us: u64,
+    },
+    Pong {
+        request_id: u64,
+        payload: Vec<u8>,
+    },
+    Error {
+        code: ssc_abi::ErrorCode,
+        message: String,
+    },
     Other(String),
     /// The link failed (bad frame, closed): the reason.
     Broken(String),
@@ -270,10 +377,22 @@ pub enum ControlEvent {
 
 fn owned(env: Envelope<'_>) -> ControlEvent {
     match env.body {
-        Body::Hello { image, version } => ControlEvent::Hello { image: image.into(), version: version.into() },
-        Body::Ready { image, boot_us } => ControlEvent::Ready { image: image.into(), boot_us },
-        Body::Pong { payload } => ControlEvent::Pong { request_id: env.request_id, payload: payload.into() },
-        Body::Error { code, message } => ControlEvent::Error { code, message: message.into() },
+        Body::Hello { image, version } => ControlEvent::Hello {
+            image: image.into(),
+            version: version.into(),
+        },
+        Body::Ready { image, boot_us } => ControlEvent::Ready {
+            image: image.into(),
+            boot_us,
+        },
+        Body::Pong { payload } => ControlEvent::Pong {
+            request_id: env.request_id,
+            payload: payload.into(),
+        },
+        Body::Error { code, message } => ControlEvent::Error {
+            code,
+            message: message.into(),
+        },
         other => ControlEvent::Other(format!("{other:?}")),
     }
 }
@@ -294,7 +413,10 @@ impl ControlLink {
                 Err(_) if start.elapsed() < timeout && child.try_wait()?.is_none() => {
                     std::thread::sleep(Duration::from_millis(5))
                 }
-                Err(e) => return Err(e).with_context(|| format!("connecting to control link {}", path.display())),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("connecting to control link {}", path.display()));
+                }
             }
         };
         let mut reader = stream.try_clone()?;
@@ -313,7 +435,9 @@ impl ControlLink {
                     rest = &rest[used..];
                     match dec.next_payload() {
                         Ok(Some(p)) => {
-                            let ev = Envelope::decode(&p).map(owned).unwrap_or_else(|e| ControlEvent::Broken(e.to_string()));
+                            let ev = Envelope::decode(&p)
+                                .map(owned)
+                                .unwrap_or_else(|e| ControlEvent::Broken(e.to_string()));
                             if tx.send(ev).is_err() {
                                 return;
                             }
@@ -327,7 +451,11 @@ impl ControlLink {
                 }
             }
         });
-        Ok(ControlLink { writer: stream, events, next_id: 1 })
+        Ok(ControlLink {
+            writer: stream,
+            events,
+            next_id: 1,
+        })
     }
 
     /// Sends a request body; returns its request id.
@@ -335,7 +463,9 @@ impl ControlLink {
         let id = self.next_id;
         self.next_id += 1;
         let frame = Envelope::new(id, body).to_frame()?;
-        self.writer.write_all(&frame).context("writing to the control link")?;
+        self.writer
+            .write_all(&frame)
+            .context("writing to the control link")?;
         Ok(id)
     }
 
@@ -377,11 +507,17 @@ pub struct Domain {
     pub control_verified: Option<Duration>,
 }
 
-fn spawn_line_reader(stream: impl Read + Send + 'static, tx: Sender<(Instant, String)>, echo: LogEcho) {
+fn spawn_line_reader(
+    stream: impl Read + Send + 'static,
+    tx: Sender<(Instant, String)>,
+    echo: LogEcho,
+) {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).split(b'\n') {
             let Ok(line) = line else { return };
-            let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+            let line = String::from_utf8_lossy(&line)
+                .trim_end_matches('\r')
+                .to_string();
             if let LogEcho::Stdout(prefix) = &echo {
                 println!("{prefix}{line}");
             }
@@ -394,11 +530,20 @@ fn spawn_line_reader(stream: impl Read + Send + 'static, tx: Sender<(Instant, St
 
 impl Domain {
     /// Starts QEMU for `spec` and connects the control link.
-    pub fn launch(spec: &DomainSpec, accel: Accel, run_dir: &RunDir, echo: LogEcho) -> Result<Domain> {
+    pub fn launch(
+        spec: &DomainSpec,
+        accel: Accel,
+        run_dir: &RunDir,
+        echo: LogEcho,
+    ) -> Result<Domain> {
         check_image(&spec.image)?;
         for d in &spec.disks {
             if !d.is_file() {
-                bail!("disk {} does not exist (create it with `truncate -s 64M {}`)", d.display(), d.display());
+                bail!(
+                    "disk {} does not exist (create it with `truncate -s 64M {}`)",
+                    d.display(),
+                    d.display()
+                );
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -408,7 +553,11 @@ impl Domain {
                 bail!("link `{}` is given twice", l.name);
             }
             if l.socket.exists() {
-                bail!("link `{}`: {} already exists; remove it or choose another path", l.name, l.socket.display());
+                bail!(
+                    "link `{}`: {} already exists; remove it or choose another path",
+                    l.name,
+                    l.socket.display()
+                );
             }
         }
         let args = qemu_args(spec, accel, run_dir.path());
@@ -419,7 +568,10 @@ impl Domain {
         } else {
             Command::new(QEMU)
         };
-        cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let started = Instant::now();
         let mut child = cmd.spawn().with_context(|| {
             format!("starting {QEMU}: is it installed? (`sudo apt-get install -y qemu-system-x86`, or `ssc doctor`)")
@@ -457,7 +609,10 @@ impl Domain {
             Ok(c) => dom.control = Some(c),
             Err(e) => {
                 let exit = dom.wait_exit(Some(Duration::from_secs(2)));
-                return Err(dom.failure(format!("{e:#}; QEMU: {}", exit.map(|x| x.to_string()).unwrap_or_default())));
+                return Err(dom.failure(format!(
+                    "{e:#}; QEMU: {}",
+                    exit.map(|x| x.to_string()).unwrap_or_default()
+                )));
             }
         }
         Ok(dom)
@@ -465,8 +620,20 @@ impl Domain {
 
     /// An error that carries the last log lines and QEMU's stderr.
     pub fn failure(&self, what: String) -> anyhow::Error {
-        let tail: Vec<&String> = self.log.iter().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-        let stderr = self.stderr.lock().map(|s| s.trim().to_string()).unwrap_or_default();
+        let tail: Vec<&String> = self
+            .log
+            .iter()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let stderr = self
+            .stderr
+            .lock()
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
         let mut msg = format!("domain `{}`: {what}", self.name);
         if !tail.is_empty() {
             msg.push_str("\n--- last console lines ---");
@@ -503,22 +670,31 @@ impl Domain {
     /// Pings on Ready, checks Pongs: the builder's liveness check of the
     /// control link.
     fn service_control(&mut self) -> Result<()> {
-        let Some(ctl) = self.control.as_mut() else { return Ok(()) };
+        let Some(ctl) = self.control.as_mut() else {
+            return Ok(());
+        };
         while let Some(ev) = ctl.try_recv() {
             match ev {
                 ControlEvent::Ready { .. } => {
-                    let payload: Vec<u8> = (0..256u32).map(|i| (i * 7 + self.started.elapsed().subsec_nanos()) as u8).collect();
+                    let payload: Vec<u8> = (0..256u32)
+                        .map(|i| (i * 7 + self.started.elapsed().subsec_nanos()) as u8)
+                        .collect();
                     let id = ctl.send(Body::Ping { payload: &payload })?;
                     self.ping = Some((id, payload, Instant::now()));
                 }
-                ControlEvent::Pong { request_id, payload } => match &self.ping {
+                ControlEvent::Pong {
+                    request_id,
+                    payload,
+                } => match &self.ping {
                     Some((id, sent, at)) if *id == request_id && *sent == payload => {
                         self.control_verified = Some(at.elapsed());
                     }
                     _ => bail!("control link: Pong {request_id} does not match the Ping sent"),
                 },
                 ControlEvent::Broken(why) => bail!("control link broken: {why}"),
-                ControlEvent::Error { code, message } => bail!("image reported {code:?}: {message}"),
+                ControlEvent::Error { code, message } => {
+                    bail!("image reported {code:?}: {message}")
+                }
                 ControlEvent::Hello { .. } | ControlEvent::Other(_) => {}
             }
         }
@@ -547,9 +723,16 @@ impl Domain {
                 }
                 continue;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.drain_lines();
-                return Err(self.failure(format!("exited before it was ready: {}", ImageExit::from_status(status))));
+                return Err(self.failure(format!(
+                    "exited before it was ready: {}",
+                    ImageExit::from_status(status)
+                )));
             }
             if Instant::now() > deadline {
                 return Err(self.failure(format!("not ready after {} s", timeout.as_secs())));
@@ -571,7 +754,9 @@ impl Domain {
             }
             self.service_control()?;
             while self.take_line(Duration::from_millis(0)).is_some() {}
-            let Some(child) = self.child.as_mut() else { bail!("domain `{}` was not started", self.name) };
+            let Some(child) = self.child.as_mut() else {
+                bail!("domain `{}` was not started", self.name)
+            };
             if let Some(status) = child.try_wait()? {
                 self.drain_lines();
                 let _ = self.service_control();
@@ -579,7 +764,10 @@ impl Domain {
                 return Ok(ImageExit::from_status(status));
             }
             if deadline.is_some_and(|d| Instant::now() > d) {
-                return Err(self.failure(format!("still running after {} s; stopped it", timeout.unwrap_or_default().as_secs())));
+                return Err(self.failure(format!(
+                    "still running after {} s; stopped it",
+                    timeout.unwrap_or_default().as_secs()
+                )));
             }
             let _ = self.take_line(Duration::from_millis(20));
         }
@@ -592,13 +780,17 @@ impl Domain {
 
     /// Stops QEMU: QMP `quit`, then SIGKILL if it is still there after 2 s.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         if child.try_wait().ok().flatten().is_none() {
             if let Ok(mut q) = crate::qmp::Qmp::connect(&self.qmp, Duration::from_millis(500)) {
                 let _ = q.execute("quit", None);
             }
             let start = Instant::now();
-            while child.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(2) {
+            while child.try_wait().ok().flatten().is_none()
+                && start.elapsed() < Duration::from_secs(2)
+            {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = child.kill();
@@ -639,7 +831,10 @@ mod tests {
 
     #[test]
     fn every_domain_gets_console_qmp_exit_device_and_control_link() {
-        let spec = DomainSpec { firmware: Firmware::Seabios, ..DomainSpec::new("sd1", Path::new("/img/selftest")) };
+        let spec = DomainSpec {
+            firmware: Firmware::Seabios,
+            ..DomainSpec::new("sd1", Path::new("/img/selftest"))
+        };
         let a = joined(&spec);
         for want in [
             "-serial stdio",
@@ -674,11 +869,41 @@ mod tests {
 
     #[test]
     fn link_specs_are_validated() {
-        assert!("echo".parse::<LinkSpec>().unwrap_err().to_string().contains("NAME=SOCKET"));
-        assert!("ctl=/x".parse::<LinkSpec>().unwrap_err().to_string().contains("reserved"));
-        assert!("Bad Name=/x".parse::<LinkSpec>().unwrap_err().to_string().contains("a-z"));
-        assert!("up=".parse::<LinkSpec>().unwrap_err().to_string().contains("empty"));
-        assert_eq!("up=/s".parse::<LinkSpec>().unwrap(), LinkSpec { name: "up".into(), socket: "/s".into() });
+        assert!(
+            "echo"
+                .parse::<LinkSpec>()
+                .unwrap_err()
+                .to_string()
+                .contains("NAME=SOCKET")
+        );
+        assert!(
+            "ctl=/x"
+                .parse::<LinkSpec>()
+                .unwrap_err()
+                .to_string()
+                .contains("reserved")
+        );
+        assert!(
+            "Bad Name=/x"
+                .parse::<LinkSpec>()
+                .unwrap_err()
+                .to_string()
+                .contains("a-z")
+        );
+        assert!(
+            "up="
+                .parse::<LinkSpec>()
+                .unwrap_err()
+                .to_string()
+                .contains("empty")
+        );
+        assert_eq!(
+            "up=/s".parse::<LinkSpec>().unwrap(),
+            LinkSpec {
+                name: "up".into(),
+                socket: "/s".into()
+            }
+        );
     }
 
     #[test]
@@ -687,7 +912,10 @@ mod tests {
         let p = dir.path().join("x");
         std::fs::write(&p, b"#!/bin/sh\n").unwrap();
         let e = check_image(&p).unwrap_err().to_string();
-        assert!(e.contains("no ELF header") && e.contains("make images"), "{e}");
+        assert!(
+            e.contains("no ELF header") && e.contains("make images"),
+            "{e}"
+        );
         let mut elf = vec![0u8; 64];
         elf[..4].copy_from_slice(b"\x7fELF");
         elf[4] = 2;
@@ -698,7 +926,12 @@ mod tests {
         elf[54] = 56; // phentsize
         elf[56] = 1; // phnum, but no program header follows
         std::fs::write(&p, &elf).unwrap();
-        assert!(check_image(&p).unwrap_err().to_string().contains("truncated"));
+        assert!(
+            check_image(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("truncated")
+        );
         assert!(check_image(&dir.path().join("missing")).is_err());
     }
 
@@ -706,7 +939,10 @@ mod tests {
     fn run_dirs_are_private_and_removed_on_drop() {
         let d = RunDir::create().unwrap();
         let p = d.path().to_path_buf();
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         drop(d);
         assert!(!p.exists());
     }

@@ -17,7 +17,11 @@ use ssc::qemu::{self, AccelChoice, Firmware, ImageExit, Machine};
 use ssc::{bench, catalog, doctor};
 
 #[derive(Parser)]
-#[command(name = "ssc", version, about = "Self-Service Cloud on unikernels: run, check, publish and benchmark service-domain images")]
+#[command(
+    name = "ssc",
+    version,
+    about = "Self-Service Cloud on unikernels: run, check, publish and benchmark service-domain images"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -100,7 +104,10 @@ enum CatalogCmd {
         #[arg(long, default_value = "kernels/images.toml")]
         images: PathBuf,
         /// Where the built image binaries are.
-        #[arg(long, default_value = "kernels/target/x86_64-unknown-linux-gnu/release")]
+        #[arg(
+            long,
+            default_value = "kernels/target/x86_64-unknown-linux-gnu/release"
+        )]
         bin_dir: PathBuf,
         /// Publisher private key (from `ssc catalog keygen`).
         #[arg(long)]
@@ -160,15 +167,52 @@ fn default_probe_image() -> Option<PathBuf> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Cmd::Run { image, disk, link, mem, accel, machine, firmware, append, timeout, catalog, trust, quiet } => {
+        Cmd::Run {
+            image,
+            disk,
+            link,
+            mem,
+            accel,
+            machine,
+            firmware,
+            append,
+            timeout,
+            catalog,
+            trust,
+            quiet,
+        } => {
             let path = resolve_image(&image, catalog.as_deref(), &trust)?;
             let (accel, why) = qemu::resolve_accel(accel, Some(&path))?;
             eprintln!("ssc: accelerator {accel} ({why})");
-            let name = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "image".into());
-            let name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-            let spec = DomainSpec { mem_mib: mem, disks: disk, links: link, append, machine, firmware, ..DomainSpec::new(&name, &path) };
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| "image".into());
+            let name: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let spec = DomainSpec {
+                mem_mib: mem,
+                disks: disk,
+                links: link,
+                append,
+                machine,
+                firmware,
+                ..DomainSpec::new(&name, &path)
+            };
             let run_dir = RunDir::create()?;
-            let echo = if quiet { LogEcho::Quiet } else { LogEcho::Stdout(String::new()) };
+            let echo = if quiet {
+                LogEcho::Quiet
+            } else {
+                LogEcho::Stdout(String::new())
+            };
             let mut dom = Domain::launch(&spec, accel, &run_dir, echo)?;
             let wait = (timeout > 0).then(|| Duration::from_secs(timeout));
             let ready = dom.wait_ready(wait.unwrap_or(Duration::from_secs(120)))?;
@@ -180,7 +224,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             let exit = dom.wait_exit(wait)?;
             if let Some(rtt) = dom.control_verified {
-                eprintln!("ssc: control link verified (Ping/Pong round trip {:.2} ms)", rtt.as_secs_f64() * 1e3);
+                eprintln!(
+                    "ssc: control link verified (Ping/Pong round trip {:.2} ms)",
+                    rtt.as_secs_f64() * 1e3
+                );
             }
             eprintln!("ssc: {name}: {exit}");
             Ok(match exit {
@@ -201,10 +248,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", doctor::render(&checks));
             }
             let missing = checks.iter().any(|c| !c.ok && !c.optional);
-            Ok(if missing { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            Ok(if missing {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Cmd::Catalog(c) => catalog_cmd(c),
-        Cmd::Bench(BenchCmd::Boot { catalog: dir, trust, runs, json }) => {
+        Cmd::Bench(BenchCmd::Boot {
+            catalog: dir,
+            trust,
+            runs,
+            json,
+        }) => {
             let trusted = catalog::load_trusted(&trust)?;
             let images = catalog::verify(&dir, &trusted)?;
             let probe = images.first().map(|i| i.path.clone());
@@ -233,19 +289,33 @@ fn resolve_image(image: &str, catalog_dir: Option<&Path>, trust: &[PathBuf]) -> 
         return Ok(p.to_path_buf());
     }
     let Some(dir) = catalog_dir else {
-        bail!("{image} is not a file; to run a catalog image by name pass --catalog DIR --trust KEY (or set SSC_CATALOG/SSC_TRUST)");
+        bail!(
+            "{image} is not a file; to run a catalog image by name pass --catalog DIR --trust KEY (or set SSC_CATALOG/SSC_TRUST)"
+        );
     };
     if trust.is_empty() {
-        bail!("running `{image}` from catalog {} needs --trust PUBLISHER_KEY", dir.display());
+        bail!(
+            "running `{image}` from catalog {} needs --trust PUBLISHER_KEY",
+            dir.display()
+        );
     }
     let img = catalog::find(dir, &catalog::load_trusted(trust)?, image)?;
-    eprintln!("ssc: {} {} verified (sha384 {}…)", img.manifest.image.name, img.manifest.image.version, &img.manifest.image.sha384[..16]);
+    eprintln!(
+        "ssc: {} {} verified (sha384 {}…)",
+        img.manifest.image.name,
+        img.manifest.image.version,
+        &img.manifest.image.sha384[..16]
+    );
     Ok(img.path)
 }
 
 fn workspace_version(images_toml: &Path) -> Result<String> {
-    let cargo = images_toml.parent().unwrap_or(Path::new(".")).join("Cargo.toml");
-    let text = std::fs::read_to_string(&cargo).with_context(|| format!("reading {}", cargo.display()))?;
+    let cargo = images_toml
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("Cargo.toml");
+    let text =
+        std::fs::read_to_string(&cargo).with_context(|| format!("reading {}", cargo.display()))?;
     let v: toml::Value = toml::from_str(&text)?;
     v.get("workspace")
         .and_then(|w| w.get("package"))
@@ -259,17 +329,36 @@ fn catalog_cmd(c: CatalogCmd) -> Result<ExitCode> {
     match c {
         CatalogCmd::Keygen { private, public } => {
             let k = catalog::keygen(&private, &public)?;
-            println!("publisher key {k}\nprivate: {}\npublic:  {} (give this to tenants for --trust)", private.display(), public.display());
+            println!(
+                "publisher key {k}\nprivate: {}\npublic:  {} (give this to tenants for --trust)",
+                private.display(),
+                public.display()
+            );
         }
-        CatalogCmd::Build { images, bin_dir, key, out } => {
+        CatalogCmd::Build {
+            images,
+            bin_dir,
+            key,
+            out,
+        } => {
             let version = workspace_version(&images)?;
             let ms = catalog::build(&images, &bin_dir, &version, &key, &out)?;
             for m in &ms {
-                println!("signed {} {} ({}) sha384 {}…", m.image.name, m.image.version, m.image.file, &m.image.sha384[..16]);
+                println!(
+                    "signed {} {} ({}) sha384 {}…",
+                    m.image.name,
+                    m.image.version,
+                    m.image.file,
+                    &m.image.sha384[..16]
+                );
             }
             println!("catalog written to {}", out.display());
         }
-        CatalogCmd::Verify { catalog: dir, trust, json } => {
+        CatalogCmd::Verify {
+            catalog: dir,
+            trust,
+            json,
+        } => {
             let trusted = catalog::load_trusted(&trust)?;
             let v = catalog::verify(&dir, &trusted)?;
             if json {
@@ -277,12 +366,22 @@ fn catalog_cmd(c: CatalogCmd) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for i in &v {
-                    println!("ok  {} {}  sha384 {}…  publisher {}…", i.manifest.image.name, i.manifest.image.version, &i.manifest.image.sha384[..16], &i.manifest.signature.publisher[..16]);
+                    println!(
+                        "ok  {} {}  sha384 {}…  publisher {}…",
+                        i.manifest.image.name,
+                        i.manifest.image.version,
+                        &i.manifest.image.sha384[..16],
+                        &i.manifest.signature.publisher[..16]
+                    );
                 }
                 println!("{} image(s) verified", v.len());
             }
         }
-        CatalogCmd::List { catalog: dir, trust, json } => {
+        CatalogCmd::List {
+            catalog: dir,
+            trust,
+            json,
+        } => {
             let trusted = catalog::load_trusted(&trust)?;
             let mut rows = vec![];
             for (path, m) in catalog::read(&dir)? {
@@ -309,14 +408,21 @@ fn catalog_cmd(c: CatalogCmd) -> Result<ExitCode> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&j)?);
             } else {
-                println!("{:<14} {:<9} {:<28} {:<30} status", "name", "version", "permissions", "description");
+                println!(
+                    "{:<14} {:<9} {:<28} {:<30} status",
+                    "name", "version", "permissions", "description"
+                );
                 for (p, m, s) in &rows {
                     match m {
                         Some(m) => println!(
                             "{:<14} {:<9} {:<28} {:<30} {s}",
                             m.image.name,
                             m.image.version,
-                            if m.image.permissions.is_empty() { "-".into() } else { m.image.permissions.join(",") },
+                            if m.image.permissions.is_empty() {
+                                "-".into()
+                            } else {
+                                m.image.permissions.join(",")
+                            },
                             m.image.description.chars().take(30).collect::<String>()
                         ),
                         None => println!("{:<14} {s}", p.display()),

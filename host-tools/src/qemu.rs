@@ -96,7 +96,9 @@ impl Firmware {
         match self {
             Firmware::Seabios => (Firmware::Seabios, None),
             Firmware::Qboot => (Firmware::Qboot, Some(PathBuf::from(QBOOT))),
-            Firmware::Auto if Path::new(QBOOT).exists() => (Firmware::Qboot, Some(PathBuf::from(QBOOT))),
+            Firmware::Auto if Path::new(QBOOT).exists() => {
+                (Firmware::Qboot, Some(PathBuf::from(QBOOT)))
+            }
             Firmware::Auto => (Firmware::Seabios, None),
         }
     }
@@ -127,7 +129,9 @@ impl ImageExit {
     pub fn from_status(status: std::process::ExitStatus) -> ImageExit {
         match status.code() {
             Some(33) => ImageExit::Success,
-            Some(c) if c >= 65 && c % 2 == 1 => ImageExit::Failure { reason: ((c - 65) / 2) as u8 },
+            Some(c) if c >= 65 && c % 2 == 1 => ImageExit::Failure {
+                reason: ((c - 65) / 2) as u8,
+            },
             Some(c) => ImageExit::Qemu { status: c },
             None => ImageExit::Signal,
         }
@@ -151,8 +155,15 @@ impl fmt::Display for ImageExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ImageExit::Success => f.write_str("image reported success"),
-            ImageExit::Failure { reason } => write!(f, "image reported failure: {}", ImageExit::reason_name(*reason)),
-            ImageExit::Qemu { status } => write!(f, "QEMU exited with status {status} without an image verdict"),
+            ImageExit::Failure { reason } => write!(
+                f,
+                "image reported failure: {}",
+                ImageExit::reason_name(*reason)
+            ),
+            ImageExit::Qemu { status } => write!(
+                f,
+                "QEMU exited with status {status} without an image verdict"
+            ),
             ImageExit::Signal => f.write_str("QEMU was killed by a signal"),
         }
     }
@@ -163,7 +174,12 @@ pub fn version() -> Result<String> {
     let out = Command::new(QEMU).arg("--version").output().with_context(|| {
         format!("{QEMU} not found: install it with `sudo apt-get install -y qemu-system-x86` (or run `make deps`)")
     })?;
-    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_string())
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string())
 }
 
 /// Whether `/dev/kvm` exists and can be opened read-write.
@@ -177,11 +193,16 @@ pub fn kvm_device() -> Result<(), String> {
         .write(true)
         .open(p)
         .map(|_| ())
-        .map_err(|e| format!("/dev/kvm is not usable by this user ({e}); add the user to group `kvm`"))
+        .map_err(|e| {
+            format!("/dev/kvm is not usable by this user ({e}); add the user to group `kvm`")
+        })
 }
 
 fn host_kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 fn cache_file() -> PathBuf {
@@ -202,7 +223,10 @@ pub struct KvmVerdict {
 /// Boots `image` under KVM with `ssc.probe=1` and judges the result.
 pub fn probe_kvm(image: &Path, timeout: Duration) -> KvmVerdict {
     if let Err(reason) = kvm_device() {
-        return KvmVerdict { usable: false, reason };
+        return KvmVerdict {
+            usable: false,
+            reason,
+        };
     }
     let key = format!("{} | {}", host_kernel(), version().unwrap_or_default());
     if let Ok(cached) = std::fs::read_to_string(cache_file()) {
@@ -210,7 +234,10 @@ pub fn probe_kvm(image: &Path, timeout: Duration) -> KvmVerdict {
         if lines.next() == Some(key.as_str()) {
             let usable = lines.next() == Some("usable");
             let reason = lines.next().unwrap_or("").to_string();
-            return KvmVerdict { usable, reason: format!("{reason} (cached probe)") };
+            return KvmVerdict {
+                usable,
+                reason: format!("{reason} (cached probe)"),
+            };
         }
     }
     let verdict = run_probe(image, timeout);
@@ -218,7 +245,11 @@ pub fn probe_kvm(image: &Path, timeout: Duration) -> KvmVerdict {
         let _ = std::fs::create_dir_all(dir);
         let _ = std::fs::write(
             cache_file(),
-            format!("{key}\n{}\n{}\n", if verdict.usable { "usable" } else { "unusable" }, verdict.reason),
+            format!(
+                "{key}\n{}\n{}\n",
+                if verdict.usable { "usable" } else { "unusable" },
+                verdict.reason
+            ),
         );
     }
     verdict
@@ -226,22 +257,47 @@ pub fn probe_kvm(image: &Path, timeout: Duration) -> KvmVerdict {
 
 fn run_probe(image: &Path, timeout: Duration) -> KvmVerdict {
     let mut cmd = Command::new(QEMU);
-    cmd.args(["-machine", "q35", "-m", "64M", "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio"])
-        .args(Accel::Kvm.args())
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=1", "-append", "ssc.probe=1", "-kernel"])
-        .arg(image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "-machine",
+        "q35",
+        "-m",
+        "64M",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ])
+    .args(Accel::Kvm.args())
+    .args([
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=1",
+        "-append",
+        "ssc.probe=1",
+        "-kernel",
+    ])
+    .arg(image)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return KvmVerdict { usable: false, reason: format!("cannot start {QEMU}: {e}") },
+        Err(e) => {
+            return KvmVerdict {
+                usable: false,
+                reason: format!("cannot start {QEMU}: {e}"),
+            };
+        }
     };
     let start = Instant::now();
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
-                let out = child.wait_with_output().map(|o| (o.stdout, o.stderr)).unwrap_or_default();
+                let out = child
+                    .wait_with_output()
+                    .map(|o| (o.stdout, o.stderr))
+                    .unwrap_or_default();
                 let log = String::from_utf8_lossy(&out.0);
                 let err = String::from_utf8_lossy(&out.1);
                 let rate = log
@@ -249,9 +305,10 @@ fn run_probe(image: &Path, timeout: Duration) -> KvmVerdict {
                     .find_map(|l| l.split("memset_mib_s=").nth(1))
                     .and_then(|r| r.trim().parse::<f64>().ok());
                 return match (ImageExit::from_status(status), rate) {
-                    (ImageExit::Success, Some(r)) if r >= 200.0 => {
-                        KvmVerdict { usable: true, reason: format!("KVM probe passed (guest memset {r:.0} MiB/s)") }
-                    }
+                    (ImageExit::Success, Some(r)) if r >= 200.0 => KvmVerdict {
+                        usable: true,
+                        reason: format!("KVM probe passed (guest memset {r:.0} MiB/s)"),
+                    },
                     (ImageExit::Success, r) => KvmVerdict {
                         usable: false,
                         reason: format!(
@@ -261,7 +318,10 @@ fn run_probe(image: &Path, timeout: Duration) -> KvmVerdict {
                     },
                     (exit, _) => KvmVerdict {
                         usable: false,
-                        reason: format!("KVM probe failed: {exit}; {}", err.lines().last().unwrap_or("").trim()),
+                        reason: format!(
+                            "KVM probe failed: {exit}; {}",
+                            err.lines().last().unwrap_or("").trim()
+                        ),
                     },
                 };
             }
@@ -284,10 +344,18 @@ fn run_probe(image: &Path, timeout: Duration) -> KvmVerdict {
 /// Picks the accelerator: `SSC_ACCEL` beats `choice`; `auto` probes KVM
 /// with `probe_image` and falls back to TCG. Returns it with the reason.
 pub fn resolve_accel(choice: AccelChoice, probe_image: Option<&Path>) -> Result<(Accel, String)> {
-    resolve_accel_with(choice, std::env::var("SSC_ACCEL").ok().as_deref(), probe_image)
+    resolve_accel_with(
+        choice,
+        std::env::var("SSC_ACCEL").ok().as_deref(),
+        probe_image,
+    )
 }
 
-fn resolve_accel_with(choice: AccelChoice, env: Option<&str>, probe_image: Option<&Path>) -> Result<(Accel, String)> {
+fn resolve_accel_with(
+    choice: AccelChoice,
+    env: Option<&str>,
+    probe_image: Option<&Path>,
+) -> Result<(Accel, String)> {
     let choice = match env {
         Some("kvm") => AccelChoice::Kvm,
         Some("tcg") => AccelChoice::Tcg,
@@ -305,7 +373,11 @@ fn resolve_accel_with(choice: AccelChoice, env: Option<&str>, probe_image: Optio
                 return Ok((Accel::Tcg, "no image to probe KVM with; TCG".into()));
             };
             let v = probe_kvm(image, Duration::from_secs(8));
-            if v.usable { Ok((Accel::Kvm, v.reason)) } else { Ok((Accel::Tcg, format!("{}; falling back to TCG", v.reason))) }
+            if v.usable {
+                Ok((Accel::Kvm, v.reason))
+            } else {
+                Ok((Accel::Tcg, format!("{}; falling back to TCG", v.reason)))
+            }
         }
     }
 }
@@ -319,11 +391,24 @@ mod tests {
     fn exit_statuses_decode_to_the_runtime_reasons() {
         let s = |code: i32| std::process::ExitStatus::from_raw(code << 8);
         assert_eq!(ImageExit::from_status(s(33)), ImageExit::Success);
-        assert_eq!(ImageExit::from_status(s(67)), ImageExit::Failure { reason: 1 });
-        assert_eq!(ImageExit::from_status(s(69)), ImageExit::Failure { reason: 2 });
+        assert_eq!(
+            ImageExit::from_status(s(67)),
+            ImageExit::Failure { reason: 1 }
+        );
+        assert_eq!(
+            ImageExit::from_status(s(69)),
+            ImageExit::Failure { reason: 2 }
+        );
         assert_eq!(ImageExit::from_status(s(1)), ImageExit::Qemu { status: 1 });
-        assert_eq!(ImageExit::from_status(std::process::ExitStatus::from_raw(9)), ImageExit::Signal);
-        assert!(ImageExit::Failure { reason: 3 }.to_string().contains("entropy"));
+        assert_eq!(
+            ImageExit::from_status(std::process::ExitStatus::from_raw(9)),
+            ImageExit::Signal
+        );
+        assert!(
+            ImageExit::Failure { reason: 3 }
+                .to_string()
+                .contains("entropy")
+        );
     }
 
     #[test]

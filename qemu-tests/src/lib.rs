@@ -1,1 +1,235 @@
-//! placeholder
+//! The harness for tests that boot real images in QEMU.
+//!
+//! * images and the catalog come from `make images catalog` (`make test`
+//!   builds them first); a missing one fails with the command to run;
+//! * the accelerator is KVM when the probe says it works, TCG otherwise;
+//!   `SSC_ACCEL=tcg|kvm` forces one; the choice is printed once;
+//! * every boot has a timeout; on failure the builder's error carries the
+//!   last console lines and QEMU's stderr;
+//! * cleanup is guaranteed by drop guards: [`ssc::builder::Domain`] stops
+//!   QEMU and removes its sockets, [`ssc::builder::RunDir`] and
+//!   [`tempfile::TempDir`] remove their directories, [`Cli`] kills `ssc`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ssc::qemu::{Accel, AccelChoice};
+
+pub use ssc;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// The built selftest image.
+pub fn selftest_image() -> PathBuf {
+    let p = repo().join("kernels/target/x86_64-unknown-linux-gnu/release/selftest");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `make images` (or `make test`, which builds it)",
+        p.display()
+    );
+    p
+}
+
+/// The catalog folder and the trusted publisher key file.
+pub fn catalog() -> (PathBuf, PathBuf) {
+    let dir = repo().join("build/catalog");
+    let key = repo().join("build/publisher.pub");
+    assert!(
+        dir.is_dir() && key.is_file(),
+        "no catalog at {}: run `make catalog` (or `make test`)",
+        dir.display()
+    );
+    (dir, key)
+}
+
+/// The accelerator for this test run, probed once.
+pub fn accel() -> Accel {
+    static ACCEL: OnceLock<Accel> = OnceLock::new();
+    *ACCEL.get_or_init(|| {
+        let (a, why) = ssc::qemu::resolve_accel(AccelChoice::Auto, Some(&selftest_image()))
+            .expect("accelerator");
+        eprintln!("qemu-tests: accelerator {a} ({why})");
+        a
+    })
+}
+
+/// The `ssc` binary, built on first use if `cargo test` did not build it.
+pub fn ssc_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target"));
+        let bin = target.join("debug/ssc");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "host-tools", "--bin", "ssc"])
+            .current_dir(repo())
+            .status()
+            .expect("running cargo build for ssc");
+        assert!(
+            status.success() && bin.is_file(),
+            "could not build {}",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
+}
+
+/// First bytes of sector 0 that the selftest image expects on its disk.
+pub const DISK_MARKER: &[u8] = b"SSC-SELFTEST-DISK\n";
+
+/// A 16 MiB raw disk with the selftest marker at sector 0.
+pub fn selftest_disk(dir: &Path) -> PathBuf {
+    let p = dir.join("disk.img");
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(16 << 20).unwrap();
+    drop(f);
+    let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all(DISK_MARKER).unwrap();
+    p
+}
+
+/// The selftest's disk pattern word at `offset` (same as the image's).
+pub fn pattern_word(offset: u64) -> u64 {
+    let mut z = offset ^ 0x5353_4353_0000_0000;
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Checks the 8 MiB pattern the selftest writes at 1 MiB.
+pub fn disk_has_selftest_pattern(disk: &Path) -> bool {
+    let data = std::fs::read(disk).unwrap();
+    data[1 << 20..9 << 20]
+        .chunks_exact(8)
+        .enumerate()
+        .all(|(i, w)| {
+            u64::from_le_bytes(w.try_into().unwrap()) == pattern_word((1 << 20) + 8 * i as u64)
+        })
+}
+
+/// Connects to an echo link as the host peer: sends an 8-byte length and
+/// `data`, reads everything back, sleeping `read_pause` before each read
+/// (a slow host reader). Returns what came back.
+pub fn echo_peer(
+    socket: PathBuf,
+    data: Vec<u8>,
+    read_pause: Duration,
+) -> std::thread::JoinHandle<std::io::Result<Vec<u8>>> {
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut s = loop {
+            match UnixStream::connect(&socket) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() > Duration::from_secs(60) => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let mut w = s.try_clone()?;
+        let payload = data.clone();
+        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+            w.write_all(&(payload.len() as u64).to_le_bytes())?;
+            w.write_all(&payload)
+        });
+        let mut back = Vec::with_capacity(data.len());
+        let mut buf = vec![0u8; 16 * 1024];
+        while back.len() < data.len() {
+            std::thread::sleep(read_pause);
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            back.extend_from_slice(&buf[..n]);
+        }
+        writer.join().expect("writer thread")?;
+        Ok(back)
+    })
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    (0..len.div_ceil(8))
+        .flat_map(|i| pattern_word(seed.wrapping_add(i as u64 * 8)).to_le_bytes())
+        .take(len)
+        .collect()
+}
+
+/// A finished `ssc` invocation.
+pub struct CliResult {
+    pub output: Output,
+}
+
+impl CliResult {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    pub fn code(&self) -> Option<i32> {
+        self.output.status.code()
+    }
+    /// Everything it printed, for assertion messages.
+    pub fn all(&self) -> String {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout(),
+            self.stderr()
+        )
+    }
+}
+
+/// Runs `ssc ARGS` with `SSC_ACCEL` set to the harness's accelerator, killed
+/// after `timeout`.
+pub fn run_ssc(args: &[&str], timeout: Duration) -> CliResult {
+    let mut child = Command::new(ssc_bin())
+        .args(args)
+        .current_dir(repo())
+        .env("SSC_ACCEL", accel().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning ssc");
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "ssc {args:?} still running after {timeout:?}; killed\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    CliResult {
+        output: child.wait_with_output().unwrap(),
+    }
+}
+
+/// Whether any process's command line contains `needle`.
+pub fn process_with_arg_exists(needle: &str) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains(needle))
+            .unwrap_or(false)
+    })
+}

@@ -64,28 +64,57 @@ pub fn init() {
     // SAFETY: called once at boot on the only CPU, before anything reads
     // IDT; the table symbol is defined in the assembly above.
     unsafe {
-        let idt = &mut *(&raw mut IDT);
+        let idt = &raw mut IDT;
         for (i, &handler) in SSC_ISR_TABLE.iter().enumerate() {
             // 64-bit interrupt gate: selector 0x08, present, DPL 0, type 0xE.
             let low = (handler & 0xffff)
                 | (0x08 << 16)
                 | (0x8e00u64 << 32)
                 | ((handler >> 16) & 0xffff) << 48;
-            idt.0[2 * i] = low;
-            idt.0[2 * i + 1] = handler >> 32;
+            (*idt).0[2 * i] = low;
+            (*idt).0[2 * i + 1] = handler >> 32;
         }
-        let ptr = IdtPointer { limit: (core::mem::size_of::<Idt>() - 1) as u16, base: idt.0.as_ptr() as u64 };
+        let ptr = IdtPointer {
+            limit: (core::mem::size_of::<Idt>() - 1) as u16,
+            base: idt as u64,
+        };
         core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags));
     }
 }
 
 const NAMES: [&str; 32] = [
-    "divide error", "debug", "NMI", "breakpoint", "overflow", "bound range", "invalid opcode",
-    "device not available", "double fault", "coprocessor overrun", "invalid TSS",
-    "segment not present", "stack fault", "general protection", "page fault", "reserved",
-    "x87 floating point", "alignment check", "machine check", "SIMD floating point",
-    "virtualization", "control protection", "reserved", "reserved", "reserved", "reserved",
-    "reserved", "reserved", "hypervisor injection", "VMM communication", "security", "reserved",
+    "divide error",
+    "debug",
+    "NMI",
+    "breakpoint",
+    "overflow",
+    "bound range",
+    "invalid opcode",
+    "device not available",
+    "double fault",
+    "coprocessor overrun",
+    "invalid TSS",
+    "segment not present",
+    "stack fault",
+    "general protection",
+    "page fault",
+    "reserved",
+    "x87 floating point",
+    "alignment check",
+    "machine check",
+    "SIMD floating point",
+    "virtualization",
+    "control protection",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "hypervisor injection",
+    "VMM communication",
+    "security",
+    "reserved",
 ];
 
 /// Called by the common stub with a pointer to

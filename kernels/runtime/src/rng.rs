@@ -33,7 +33,9 @@ pub fn init() -> Result<&'static str, &'static str> {
         (true, false) => (RDSEED, "rdseed"),
         (false, true) => (RDRAND, "rdrand"),
         (false, false) => {
-            return Err("this CPU has neither RDSEED nor RDRAND; start QEMU with `-cpu max` (TCG) or `-cpu host` on a CPU that has them");
+            return Err(
+                "this CPU has neither RDSEED nor RDRAND; start QEMU with `-cpu max` (TCG) or `-cpu host` on a CPU that has them",
+            );
         }
     };
     SUPPORT.store(s, Ordering::Relaxed);

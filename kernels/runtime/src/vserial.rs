@@ -114,6 +114,9 @@ impl From<virtio_drivers::Error> for SerialError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortId(u32);
 
+/// One direction of a port.
+type DataQueue = Box<VirtQueue<SscHal, DATA_QUEUE>>;
+
 struct DataPath {
     rx: Box<VirtQueue<SscHal, DATA_QUEUE>>,
     tx: Box<VirtQueue<SscHal, DATA_QUEUE>>,
@@ -133,7 +136,7 @@ struct Port {
     added: bool,
     host_connected: bool,
     opened: bool,
-    queues: Option<(Box<VirtQueue<SscHal, DATA_QUEUE>>, Box<VirtQueue<SscHal, DATA_QUEUE>>)>,
+    queues: Option<(DataQueue, DataQueue)>,
     data: Option<DataPath>,
 }
 
@@ -157,7 +160,11 @@ fn new_queue<const N: usize>(
 ) -> Result<VirtQueue<SscHal, N>, SerialError> {
     let max = transport.max_queue_size(index);
     if max < N as u32 {
-        return Err(SerialError::QueueTooSmall { queue: index, max, needed: N });
+        return Err(SerialError::QueueTooSmall {
+            queue: index,
+            max,
+            needed: N,
+        });
     }
     Ok(VirtQueue::new(transport, index, false, false)?)
 }
@@ -175,7 +182,10 @@ impl VirtioSerial {
         let mut ports = Vec::with_capacity(max_ports as usize);
         for id in 0..max_ports {
             let rx = Box::new(new_queue::<DATA_QUEUE>(&mut transport, rx_queue_index(id))?);
-            let tx = Box::new(new_queue::<DATA_QUEUE>(&mut transport, rx_queue_index(id) + 1)?);
+            let tx = Box::new(new_queue::<DATA_QUEUE>(
+                &mut transport,
+                rx_queue_index(id) + 1,
+            )?);
             ports.push(Port {
                 name: None,
                 added: false,
@@ -192,7 +202,9 @@ impl VirtioSerial {
             transport,
             control_rx,
             control_tx,
-            control_buffers: (0..CONTROL_QUEUE).map(|_| vec![0u8; CONTROL_BUFFER].into_boxed_slice()).collect(),
+            control_buffers: (0..CONTROL_QUEUE)
+                .map(|_| vec![0u8; CONTROL_BUFFER].into_boxed_slice())
+                .collect(),
             control_slot_of_token: vec![None; CONTROL_QUEUE],
             ports,
         };
@@ -218,7 +230,8 @@ impl VirtioSerial {
         msg[0..4].copy_from_slice(&id.to_le_bytes());
         msg[4..6].copy_from_slice(&event.to_le_bytes());
         msg[6..8].copy_from_slice(&value.to_le_bytes());
-        self.control_tx.add_notify_wait_pop(&[&msg], &mut [], &mut self.transport)?;
+        self.control_tx
+            .add_notify_wait_pop(&[&msg], &mut [], &mut self.transport)?;
         Ok(())
     }
 
@@ -226,9 +239,9 @@ impl VirtioSerial {
     fn poll_control(&mut self) -> Result<(), SerialError> {
         let mut reposted = false;
         while let Some(token) = self.control_rx.peek_used() {
-            let slot = self.control_slot_of_token[token as usize].take().ok_or(SerialError::Virtio(
-                virtio_drivers::Error::WrongToken,
-            ))?;
+            let slot = self.control_slot_of_token[token as usize]
+                .take()
+                .ok_or(SerialError::Virtio(virtio_drivers::Error::WrongToken))?;
             let buf: &mut [u8] = &mut self.control_buffers[slot];
             // SAFETY: `buf` is the buffer posted with this token.
             let len = unsafe { self.control_rx.pop_used(token, &[], &mut [buf])? } as usize;
@@ -237,7 +250,10 @@ impl VirtioSerial {
                 let id = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
                 let event = u16::from_le_bytes([msg[4], msg[5]]);
                 let value = u16::from_le_bytes([msg[6], msg[7]]);
-                let name = msg[8..].split(|&b| b == 0).next().map(|n| String::from_utf8_lossy(n).into_owned());
+                let name = msg[8..]
+                    .split(|&b| b == 0)
+                    .next()
+                    .map(|n| String::from_utf8_lossy(n).into_owned());
                 self.handle_control(id, event, value, name)?;
             }
             self.post_control_buffer(slot)?;
@@ -249,7 +265,13 @@ impl VirtioSerial {
         Ok(())
     }
 
-    fn handle_control(&mut self, id: u32, event: u16, value: u16, name: Option<String>) -> Result<(), SerialError> {
+    fn handle_control(
+        &mut self,
+        id: u32,
+        event: u16,
+        value: u16,
+        name: Option<String>,
+    ) -> Result<(), SerialError> {
         let Some(port) = self.ports.get_mut(id as usize) else {
             log::warn!(target: "vserial", "control event {event} for port {id} beyond max_ports; ignored");
             return Ok(());
@@ -275,7 +297,11 @@ impl VirtioSerial {
 
     /// Names of the ports the device has announced so far.
     pub fn port_names(&self) -> Vec<String> {
-        self.ports.iter().filter(|p| p.added).filter_map(|p| p.name.clone()).collect()
+        self.ports
+            .iter()
+            .filter(|p| p.added)
+            .filter_map(|p| p.name.clone())
+            .collect()
     }
 
     /// Opens the port called `name`, waiting up to `timeout` for the device
@@ -284,7 +310,11 @@ impl VirtioSerial {
         let start = Instant::now();
         let id = loop {
             self.poll_control()?;
-            if let Some(i) = self.ports.iter().position(|p| p.added && p.name.as_deref() == Some(name)) {
+            if let Some(i) = self
+                .ports
+                .iter()
+                .position(|p| p.added && p.name.as_deref() == Some(name))
+            {
                 break i;
             }
             if start.elapsed() > timeout {
@@ -300,10 +330,14 @@ impl VirtioSerial {
         let mut data = DataPath {
             rx,
             tx,
-            rx_buffers: (0..RX_BUFFERS).map(|_| vec![0u8; RX_BUFFER].into_boxed_slice()).collect(),
+            rx_buffers: (0..RX_BUFFERS)
+                .map(|_| vec![0u8; RX_BUFFER].into_boxed_slice())
+                .collect(),
             rx_slot_of_token: vec![None; DATA_QUEUE],
             rx_ready: VecDeque::new(),
-            tx_buffers: (0..TX_BUFFERS).map(|_| vec![0u8; TX_BUFFER].into_boxed_slice()).collect(),
+            tx_buffers: (0..TX_BUFFERS)
+                .map(|_| vec![0u8; TX_BUFFER].into_boxed_slice())
+                .collect(),
             tx_free: (0..TX_BUFFERS).rev().collect(),
             tx_in_flight: vec![None; DATA_QUEUE],
         };
@@ -328,7 +362,9 @@ impl VirtioSerial {
     pub fn poll(&mut self) -> Result<(), SerialError> {
         self.poll_control()?;
         for id in 0..self.ports.len() {
-            let Some(data) = self.ports[id].data.as_mut() else { continue };
+            let Some(data) = self.ports[id].data.as_mut() else {
+                continue;
+            };
             data.reap_rx()?;
             data.reap_tx()?;
         }
@@ -343,7 +379,9 @@ impl VirtioSerial {
         let mut n = 0;
         let mut reposted = false;
         while n < buf.len() {
-            let Some((slot, off, end)) = data.rx_ready.front_mut() else { break };
+            let Some((slot, off, end)) = data.rx_ready.front_mut() else {
+                break;
+            };
             let take = (*end - *off).min(buf.len() - n);
             buf[n..n + take].copy_from_slice(&data.rx_buffers[*slot][*off..*off + take]);
             *off += take;
@@ -362,7 +400,12 @@ impl VirtioSerial {
     }
 
     /// Fills `buf` completely, waiting up to `timeout` (forever if `None`).
-    pub fn read_exact(&mut self, port: PortId, buf: &mut [u8], timeout: Option<Duration>) -> Result<(), SerialError> {
+    pub fn read_exact(
+        &mut self,
+        port: PortId,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<(), SerialError> {
         let start = Instant::now();
         let mut got = 0;
         while got < buf.len() {
@@ -428,7 +471,10 @@ impl VirtioSerial {
     }
 
     fn data(&mut self, port: PortId) -> &mut DataPath {
-        self.ports[port.0 as usize].data.as_mut().expect("PortId only exists for opened ports")
+        self.ports[port.0 as usize]
+            .data
+            .as_mut()
+            .expect("PortId only exists for opened ports")
     }
 }
 
@@ -444,9 +490,9 @@ impl DataPath {
 
     fn reap_rx(&mut self) -> Result<(), SerialError> {
         while let Some(token) = self.rx.peek_used() {
-            let slot = self.rx_slot_of_token[token as usize].take().ok_or(SerialError::Virtio(
-                virtio_drivers::Error::WrongToken,
-            ))?;
+            let slot = self.rx_slot_of_token[token as usize]
+                .take()
+                .ok_or(SerialError::Virtio(virtio_drivers::Error::WrongToken))?;
             let buf: &mut [u8] = &mut self.rx_buffers[slot];
             // SAFETY: `buf` is the buffer posted with this token.
             let len = unsafe { self.rx.pop_used(token, &[], &mut [buf])? } as usize;
@@ -457,9 +503,9 @@ impl DataPath {
 
     fn reap_tx(&mut self) -> Result<(), SerialError> {
         while let Some(token) = self.tx.peek_used() {
-            let (slot, len) = self.tx_in_flight[token as usize].take().ok_or(SerialError::Virtio(
-                virtio_drivers::Error::WrongToken,
-            ))?;
+            let (slot, len) = self.tx_in_flight[token as usize]
+                .take()
+                .ok_or(SerialError::Virtio(virtio_drivers::Error::WrongToken))?;
             let buf: &[u8] = &self.tx_buffers[slot][..len];
             // SAFETY: `buf` is the buffer (and length) posted with this token.
             unsafe { self.tx.pop_used(token, &[buf], &mut [])? };

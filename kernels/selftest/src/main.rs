@@ -77,7 +77,10 @@ fn main(mut boot: Boot) -> ImageResult {
     check_shim(&mut t)?;
     check_crypto(&mut t)?;
 
-    match serial.as_mut().map(|s| (s.open("ctl", Duration::from_millis(500)), s)) {
+    match serial
+        .as_mut()
+        .map(|s| (s.open("ctl", Duration::from_millis(500)), s))
+    {
         Some((Ok(port), s)) => check_control(&mut t, s, port)?,
         _ => t.skip("control link", "no `ctl` port (ssc run attaches one)"),
     }
@@ -88,7 +91,10 @@ fn main(mut boot: Boot) -> ImageResult {
     match serial.as_mut() {
         Some(s) => match s.open("echo", Duration::from_millis(500)) {
             Ok(port) => check_echo(&mut t, s, port)?,
-            Err(_) => t.skip("virtio-serial echo", "no `echo` link (ssc run --link echo=SOCKET)"),
+            Err(_) => t.skip(
+                "virtio-serial echo",
+                "no `echo` link (ssc run --link echo=SOCKET)",
+            ),
         },
         None => t.skip("virtio-serial echo", "no virtio-serial device"),
     }
@@ -102,29 +108,46 @@ fn check_heap(t: &mut Tally, heap_bytes: usize) -> ImageResult {
     for i in 0..len / 8 {
         big.push((i as u64).wrapping_mul(0x9e37_79b9));
     }
-    if big.iter().enumerate().any(|(i, &v)| v != (i as u64).wrapping_mul(0x9e37_79b9)) {
+    if big
+        .iter()
+        .enumerate()
+        .any(|(i, &v)| v != (i as u64).wrapping_mul(0x9e37_79b9))
+    {
         bail!("heap: a {len}-byte buffer did not read back what was written");
     }
     drop(big);
-    let small: Vec<alloc::boxed::Box<[u8; 24]>> = (0..10_000).map(|i| alloc::boxed::Box::new([i as u8; 24])).collect();
+    let small: Vec<alloc::boxed::Box<[u8; 24]>> = (0..10_000)
+        .map(|i| alloc::boxed::Box::new([i as u8; 24]))
+        .collect();
     if small.iter().enumerate().any(|(i, b)| b[23] != i as u8) {
         bail!("heap: small allocations overlap");
     }
-    t.pass("heap", format_args!("{} MiB heap, {} MiB buffer and 10000 small boxes verified", heap_bytes / MIB, len / MIB));
+    t.pass(
+        "heap",
+        format_args!(
+            "{} MiB heap, {} MiB buffer and 10000 small boxes verified",
+            heap_bytes / MIB,
+            len / MIB
+        ),
+    );
     Ok(())
 }
 
 fn check_rng(t: &mut Tally) -> ImageResult {
     let mut a = vec![0u8; 4096];
     let mut b = vec![0u8; 4096];
-    getrandom::getrandom(&mut a).map_err(|e| runtime::ImageError(alloc::format!("getrandom: {e}")))?;
+    getrandom::getrandom(&mut a)
+        .map_err(|e| runtime::ImageError(alloc::format!("getrandom: {e}")))?;
     runtime::rng::fill(&mut b)?;
     let ones: u32 = a.iter().map(|x| x.count_ones()).sum();
     // 32768 bits: mean 16384, sigma 90; 10 sigma is a broken source.
     if a == b || !(15_484..=17_284).contains(&ones) {
         bail!("rng: output looks non-random ({ones} one-bits of 32768)");
     }
-    t.pass("rng", format_args!("getrandom() through the syscall shim, {ones}/32768 one-bits"));
+    t.pass(
+        "rng",
+        format_args!("getrandom() through the syscall shim, {ones}/32768 one-bits"),
+    );
     Ok(())
 }
 
@@ -143,7 +166,14 @@ fn check_clock(t: &mut Tally) -> ImageResult {
     if e < Duration::from_millis(5) {
         bail!("clock: a 5 ms wait lasted {e:?}");
     }
-    t.pass("clock", format_args!("monotonic, TSC {} MHz, 5 ms wait measured {:?}", runtime::clock::tsc_hz() / 1_000_000, e));
+    t.pass(
+        "clock",
+        format_args!(
+            "monotonic, TSC {} MHz, 5 ms wait measured {:?}",
+            runtime::clock::tsc_hz() / 1_000_000,
+            e
+        ),
+    );
     Ok(())
 }
 
@@ -151,17 +181,35 @@ fn check_shim(t: &mut Tally) -> ImageResult {
     // Overlapping moves of every small length/offset through core's
     // `copy_within` (→ memmove) and copies (→ memcpy), SSE-width included.
     let base: Vec<u8> = (0..512u32).map(|i| (i * 31 + 7) as u8).collect();
-    for (from, to) in [(0usize, 1usize), (1, 0), (3, 40), (40, 3), (16, 48), (48, 16)] {
+    for (from, to) in [
+        (0usize, 1usize),
+        (1, 0),
+        (3, 40),
+        (40, 3),
+        (16, 48),
+        (48, 16),
+    ] {
         for n in [1usize, 15, 16, 17, 32, 33, 100, 300] {
             let mut v = base.clone();
             v.copy_within(from..from + n, to);
-            let expect: Vec<u8> = (0..512).map(|i| if i >= to && i < to + n { base[from + i - to] } else { base[i] }).collect();
+            let expect: Vec<u8> = (0..512)
+                .map(|i| {
+                    if i >= to && i < to + n {
+                        base[from + i - to]
+                    } else {
+                        base[i]
+                    }
+                })
+                .collect();
             if v != expect {
                 bail!("memmove from {from} to {to} len {n} is wrong");
             }
         }
     }
-    t.pass("c-shim", format_args!("memcpy/memmove/memset/memcmp verified on overlapping SSE-width copies"));
+    t.pass(
+        "c-shim",
+        format_args!("memcpy/memmove/memset/memcmp verified on overlapping SSE-width copies"),
+    );
     Ok(())
 }
 
@@ -176,21 +224,35 @@ fn check_crypto(t: &mut Tally) -> ImageResult {
 
     let d = digest(&SHA256, b"abc");
     if hex(d.as_ref()) != "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad" {
-        bail!("SHA-256(\"abc\") known answer is wrong: {}", hex(d.as_ref()));
+        bail!(
+            "SHA-256(\"abc\") known answer is wrong: {}",
+            hex(d.as_ref())
+        );
     }
     // NIST GCM test case 14: K = 0^256, IV = 0^96, P = 0^128.
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[0; 32]).map_err(|_| runtime::ImageError("aes key".into()))?);
+    let key = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, &[0; 32])
+            .map_err(|_| runtime::ImageError("aes key".into()))?,
+    );
     let mut block = vec![0u8; 16];
-    key.seal_in_place_append_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut block)
-        .map_err(|_| runtime::ImageError("aes-gcm seal failed".into()))?;
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key([0; 12]),
+        Aad::empty(),
+        &mut block,
+    )
+    .map_err(|_| runtime::ImageError("aes-gcm seal failed".into()))?;
     if hex(&block) != "cea7403d4d606b6e074ec5d3baf39d18d0d1c8a799996bf0265b98b5d48ab919" {
         bail!("AES-256-GCM known answer is wrong: {}", hex(&block));
     }
 
     let rng = SystemRandom::new();
     let mut raw_key = [0u8; 32];
-    rng.fill(&mut raw_key).map_err(|_| runtime::ImageError("SystemRandom failed".into()))?;
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &raw_key).map_err(|_| runtime::ImageError("aes key".into()))?);
+    rng.fill(&mut raw_key)
+        .map_err(|_| runtime::ImageError("SystemRandom failed".into()))?;
+    let key = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, &raw_key)
+            .map_err(|_| runtime::ImageError("aes key".into()))?,
+    );
     let plain: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8).collect();
 
     let start = Instant::now();
@@ -202,16 +264,31 @@ fn check_crypto(t: &mut Tally) -> ImageResult {
 
     let mut buf = plain.clone();
     let start = Instant::now();
-    key.seal_in_place_append_tag(Nonce::assume_unique_for_key([7; 12]), Aad::from(b"ssc"), &mut buf)
-        .map_err(|_| runtime::ImageError("aes-gcm seal failed".into()))?;
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key([7; 12]),
+        Aad::from(b"ssc"),
+        &mut buf,
+    )
+    .map_err(|_| runtime::ImageError("aes-gcm seal failed".into()))?;
     let seal_rate = mib_s(plain.len(), start.elapsed());
     let mut tampered = buf.clone();
     tampered[1234] ^= 1;
-    if key.open_in_place(Nonce::assume_unique_for_key([7; 12]), Aad::from(b"ssc"), &mut tampered).is_ok() {
+    if key
+        .open_in_place(
+            Nonce::assume_unique_for_key([7; 12]),
+            Aad::from(b"ssc"),
+            &mut tampered,
+        )
+        .is_ok()
+    {
         bail!("AES-256-GCM accepted a tampered ciphertext");
     }
     let opened = key
-        .open_in_place(Nonce::assume_unique_for_key([7; 12]), Aad::from(b"ssc"), &mut buf)
+        .open_in_place(
+            Nonce::assume_unique_for_key([7; 12]),
+            Aad::from(b"ssc"),
+            &mut buf,
+        )
         .map_err(|_| runtime::ImageError("AES-256-GCM could not open its own ciphertext".into()))?;
     if opened != &plain[..] {
         bail!("AES-256-GCM round trip changed the data");
@@ -230,9 +307,29 @@ fn send(s: &mut VirtioSerial, port: PortId, env: &Envelope) -> ImageResult {
 }
 
 fn check_control(t: &mut Tally, s: &mut VirtioSerial, port: PortId) -> ImageResult {
-    send(s, port, &Envelope::new(0, Body::Hello { image: "selftest", version: env!("CARGO_PKG_VERSION") }))?;
+    send(
+        s,
+        port,
+        &Envelope::new(
+            0,
+            Body::Hello {
+                image: "selftest",
+                version: env!("CARGO_PKG_VERSION"),
+            },
+        ),
+    )?;
     let boot_us = runtime::clock::since_boot().as_micros() as u64;
-    send(s, port, &Envelope::new(0, Body::Ready { image: "selftest", boot_us }))?;
+    send(
+        s,
+        port,
+        &Envelope::new(
+            0,
+            Body::Ready {
+                image: "selftest",
+                boot_us,
+            },
+        ),
+    )?;
     let mut dec = FrameDecoder::new();
     let mut buf = [0u8; 4096];
     let start = Instant::now();
@@ -245,13 +342,22 @@ fn check_control(t: &mut Tally, s: &mut VirtioSerial, port: PortId) -> ImageResu
         while !rest.is_empty() {
             let used = dec.feed(rest);
             rest = &rest[used..];
-            let Some(payload) = dec.next_payload()? else { continue };
+            let Some(payload) = dec.next_payload()? else {
+                continue;
+            };
             let env = Envelope::decode(&payload)?;
             match env.body {
                 Body::Ping { payload } => {
-                    send(s, port, &Envelope::new(env.request_id, Body::Pong { payload }))?;
+                    send(
+                        s,
+                        port,
+                        &Envelope::new(env.request_id, Body::Pong { payload }),
+                    )?;
                     s.flush(port)?;
-                    t.pass("control link", format_args!("Hello/Ready sent, Ping of {} bytes answered", payload.len()));
+                    t.pass(
+                        "control link",
+                        format_args!("Hello/Ready sent, Ping of {} bytes answered", payload.len()),
+                    );
                     return Ok(());
                 }
                 other => warn!(target: "selftest", "control link: ignored {other:?}"),
@@ -263,12 +369,18 @@ fn check_control(t: &mut Tally, s: &mut VirtioSerial, port: PortId) -> ImageResu
 fn check_disk(t: &mut Tally, d: &mut runtime::blk::BlockDevice) -> ImageResult {
     let need = PATTERN_OFFSET + PATTERN_LEN as u64;
     if d.capacity() < need {
-        bail!("virtio-blk: disk has {} bytes, the self-test needs {need}", d.capacity());
+        bail!(
+            "virtio-blk: disk has {} bytes, the self-test needs {need}",
+            d.capacity()
+        );
     }
     let mut sector = [0u8; 512];
     d.read_at(0, &mut sector)?;
     if !sector.starts_with(DISK_MARKER) {
-        bail!("virtio-blk: sector 0 does not start with the host's marker {:?}", core::str::from_utf8(DISK_MARKER).unwrap_or(""));
+        bail!(
+            "virtio-blk: sector 0 does not start with the host's marker {:?}",
+            core::str::from_utf8(DISK_MARKER).unwrap_or("")
+        );
     }
     let mut data = vec![0u8; PATTERN_LEN];
     for (i, w) in data.chunks_exact_mut(8).enumerate() {
@@ -283,8 +395,15 @@ fn check_disk(t: &mut Tally, d: &mut runtime::blk::BlockDevice) -> ImageResult {
     d.read_at(PATTERN_OFFSET, &mut back)?;
     let read_rate = mib_s(PATTERN_LEN, start.elapsed());
     if back != data {
-        let at = back.iter().zip(&data).position(|(a, b)| a != b).unwrap_or(0);
-        bail!("virtio-blk: read-back differs at byte {}", PATTERN_OFFSET + at as u64);
+        let at = back
+            .iter()
+            .zip(&data)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        bail!(
+            "virtio-blk: read-back differs at byte {}",
+            PATTERN_OFFSET + at as u64
+        );
     }
     t.pass(
         "virtio-blk",
@@ -296,7 +415,11 @@ fn check_disk(t: &mut Tally, d: &mut runtime::blk::BlockDevice) -> ImageResult {
 fn check_echo(t: &mut Tally, s: &mut VirtioSerial, port: PortId) -> ImageResult {
     let mut len = [0u8; 8];
     s.read_exact(port, &mut len, Some(Duration::from_secs(60)))
-        .map_err(|e| runtime::ImageError(alloc::format!("echo: no length header from the host within 60 s: {e}")))?;
+        .map_err(|e| {
+            runtime::ImageError(alloc::format!(
+                "echo: no length header from the host within 60 s: {e}"
+            ))
+        })?;
     let total = u64::from_le_bytes(len) as usize;
     let mut buf = vec![0u8; 64 * 1024];
     let mut done = 0;
@@ -310,6 +433,12 @@ fn check_echo(t: &mut Tally, s: &mut VirtioSerial, port: PortId) -> ImageResult 
         }
     }
     s.flush(port)?;
-    t.pass("virtio-serial echo", format_args!("{total} bytes echoed losslessly, {:.1} MiB/s each way", mib_s(total, start.elapsed())));
+    t.pass(
+        "virtio-serial echo",
+        format_args!(
+            "{total} bytes echoed losslessly, {:.1} MiB/s each way",
+            mib_s(total, start.elapsed())
+        ),
+    );
     Ok(())
 }

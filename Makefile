@@ -1,0 +1,76 @@
+# Entry points. `make demo` and `make test` work on a fresh Debian machine
+# with a Rust toolchain: they install what is missing first.
+SHELL := /bin/bash
+CARGO ?= cargo
+SSC := target/debug/ssc
+IMAGES_DIR := kernels/target/x86_64-unknown-linux-gnu/release
+DEB_PACKAGES := qemu-system-x86 qemu-utils swtpm swtpm-tools util-linux python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all deps images ssc catalog demo test test-host test-qemu lint fmt bench fuzz clean
+
+all: catalog
+
+## deps: install Debian packages and rustup components that are missing
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+	@rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+	@rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+
+## images: build every unikernel image (kernels/ workspace)
+images:
+	cd kernels && $(CARGO) build --release
+
+## ssc: build the host CLI
+ssc:
+	$(CARGO) build -p host-tools --bin ssc
+
+## catalog: sign the built images into build/catalog with a local publisher key
+catalog: images ssc
+	@mkdir -p build
+	@[ -f build/publisher.pk8 ] || $(SSC) catalog keygen --private build/publisher.pk8 --public build/publisher.pub
+	$(SSC) catalog build --key build/publisher.pk8 --out build/catalog
+	$(SSC) catalog verify build/catalog --trust build/publisher.pub
+
+## demo: install, build, boot the self-test through the builder, show the catalog refusing tampering
+demo: deps catalog
+	bash scripts/demo.sh
+
+## test: every test: host unit tests, runtime unit tests, QEMU boots, lint
+test: deps catalog lint test-host test-qemu
+
+test-host:
+	cd kernels && $(CARGO) test -p ssc-runtime
+	$(CARGO) test --workspace --exclude qemu-tests
+
+test-qemu:
+	$(CARGO) test -p qemu-tests -- --test-threads=2
+
+## lint: rustfmt and clippy on both workspaces
+lint:
+	$(CARGO) fmt --all --check
+	cd kernels && $(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	cd kernels && $(CARGO) clippy --release -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+	cd kernels && $(CARGO) fmt --all
+
+## bench: boot-time table (median of 20 boots per combination)
+bench: deps catalog
+	$(SSC) bench boot --catalog build/catalog --trust build/publisher.pub --runs 20
+
+## fuzz: run the ABI decoder fuzz target for 60 s (cargo-fuzz; stable via RUSTC_BOOTSTRAP)
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd abi && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode -- -max_total_time=60
+
+clean:
+	$(CARGO) clean
+	cd kernels && $(CARGO) clean
+	rm -rf build

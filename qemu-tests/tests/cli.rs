@@ -1,0 +1,335 @@
+//! The `ssc` command line, as a user runs it.
+
+use std::time::Duration;
+
+use qemu_tests::*;
+
+const T: Duration = Duration::from_secs(300);
+
+fn catalog_args() -> (String, String) {
+    let (dir, key) = catalog();
+    (dir.display().to_string(), key.display().to_string())
+}
+
+#[test]
+fn ssc_run_boots_a_catalog_image_by_name_and_reports_success() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = selftest_disk(tmp.path());
+    let sock = tmp.path().join("echo.sock");
+    let data = noise(256 << 10, 7);
+    let peer = echo_peer(sock.clone(), data.clone(), Duration::ZERO);
+    let (dir, key) = catalog_args();
+    let r = run_ssc(
+        &[
+            "run",
+            "selftest",
+            "--catalog",
+            &dir,
+            "--trust",
+            &key,
+            "--disk",
+            disk.to_str().unwrap(),
+            "--link",
+            &format!("echo={}", sock.display()),
+            "--timeout",
+            "240",
+        ],
+        T,
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    let err = r.stderr();
+    for want in [
+        "selftest 0.1.0 verified",
+        "accelerator ",
+        "ready:",
+        "control link verified",
+        "image reported success",
+    ] {
+        assert!(err.contains(want), "missing `{want}`:\n{}", r.all());
+    }
+    for want in [
+        "PASS crypto",
+        "PASS virtio-blk",
+        "PASS virtio-serial echo",
+        "selftest: PASS checks=8 skipped=0",
+        "MiB/s",
+    ] {
+        assert!(r.stdout().contains(want), "missing `{want}`:\n{}", r.all());
+    }
+    assert_eq!(peer.join().unwrap().unwrap(), data);
+}
+
+#[test]
+fn ssc_run_refuses_a_truncated_image_before_starting_qemu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(selftest_image()).unwrap();
+    let cut = tmp.path().join("cut.elf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let r = run_ssc(&["run", cut.to_str().unwrap(), "--accel", "tcg"], T);
+    assert_eq!(r.code(), Some(1), "{}", r.all());
+    assert!(
+        r.stderr().contains("truncated") && r.stderr().contains("make images"),
+        "{}",
+        r.all()
+    );
+}
+
+#[test]
+fn ssc_run_names_missing_disks_existing_sockets_and_unknown_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = selftest_image();
+    let r = run_ssc(
+        &[
+            "run",
+            img.to_str().unwrap(),
+            "--disk",
+            "/nonexistent/disk.img",
+        ],
+        T,
+    );
+    assert!(
+        r.code() == Some(1) && r.stderr().contains("/nonexistent/disk.img does not exist"),
+        "{}",
+        r.all()
+    );
+    let taken = tmp.path().join("taken.sock");
+    std::fs::write(&taken, b"").unwrap();
+    let r = run_ssc(
+        &[
+            "run",
+            img.to_str().unwrap(),
+            "--link",
+            &format!("up={}", taken.display()),
+        ],
+        T,
+    );
+    assert!(
+        r.code() == Some(1) && r.stderr().contains("already exists"),
+        "{}",
+        r.all()
+    );
+    let r = run_ssc(&["run", "no-such-image"], T);
+    assert!(
+        r.code() == Some(1) && r.stderr().contains("--catalog"),
+        "{}",
+        r.all()
+    );
+    let (dir, key) = catalog_args();
+    let r = run_ssc(
+        &["run", "no-such-image", "--catalog", &dir, "--trust", &key],
+        T,
+    );
+    assert!(
+        r.code() == Some(1) && r.stderr().contains("no image `no-such-image`"),
+        "{}",
+        r.all()
+    );
+}
+
+/// A private copy of the catalog to tamper with.
+fn catalog_copy(tmp: &std::path::Path) -> std::path::PathBuf {
+    let (dir, _) = catalog();
+    let copy = tmp.join("catalog");
+    std::fs::create_dir(&copy).unwrap();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+    }
+    copy
+}
+
+#[test]
+fn catalog_tampering_is_refused_naming_the_image_and_the_check() {
+    let (_, key) = catalog_args();
+    // A flipped byte in the image.
+    let tmp = tempfile::tempdir().unwrap();
+    let cat = catalog_copy(tmp.path());
+    let elf = std::fs::read_dir(&cat)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("selftest-"))
+        .unwrap();
+    let mut b = std::fs::read(&elf).unwrap();
+    let at = b.len() / 2;
+    b[at] ^= 0x01;
+    std::fs::write(&elf, b).unwrap();
+    let r = run_ssc(
+        &["catalog", "verify", cat.to_str().unwrap(), "--trust", &key],
+        T,
+    );
+    assert!(
+        r.code() == Some(1)
+            && r.stderr().contains("image `selftest`")
+            && r.stderr().contains("digest mismatch"),
+        "{}",
+        r.all()
+    );
+    let r = run_ssc(
+        &[
+            "run",
+            "selftest",
+            "--catalog",
+            cat.to_str().unwrap(),
+            "--trust",
+            &key,
+        ],
+        T,
+    );
+    assert!(
+        r.code() == Some(1) && r.stderr().contains("digest mismatch"),
+        "a tampered image must not boot:\n{}",
+        r.all()
+    );
+    assert!(
+        !r.stdout().contains("PVH boot"),
+        "QEMU was started for a tampered image:\n{}",
+        r.all()
+    );
+
+    // A manifest edited after signing: grant it a permission.
+    let tmp = tempfile::tempdir().unwrap();
+    let cat = catalog_copy(tmp.path());
+    let m = cat.join("selftest.toml");
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace("permissions = []", "permissions = [\"mem-write\"]");
+    std::fs::write(&m, text).unwrap();
+    let r = run_ssc(
+        &["catalog", "verify", cat.to_str().unwrap(), "--trust", &key],
+        T,
+    );
+    assert!(
+        r.code() == Some(1)
+            && r.stderr().contains("image `selftest`")
+            && r.stderr().contains("signature check failed"),
+        "{}",
+        r.all()
+    );
+
+    // An unknown publisher key.
+    let tmp = tempfile::tempdir().unwrap();
+    let other = tmp.path().join("other.pub");
+    let r = run_ssc(
+        &[
+            "catalog",
+            "keygen",
+            "--private",
+            tmp.path().join("o.pk8").to_str().unwrap(),
+            "--public",
+            other.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    let (dir, _) = catalog_args();
+    let r = run_ssc(
+        &[
+            "catalog",
+            "verify",
+            &dir,
+            "--trust",
+            other.to_str().unwrap(),
+        ],
+        T,
+    );
+    assert!(
+        r.code() == Some(1)
+            && r.stderr().contains("image `selftest`")
+            && r.stderr().contains("not trusted"),
+        "{}",
+        r.all()
+    );
+    let r = run_ssc(
+        &["catalog", "list", &dir, "--trust", other.to_str().unwrap()],
+        T,
+    );
+    assert!(
+        r.code() == Some(0) && r.stdout().contains("REFUSED"),
+        "{}",
+        r.all()
+    );
+}
+
+#[test]
+fn ssc_doctor_names_the_accelerator_and_the_tools() {
+    let r = run_ssc(&["doctor"], T);
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    for want in ["qemu", "swtpm", "/dev/kvm", "accelerator"] {
+        assert!(r.stdout().contains(want), "missing `{want}`:\n{}", r.all());
+    }
+    let r = run_ssc(&["doctor", "--json"], T);
+    assert!(r.stdout().trim_start().starts_with('['), "{}", r.all());
+}
+
+#[test]
+fn ctrl_c_and_a_killed_builder_leave_no_qemu_and_no_sockets() {
+    use std::process::{Command, Stdio};
+    for signal in ["INT", "KILL"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let sock = tmp.path().join(format!("held-{signal}.sock"));
+        // The echo link waits for a peer that never comes: the domain stays up.
+        let mut child = Command::new(ssc_bin())
+            .args([
+                "run",
+                selftest_image().to_str().unwrap(),
+                "--link",
+                &format!("echo={}", sock.display()),
+                "--quiet",
+            ])
+            .env("SSC_ACCEL", accel().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while !process_with_arg_exists(&sock.display().to_string()) || !sock.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "QEMU never started"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        let _ = child.wait();
+        let start = std::time::Instant::now();
+        while process_with_arg_exists(&sock.display().to_string()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "QEMU outlived the builder after SIG{signal}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if signal == "INT" {
+            assert!(!sock.exists(), "the link socket survived Ctrl-C");
+        }
+    }
+}
+
+#[test]
+fn bench_boot_measures_every_image_and_prints_the_table() {
+    let (dir, key) = catalog_args();
+    let r = run_ssc(
+        &[
+            "bench",
+            "boot",
+            "--catalog",
+            &dir,
+            "--trust",
+            &key,
+            "--runs",
+            "1",
+        ],
+        T,
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    let out = r.stdout();
+    assert!(
+        out.contains("| selftest |") && out.contains("Firecracker") && out.contains("| tcg |"),
+        "{}",
+        r.all()
+    );
+}
