@@ -10,7 +10,8 @@
 //! arrived, never buffers more than one frame (`4 + MAX_PAYLOAD` bytes),
 //! rejects an oversized length prefix before reading its data, and
 //! [`Envelope::decode`] borrows strings and byte fields from the payload
-//! instead of allocating. No input makes it panic (proptest and the fuzz
+//! instead of allocating; only the canonical encoding of an envelope is
+//! accepted (no overlong varints). No input makes it panic (proptest and the fuzz
 //! target in `abi/fuzz` check that).
 //!
 //! Compatibility: the version is decoded first and a payload of another
@@ -133,6 +134,13 @@ impl<'a> Envelope<'a> {
         let (env, rest) = postcard::take_from_bytes::<Envelope<'a>>(payload)
             .map_err(|_| FrameError::Malformed)?;
         if !rest.is_empty() {
+            return Err(FrameError::Malformed);
+        }
+        // postcard accepts overlong varints (0x85 0x00 reads as 5): insist on
+        // the canonical encoding so every envelope has exactly one byte form
+        // (frames may be hashed or logged as evidence later).
+        let canonical = postcard::to_allocvec(&env).map_err(|_| FrameError::Malformed)?;
+        if canonical != payload {
             return Err(FrameError::Malformed);
         }
         Ok(env)

@@ -156,3 +156,18 @@ fn zero_length_payload_is_a_complete_but_malformed_frame() {
     assert!(p.is_empty());
     assert_eq!(Envelope::decode(&p), Err(FrameError::Malformed));
 }
+
+#[test]
+fn overlong_varints_are_not_a_second_encoding() {
+    // Found by the fuzzer: variant 5 (Shutdown) written as 0x85 0x00.
+    assert_eq!(Envelope::decode(&[1, 0, 5]).unwrap().body, Body::Shutdown);
+    assert_eq!(
+        Envelope::decode(&[1, 0, 0x85, 0]),
+        Err(FrameError::Malformed)
+    );
+    assert_eq!(
+        Envelope::decode(&[0x81, 0, 0, 5]),
+        Err(FrameError::Malformed),
+        "overlong version"
+    );
+}

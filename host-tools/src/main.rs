@@ -181,23 +181,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             trust,
             quiet,
         } => {
-            let path = resolve_image(&image, catalog.as_deref(), &trust)?;
+            let (path, name) = resolve_image(&image, catalog.as_deref(), &trust)?;
             let (accel, why) = qemu::resolve_accel(accel, Some(&path))?;
             eprintln!("ssc: accelerator {accel} ({why})");
-            let name = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_else(|| "image".into());
-            let name: String = name
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '-' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
             let spec = DomainSpec {
                 mem_mib: mem,
                 disks: disk,
@@ -283,10 +269,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn resolve_image(image: &str, catalog_dir: Option<&Path>, trust: &[PathBuf]) -> Result<PathBuf> {
+/// The image file to boot and the domain name to give it: a catalog
+/// image's name, or a file's stem.
+fn resolve_image(
+    image: &str,
+    catalog_dir: Option<&Path>,
+    trust: &[PathBuf],
+) -> Result<(PathBuf, String)> {
     let p = Path::new(image);
     if p.is_file() {
-        return Ok(p.to_path_buf());
+        let stem = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let name: String = stem
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        return Ok((
+            p.to_path_buf(),
+            if name.is_empty() {
+                "image".into()
+            } else {
+                name
+            },
+        ));
     }
     let Some(dir) = catalog_dir else {
         bail!(
@@ -306,7 +319,7 @@ fn resolve_image(image: &str, catalog_dir: Option<&Path>, trust: &[PathBuf]) -> 
         img.manifest.image.version,
         &img.manifest.image.sha384[..16]
     );
-    Ok(img.path)
+    Ok((img.path, img.manifest.image.name))
 }
 
 fn workspace_version(images_toml: &Path) -> Result<String> {
