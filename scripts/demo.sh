@@ -13,13 +13,15 @@ $SSC doctor || true
 step "2. The signed image catalog (ssc catalog list)"
 $SSC catalog list build/catalog --trust build/publisher.pub
 
-step "3. Boot the runtime's self-test from the catalog: disk, control link, a data link"
-truncate -s 16M "$work/disk.img"
+step "3. Boot the runtime's self-test from the catalog: disk, control link, a data link, a read-only memory window"
+truncate -s 16M "$work/disk.img" "$work/window.mem"
+printf 'SSC-SELFTEST-WINDOW\n' | dd of="$work/window.mem" conv=notrunc status=none
+printf WINDOWEN | dd of="$work/window.mem" bs=1 seek=$(((16 << 20) - 8)) conv=notrunc status=none
 printf 'SSC-SELFTEST-DISK\n' | dd of="$work/disk.img" conv=notrunc status=none
 python3 scripts/echo-peer.py "$work/echo.sock" $((4 << 20)) &
 peer=$!
 $SSC run selftest --catalog build/catalog --trust build/publisher.pub \
-    --disk "$work/disk.img" --link "echo=$work/echo.sock" --timeout 300
+    --disk "$work/disk.img" --link "echo=$work/echo.sock" --window "$work/window.mem" --timeout 300
 wait $peer
 
 step "4. A tampered image is refused before anything boots"

@@ -79,6 +79,46 @@ fn validate_link_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Another domain's memory (a shared memory file) attached as an
+/// `ivshmem-plain` device: BAR2 is the file. Read-only unless `writable`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowSpec {
+    pub file: PathBuf,
+    pub writable: bool,
+}
+
+impl std::str::FromStr for WindowSpec {
+    type Err = anyhow::Error;
+
+    /// `FILE` (read-only) or `FILE:rw`.
+    fn from_str(s: &str) -> Result<Self> {
+        let (file, writable) = match s.strip_suffix(":rw") {
+            Some(f) => (f, true),
+            None => (s.strip_suffix(":ro").unwrap_or(s), false),
+        };
+        if file.is_empty() {
+            bail!("window `{s}` names no file");
+        }
+        Ok(WindowSpec {
+            file: file.into(),
+            writable,
+        })
+    }
+}
+
+fn window_size(w: &WindowSpec) -> Result<u64> {
+    let len = std::fs::metadata(&w.file)
+        .with_context(|| format!("memory window {}", w.file.display()))?
+        .len();
+    if len < 4096 || !len.is_power_of_two() {
+        bail!(
+            "memory window {} is {len} bytes; an ivshmem BAR needs a power of two of at least 4 KiB (`truncate -s 64M FILE`)",
+            w.file.display()
+        );
+    }
+    Ok(len)
+}
+
 /// Everything the builder needs to start one domain.
 #[derive(Clone, Debug)]
 pub struct DomainSpec {
@@ -87,6 +127,8 @@ pub struct DomainSpec {
     pub mem_mib: u32,
     pub disks: Vec<PathBuf>,
     pub links: Vec<LinkSpec>,
+    /// Memory windows, in PCI order.
+    pub windows: Vec<WindowSpec>,
     /// Extra kernel command line (`-append`), e.g. `ssc.log=debug`.
     pub append: String,
     pub machine: Machine,
@@ -101,6 +143,7 @@ impl DomainSpec {
             mem_mib: 128,
             disks: vec![],
             links: vec![],
+            windows: vec![],
             append: String::new(),
             machine: Machine::Q35,
             firmware: Firmware::Auto,
@@ -162,6 +205,18 @@ pub fn qemu_args(spec: &DomainSpec, accel: Accel, run_dir: &Path) -> Vec<OsStrin
             format!("file={},format=raw,if=none,id=disk{i}", opt_path(d)),
         ]);
         a.extend(["-device".into(), format!("virtio-blk-pci,drive=disk{i}")]);
+    }
+    for (i, w) in spec.windows.iter().enumerate() {
+        let size = window_size(w).map(|b| b >> 10).unwrap_or(0);
+        let ro = if w.writable { "" } else { ",readonly=on" };
+        a.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=win{i},share=on,mem-path={},size={size}K{ro}",
+                opt_path(&w.file)
+            ),
+        ]);
+        a.extend(["-device".into(), format!("ivshmem-plain,memdev=win{i}")]);
     }
     // Port 0 is reserved for a console; ports 1.. carry ctl and the links.
     a.extend([
@@ -397,11 +452,38 @@ fn owned(env: Envelope<'_>) -> ControlEvent {
     }
 }
 
-/// The builder's end of a domain's control link.
+/// What the builder learned on a control link, shared with its reader.
+#[derive(Debug, Default)]
+struct ControlState {
+    /// The image sent Hello or Ready: it speaks the ABI.
+    speaks_abi: bool,
+    /// The builder's Ping (sent on Ready) and when.
+    ping: Option<(u64, Vec<u8>, Instant)>,
+    /// Round trip of a Ping answered with an identical Pong.
+    verified: Option<Duration>,
+    /// Why the link failed, if it did.
+    broken: Option<String>,
+}
+
+/// The builder's end of a domain's control link. A reader thread decodes
+/// frames; on the image's Ready it sends a Ping and checks the Pong (the
+/// builder's liveness check of every domain), and forwards every event.
 pub struct ControlLink {
-    writer: UnixStream,
+    writer: Arc<Mutex<UnixStream>>,
     events: Receiver<ControlEvent>,
-    next_id: u64,
+    state: Arc<Mutex<ControlState>>,
+    next_id: Arc<AtomicU64>,
+}
+
+fn send_frame(writer: &Mutex<UnixStream>, next_id: &AtomicU64, body: Body<'_>) -> Result<u64> {
+    let id = next_id.fetch_add(1, Ordering::SeqCst);
+    let frame = Envelope::new(id, body).to_frame()?;
+    writer
+        .lock()
+        .unwrap()
+        .write_all(&frame)
+        .context("writing to the control link")?;
+    Ok(id)
 }
 
 impl ControlLink {
@@ -420,7 +502,11 @@ impl ControlLink {
             }
         };
         let mut reader = stream.try_clone()?;
+        let writer = Arc::new(Mutex::new(stream));
+        let state = Arc::new(Mutex::new(ControlState::default()));
+        let next_id = Arc::new(AtomicU64::new(1));
         let (tx, events) = channel();
+        let (w, st, ids) = (writer.clone(), state.clone(), next_id.clone());
         std::thread::spawn(move || {
             let mut dec = FrameDecoder::new();
             let mut buf = vec![0u8; 64 * 1024];
@@ -433,40 +519,59 @@ impl ControlLink {
                 while !rest.is_empty() {
                     let used = dec.feed(rest);
                     rest = &rest[used..];
-                    match dec.next_payload() {
-                        Ok(Some(p)) => {
-                            let ev = Envelope::decode(&p)
-                                .map(owned)
-                                .unwrap_or_else(|e| ControlEvent::Broken(e.to_string()));
-                            if tx.send(ev).is_err() {
-                                return;
+                    let ev = match dec.next_payload() {
+                        Ok(Some(p)) => Envelope::decode(&p)
+                            .map(owned)
+                            .unwrap_or_else(|e| ControlEvent::Broken(e.to_string())),
+                        Ok(None) => continue,
+                        Err(e) => ControlEvent::Broken(e.to_string()),
+                    };
+                    let mut s = st.lock().unwrap();
+                    match &ev {
+                        ControlEvent::Hello { .. } => s.speaks_abi = true,
+                        ControlEvent::Ready { .. } => {
+                            s.speaks_abi = true;
+                            let payload: Vec<u8> =
+                                (0..256u32).map(|i| (i * 7 + n as u32) as u8).collect();
+                            match send_frame(&w, &ids, Body::Ping { payload: &payload }) {
+                                Ok(id) => s.ping = Some((id, payload, Instant::now())),
+                                Err(e) => s.broken = Some(format!("{e:#}")),
                             }
                         }
-                        Ok(None) => {}
-                        Err(e) => {
-                            let _ = tx.send(ControlEvent::Broken(e.to_string()));
-                            return;
-                        }
+                        ControlEvent::Pong {
+                            request_id,
+                            payload,
+                        } => match &s.ping {
+                            Some((id, sent, at)) if id == request_id && sent == payload => {
+                                s.verified = Some(at.elapsed())
+                            }
+                            _ => {
+                                s.broken =
+                                    Some(format!("Pong {request_id} does not match the Ping sent"))
+                            }
+                        },
+                        ControlEvent::Broken(why) => s.broken = Some(why.clone()),
+                        _ => {}
+                    }
+                    let stop = s.broken.is_some();
+                    drop(s);
+                    if tx.send(ev).is_err() || stop {
+                        return;
                     }
                 }
             }
         });
         Ok(ControlLink {
-            writer: stream,
+            writer,
             events,
-            next_id: 1,
+            state,
+            next_id,
         })
     }
 
     /// Sends a request body; returns its request id.
-    pub fn send(&mut self, body: Body<'_>) -> Result<u64> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let frame = Envelope::new(id, body).to_frame()?;
-        self.writer
-            .write_all(&frame)
-            .context("writing to the control link")?;
-        Ok(id)
+    pub fn send(&self, body: Body<'_>) -> Result<u64> {
+        send_frame(&self.writer, &self.next_id, body)
     }
 
     /// The next event, if one arrives within `timeout`.
@@ -474,8 +579,17 @@ impl ControlLink {
         self.events.recv_timeout(timeout).ok()
     }
 
-    fn try_recv(&self) -> Option<ControlEvent> {
-        self.events.try_recv().ok()
+    /// Round trip of the builder's Ping, once answered.
+    pub fn verified(&self) -> Option<Duration> {
+        self.state.lock().unwrap().verified
+    }
+
+    fn speaks_abi(&self) -> bool {
+        self.state.lock().unwrap().speaks_abi
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.state.lock().unwrap().broken.clone()
     }
 }
 
@@ -502,9 +616,6 @@ pub struct Domain {
     owned_sockets: Vec<PathBuf>,
     started: Instant,
     first_line: Option<Duration>,
-    ping: Option<(u64, Vec<u8>, Instant)>,
-    /// Set once a Ping on the control link came back intact.
-    pub control_verified: Option<Duration>,
 }
 
 fn spawn_line_reader(
@@ -545,6 +656,9 @@ impl Domain {
                     d.display()
                 );
             }
+        }
+        for w in &spec.windows {
+            window_size(w)?;
         }
         let mut seen = std::collections::HashSet::new();
         for l in &spec.links {
@@ -600,8 +714,6 @@ impl Domain {
             owned_sockets,
             started,
             first_line: None,
-            ping: None,
-            control_verified: None,
         };
         let control = ControlLink::connect(&ctl_path, &mut child, Duration::from_secs(10));
         dom.child = Some(child);
@@ -667,38 +779,30 @@ impl Domain {
         }
     }
 
-    /// Pings on Ready, checks Pongs: the builder's liveness check of the
-    /// control link.
+    /// Fails if the control link broke (bad frame, Pong mismatch).
     fn service_control(&mut self) -> Result<()> {
-        let Some(ctl) = self.control.as_mut() else {
-            return Ok(());
-        };
-        while let Some(ev) = ctl.try_recv() {
-            match ev {
-                ControlEvent::Ready { .. } => {
-                    let payload: Vec<u8> = (0..256u32)
-                        .map(|i| (i * 7 + self.started.elapsed().subsec_nanos()) as u8)
-                        .collect();
-                    let id = ctl.send(Body::Ping { payload: &payload })?;
-                    self.ping = Some((id, payload, Instant::now()));
-                }
-                ControlEvent::Pong {
-                    request_id,
-                    payload,
-                } => match &self.ping {
-                    Some((id, sent, at)) if *id == request_id && *sent == payload => {
-                        self.control_verified = Some(at.elapsed());
-                    }
-                    _ => bail!("control link: Pong {request_id} does not match the Ping sent"),
-                },
-                ControlEvent::Broken(why) => bail!("control link broken: {why}"),
-                ControlEvent::Error { code, message } => {
-                    bail!("image reported {code:?}: {message}")
-                }
-                ControlEvent::Hello { .. } | ControlEvent::Other(_) => {}
-            }
+        if let Some(why) = self.control.as_ref().and_then(ControlLink::broken) {
+            bail!("control link broken: {why}");
         }
         Ok(())
+    }
+
+    /// Round trip of the builder's Ping on the control link, once the image
+    /// answered it.
+    pub fn control_verified(&self) -> Option<Duration> {
+        self.control.as_ref().and_then(ControlLink::verified)
+    }
+
+    /// When QEMU was spawned.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Whether QEMU is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// Waits for the image's `ssc: ready` line.
@@ -707,6 +811,9 @@ impl Domain {
         loop {
             if crate::interrupted() {
                 return Err(self.failure("interrupted".into()));
+            }
+            if let Err(e) = self.service_control() {
+                return Err(self.failure(format!("{e:#}")));
             }
             if let Some(line) = self.take_line(Duration::from_millis(20)) {
                 if let Some(rest) = line.split(" ssc: ready ").nth(1) {
@@ -752,14 +859,15 @@ impl Domain {
             if crate::interrupted() {
                 return Err(self.failure("interrupted".into()));
             }
-            self.service_control()?;
+            if let Err(e) = self.service_control() {
+                return Err(self.failure(format!("{e:#}")));
+            }
             while self.take_line(Duration::from_millis(0)).is_some() {}
             let Some(child) = self.child.as_mut() else {
                 bail!("domain `{}` was not started", self.name)
             };
             if let Some(status) = child.try_wait()? {
                 self.drain_lines();
-                let _ = self.service_control();
                 self.child = None;
                 return Ok(ImageExit::from_status(status));
             }
@@ -776,6 +884,28 @@ impl Domain {
     /// The control link, once connected.
     pub fn control(&mut self) -> Option<&mut ControlLink> {
         self.control.as_mut()
+    }
+
+    /// Asks the image to stop (`Shutdown` on the control link) and waits up
+    /// to `grace` for its verdict; falls back to [`Domain::stop`] (then the
+    /// verdict is [`ImageExit::Signal`] or whatever QEMU reported).
+    pub fn shutdown(&mut self, grace: Duration) -> Result<ImageExit> {
+        if self.running() && self.control.as_ref().is_some_and(ControlLink::speaks_abi) {
+            if let Some(ctl) = self.control.as_ref() {
+                let _ = ctl.send(Body::Shutdown);
+            }
+            if let Ok(exit) = self.wait_exit(Some(grace)) {
+                return Ok(exit);
+            }
+        }
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            self.child = None;
+            return Ok(ImageExit::from_status(status));
+        }
+        self.stop();
+        Ok(ImageExit::Signal)
     }
 
     /// Stops QEMU: QMP `quit`, then SIGKILL if it is still there after 2 s.
@@ -814,6 +944,81 @@ impl Drop for Domain {
             let _ = std::fs::remove_file(s);
         }
         let _ = std::fs::remove_file(&self.qmp);
+    }
+}
+
+/// Several domains started in order: each must be ready before the next
+/// starts (a chain's downstream before its upstream), and they stop in
+/// reverse order. Dropping a meta-domain stops whatever it started.
+pub struct MetaDomain {
+    domains: Vec<Domain>,
+    run_dir: RunDir,
+}
+
+impl MetaDomain {
+    /// Starts `specs` in order. On any failure, the domains already started
+    /// are stopped and the error names the one that failed.
+    pub fn launch(
+        specs: &[DomainSpec],
+        accel: Accel,
+        echo: bool,
+        ready_timeout: Duration,
+    ) -> Result<MetaDomain> {
+        let mut names = std::collections::HashSet::new();
+        for s in specs {
+            if !names.insert(&s.name) {
+                bail!("two domains are named `{}`; names must be unique", s.name);
+            }
+        }
+        let mut meta = MetaDomain {
+            domains: vec![],
+            run_dir: RunDir::create()?,
+        };
+        for spec in specs {
+            let log = if echo {
+                LogEcho::Stdout(format!("[{}] ", spec.name))
+            } else {
+                LogEcho::Quiet
+            };
+            let mut d = Domain::launch(spec, accel, &meta.run_dir, log)?;
+            d.wait_ready(ready_timeout)?;
+            meta.domains.push(d);
+        }
+        Ok(meta)
+    }
+
+    /// The domain called `name`.
+    pub fn domain(&mut self, name: &str) -> Option<&mut Domain> {
+        self.domains.iter_mut().find(|d| d.name == name)
+    }
+
+    /// The domains, in start order.
+    pub fn domains(&self) -> &[Domain] {
+        &self.domains
+    }
+
+    /// The run directory holding the domains' sockets.
+    pub fn run_dir(&self) -> &Path {
+        self.run_dir.path()
+    }
+
+    /// Stops every domain in reverse start order (graceful `Shutdown` first)
+    /// and returns each one's verdict.
+    pub fn shutdown(mut self, grace: Duration) -> Vec<(String, Result<ImageExit>)> {
+        let mut out = vec![];
+        while let Some(mut d) = self.domains.pop() {
+            let exit = d.shutdown(grace);
+            out.push((d.name.clone(), exit));
+        }
+        out
+    }
+}
+
+impl Drop for MetaDomain {
+    fn drop(&mut self) {
+        while let Some(d) = self.domains.pop() {
+            drop(d);
+        }
     }
 }
 
@@ -865,6 +1070,36 @@ mod tests {
         assert!(a.contains("max_ports=3"));
         assert!(a.contains("-kernel /img/a,,b"));
         assert!(a.contains("-bios /usr/share/qemu/qboot.rom"));
+    }
+
+    #[test]
+    fn windows_become_ivshmem_devices_read_only_unless_granted_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("mem");
+        std::fs::File::create(&f).unwrap().set_len(1 << 20).unwrap();
+        let mut spec = DomainSpec::new("d", Path::new("/img"));
+        spec.windows.push(f.display().to_string().parse().unwrap());
+        spec.windows
+            .push(format!("{}:rw", f.display()).parse().unwrap());
+        let a = joined(&spec);
+        assert!(
+            a.contains(&format!(
+                "memory-backend-file,id=win0,share=on,mem-path={},size=1024K,readonly=on",
+                f.display()
+            )),
+            "{a}"
+        );
+        assert!(
+            a.contains(&format!(
+                "memory-backend-file,id=win1,share=on,mem-path={},size=1024K -device",
+                f.display()
+            )),
+            "{a}"
+        );
+        assert!(a.contains("ivshmem-plain,memdev=win0") && a.contains("ivshmem-plain,memdev=win1"));
+        std::fs::File::create(&f).unwrap().set_len(3 << 20).unwrap();
+        let e = window_size(&spec.windows[0]).unwrap_err().to_string();
+        assert!(e.contains("power of two"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use ssc::builder::{Domain, DomainSpec, LinkSpec, LogEcho, RunDir};
+use ssc::builder::{Domain, DomainSpec, LinkSpec, LogEcho, RunDir, WindowSpec};
 use ssc::qemu::{self, AccelChoice, Firmware, ImageExit, Machine};
 use ssc::{bench, catalog, doctor};
 
@@ -45,6 +45,10 @@ enum Cmd {
         /// side is a unix socket QEMU listens on (repeatable).
         #[arg(long)]
         link: Vec<LinkSpec>,
+        /// A memory window FILE (read-only) or FILE:rw: a shared memory file
+        /// attached as an ivshmem device (repeatable).
+        #[arg(long)]
+        window: Vec<WindowSpec>,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 128)]
         mem: u32,
@@ -171,6 +175,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             image,
             disk,
             link,
+            window,
             mem,
             accel,
             machine,
@@ -188,6 +193,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 mem_mib: mem,
                 disks: disk,
                 links: link,
+                windows: window,
                 append,
                 machine,
                 firmware,
@@ -209,7 +215,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ready.guest_boot_us as f64 / 1e3
             );
             let exit = dom.wait_exit(wait)?;
-            if let Some(rtt) = dom.control_verified {
+            if let Some(rtt) = dom.control_verified() {
                 eprintln!(
                     "ssc: control link verified (Ping/Pong round trip {:.2} ms)",
                     rtt.as_secs_f64() * 1e3

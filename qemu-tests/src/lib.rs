@@ -100,6 +100,27 @@ pub fn selftest_disk(dir: &Path) -> PathBuf {
     p
 }
 
+/// A memory-window file of `size` bytes with the selftest's markers at the
+/// start and the end.
+pub fn window_file(dir: &Path, name: &str, size: u64) -> PathBuf {
+    use std::io::{Seek, SeekFrom};
+    let p = dir.join(name);
+    let mut f = std::fs::File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    f.write_all(b"SSC-SELFTEST-WINDOW\n").unwrap();
+    f.seek(SeekFrom::Start(size - 8)).unwrap();
+    f.write_all(b"WINDOWEN").unwrap();
+    p
+}
+
+/// What the selftest writes at offset 4096 of a window.
+pub const WINDOW_WRITE: &[u8] = b"GUEST-WROTE-THIS";
+
+/// Whether the guest's write reached the window file.
+pub fn window_was_written(file: &Path) -> bool {
+    std::fs::read(file).unwrap()[4096..4096 + WINDOW_WRITE.len()] == *WINDOW_WRITE
+}
+
 /// The selftest's disk pattern word at `offset` (same as the image's).
 pub fn pattern_word(offset: u64) -> u64 {
     let mut z = offset ^ 0x5353_4353_0000_0000;

@@ -2,13 +2,15 @@
 
 use std::time::Duration;
 
-use qemu_tests::ssc::builder::{Domain, DomainSpec, LinkSpec, LogEcho, RunDir};
+use qemu_tests::ssc::builder::{
+    Domain, DomainSpec, LinkSpec, LogEcho, MetaDomain, RunDir, WindowSpec,
+};
 use qemu_tests::ssc::catalog;
 use qemu_tests::ssc::qemu::ImageExit;
 use qemu_tests::*;
 
 #[test]
-fn selftest_passes_every_check_with_disk_control_and_a_slow_echo_reader() {
+fn selftest_passes_every_check_with_disk_control_window_and_a_slow_echo_reader() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = selftest_disk(tmp.path());
     let sock = tmp.path().join("echo.sock");
@@ -20,6 +22,12 @@ fn selftest_passes_every_check_with_disk_control_and_a_slow_echo_reader() {
     spec.links.push(LinkSpec {
         name: "echo".into(),
         socket: sock.clone(),
+    });
+    // 256 MiB: a 64-bit BAR the runtime maps above 4 GiB on demand.
+    let window = window_file(tmp.path(), "client.mem", 256 << 20);
+    spec.windows.push(WindowSpec {
+        file: window.clone(),
+        writable: false,
     });
     let mut d = Domain::launch(
         &spec,
@@ -42,11 +50,15 @@ fn selftest_passes_every_check_with_disk_control_and_a_slow_echo_reader() {
     );
     let log = d.log().join("\n");
     assert!(
-        log.contains("selftest: PASS checks=8 skipped=0"),
+        log.contains("selftest: PASS checks=9 skipped=0"),
         "not every check ran:\n{log}"
     );
     assert!(
-        d.control_verified.is_some(),
+        !window_was_written(&window),
+        "a read-only window was written through"
+    );
+    assert!(
+        d.control_verified().is_some(),
         "the builder's Ping on the control link was not answered"
     );
     let back = peer.join().unwrap().unwrap();
@@ -161,5 +173,79 @@ fn a_cpu_without_rdrand_is_refused_with_the_fix() {
     assert!(
         log.contains("neither RDSEED nor RDRAND") && log.contains("-cpu max"),
         "{log}"
+    );
+}
+
+#[test]
+fn a_meta_domain_starts_in_order_and_stops_gracefully_in_reverse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let window = window_file(tmp.path(), "shared.mem", 1 << 20);
+    let mut first = DomainSpec::new("first", &selftest_image());
+    first.append = "selftest.hold=1".into();
+    first.windows.push(WindowSpec {
+        file: window.clone(),
+        writable: true,
+    });
+    let mut second = DomainSpec::new("second", &selftest_image());
+    second.append = "selftest.hold=1".into();
+    let meta =
+        MetaDomain::launch(&[first, second], accel(), true, Duration::from_secs(60)).unwrap();
+    let run_dir = meta.run_dir().to_path_buf();
+    let [a, b] = meta.domains() else {
+        panic!("two domains")
+    };
+    assert!(a.started() < b.started(), "start order");
+    let a_ready_line = a
+        .log()
+        .iter()
+        .position(|l| l.contains(" ssc: ready "))
+        .expect("first was ready");
+    assert!(
+        a_ready_line < a.log().len(),
+        "first became ready before second was spawned"
+    );
+    // Wait until both finished their checks and answered the builder's Ping.
+    let start = std::time::Instant::now();
+    let mut meta = meta;
+    while !(meta
+        .domains()
+        .iter()
+        .all(|d| d.control_verified().is_some())
+        && meta
+            .domains()
+            .iter()
+            .all(|d| d.log().iter().any(|l| l.contains("holding"))))
+    {
+        for name in ["first", "second"] {
+            let d = meta.domain(name).unwrap();
+            assert!(
+                d.running(),
+                "{name} stopped early: {:#}",
+                d.failure("exited".into())
+            );
+            let _ = d.wait_exit(Some(Duration::from_millis(200)));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(240),
+            "domains never reached their hold loop"
+        );
+    }
+    let verdicts = meta.shutdown(Duration::from_secs(30));
+    let names: Vec<&str> = verdicts.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["second", "first"], "reverse order");
+    for (name, exit) in &verdicts {
+        assert_eq!(
+            exit.as_ref().unwrap(),
+            &ImageExit::Success,
+            "{name} did not stop gracefully on Shutdown"
+        );
+    }
+    assert!(
+        window_was_written(&window),
+        "a writable window did not carry the guest's write to the file"
+    );
+    assert!(
+        !run_dir.exists(),
+        "the meta-domain's run directory outlived it"
     );
 }

@@ -18,6 +18,7 @@ fn ssc_run_boots_a_catalog_image_by_name_and_reports_success() {
     let sock = tmp.path().join("echo.sock");
     let data = noise(256 << 10, 7);
     let peer = echo_peer(sock.clone(), data.clone(), Duration::ZERO);
+    let window = window_file(tmp.path(), "w.mem", 16 << 20);
     let (dir, key) = catalog_args();
     let r = run_ssc(
         &[
@@ -31,6 +32,8 @@ fn ssc_run_boots_a_catalog_image_by_name_and_reports_success() {
             disk.to_str().unwrap(),
             "--link",
             &format!("echo={}", sock.display()),
+            "--window",
+            &format!("{}:rw", window.display()),
             "--timeout",
             "240",
         ],
@@ -51,12 +54,16 @@ fn ssc_run_boots_a_catalog_image_by_name_and_reports_success() {
         "PASS crypto",
         "PASS virtio-blk",
         "PASS virtio-serial echo",
-        "selftest: PASS checks=8 skipped=0",
+        "selftest: PASS checks=9 skipped=0",
         "MiB/s",
     ] {
         assert!(r.stdout().contains(want), "missing `{want}`:\n{}", r.all());
     }
     assert_eq!(peer.join().unwrap().unwrap(), data);
+    assert!(
+        window_was_written(&window),
+        "the :rw window did not carry the write"
+    );
 }
 
 #[test]

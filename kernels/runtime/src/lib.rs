@@ -24,6 +24,8 @@
 //! [`entry!`]. Command-line tokens starting with `ssc.` are the runtime's
 //! (`ssc.log=debug`, `ssc.probe=1`); the rest are the image's.
 #![cfg_attr(not(test), no_std)]
+// The host-test build leaves out the boot path that uses these.
+#![cfg_attr(test, allow(dead_code))]
 
 extern crate alloc;
 
@@ -45,6 +47,7 @@ pub mod serial;
 pub mod shim;
 pub mod start_info;
 pub mod vserial;
+pub mod window;
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -139,6 +142,23 @@ impl Platform {
         self.transports(DeviceType::Block)?
             .into_iter()
             .map(|t| blk::BlockDevice::new(t).map_err(|e| DeviceError(alloc::format!("{e}"))))
+            .collect()
+    }
+
+    /// Maps every memory window (ivshmem device), in PCI order.
+    pub fn memory_windows(&mut self) -> Result<Vec<window::MemoryWindow>, DeviceError> {
+        let found: Vec<_> = self
+            .functions
+            .iter()
+            .filter(|f| (f.info.vendor_id, f.info.device_id) == window::IVSHMEM)
+            .cloned()
+            .collect();
+        found
+            .iter()
+            .map(|f| {
+                window::MemoryWindow::new(&mut self.root, f)
+                    .map_err(|e| DeviceError(alloc::format!("{e} at {}", f.address)))
+            })
             .collect()
     }
 

@@ -1,7 +1,8 @@
 //! Identity mapping beyond the first 4 GiB. The boot code maps 0–4 GiB with
 //! 2 MiB pages; a 64-bit PCI BAR (a large ivshmem window, say) can sit far
 //! above that, so device glue asks for it here, on demand, before touching
-//! it. New mappings are uncached (PCD|PWT): they are MMIO or device memory.
+//! it. Register BARs are mapped uncached (PCD|PWT); memory windows (ivshmem
+//! BAR2, which is host RAM) write-back.
 
 use alloc::alloc::{Layout, alloc_zeroed};
 
@@ -54,8 +55,17 @@ unsafe fn next_level(table: u64, index: u64) -> Result<u64, MapError> {
     Ok(t)
 }
 
+/// Caching of a new mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caching {
+    /// Device registers.
+    Uncached,
+    /// RAM behind a BAR (memory windows).
+    WriteBack,
+}
+
 /// Ensures `[paddr, paddr + len)` is identity-mapped.
-pub fn map_identity(paddr: u64, len: u64) -> Result<(), MapError> {
+pub fn map_identity(paddr: u64, len: u64, caching: Caching) -> Result<(), MapError> {
     let end = paddr.checked_add(len).ok_or(MapError::TooHigh)?;
     if end <= BOOT_MAPPED {
         return Ok(());
@@ -73,7 +83,11 @@ pub fn map_identity(paddr: u64, len: u64) -> Result<(), MapError> {
             let pd = next_level(pdpt, (addr >> 30) & 511)?;
             let entry = (pd + ((addr >> 21) & 511) * 8) as *mut u64;
             if entry.read_volatile() & PRESENT == 0 {
-                entry.write_volatile(addr | PRESENT | WRITABLE | HUGE | PCD | PWT);
+                let attrs = match caching {
+                    Caching::Uncached => PCD | PWT,
+                    Caching::WriteBack => 0,
+                };
+                entry.write_volatile(addr | PRESENT | WRITABLE | HUGE | attrs);
             }
         }
         addr += TWO_MIB;

@@ -6,9 +6,15 @@
 //! answered with a Pong), virtio-blk (host marker at sector 0, a written
 //! pattern read back after flush, throughput), and a virtio-serial echo on
 //! the `echo` link (the host sends an 8-byte length, then data; every byte
-//! comes back). A check whose device is absent is logged as SKIP, a failed
-//! one stops the image with a non-zero exit; the last line is
-//! `selftest: PASS checks=N skipped=M`.
+//! comes back), and a memory window (ivshmem BAR2 above 4 GiB: the host's
+//! marker at both ends, a bounded access refused, a write that the host
+//! checks reached the file only under a writable grant). A check whose device is
+//! absent is logged as SKIP, a failed one stops the image with a non-zero
+//! exit; the last line is `selftest: PASS checks=N skipped=M`.
+//!
+//! With `selftest.hold=1` the image then keeps serving its control link
+//! (Ping → Pong) until the builder sends `Shutdown`, so builder lifecycle
+//! tests have a domain that stays up and stops gracefully.
 #![no_std]
 #![no_main]
 
@@ -32,6 +38,11 @@ const PATTERN_OFFSET: u64 = MIB as u64;
 const PATTERN_LEN: usize = 8 * MIB;
 /// The first bytes of sector 0 that the host writes before boot.
 const DISK_MARKER: &[u8] = b"SSC-SELFTEST-DISK\n";
+/// The host writes these at the start and the end of a memory window.
+const WINDOW_MARKER: &[u8] = b"SSC-SELFTEST-WINDOW\n";
+const WINDOW_END: &[u8] = b"WINDOWEN";
+/// What the guest tries to write at offset 4096 of a window.
+const WINDOW_WRITE: &[u8] = b"GUEST-WROTE-THIS";
 
 #[derive(Default)]
 struct Tally {
@@ -68,6 +79,7 @@ fn pattern_word(offset: u64) -> u64 {
 fn main(mut boot: Boot) -> ImageResult {
     let mut disks = boot.platform.block_devices()?;
     let mut serial = boot.platform.serial()?;
+    let mut windows = boot.platform.memory_windows()?;
     runtime::ready("selftest");
 
     let mut t = Tally::default();
@@ -77,12 +89,27 @@ fn main(mut boot: Boot) -> ImageResult {
     check_shim(&mut t)?;
     check_crypto(&mut t)?;
 
-    match serial
+    let mut ctl = match serial
         .as_mut()
         .map(|s| (s.open("ctl", Duration::from_millis(500)), s))
     {
-        Some((Ok(port), s)) => check_control(&mut t, s, port)?,
-        _ => t.skip("control link", "no `ctl` port (ssc run attaches one)"),
+        Some((Ok(port), s)) => {
+            let mut ctl = ControlPort {
+                port,
+                dec: FrameDecoder::new(),
+                pending: Vec::new(),
+            };
+            check_control(&mut t, s, &mut ctl)?;
+            Some(ctl)
+        }
+        _ => {
+            t.skip("control link", "no `ctl` port (ssc run attaches one)");
+            None
+        }
+    };
+    match windows.first_mut() {
+        Some(w) => check_window(&mut t, w)?,
+        None => t.skip("memory window", "no ivshmem window (ssc run --window FILE)"),
     }
     match disks.first_mut() {
         Some(d) => check_disk(&mut t, d)?,
@@ -99,6 +126,105 @@ fn main(mut boot: Boot) -> ImageResult {
         None => t.skip("virtio-serial echo", "no virtio-serial device"),
     }
     info!(target: "selftest", "selftest: PASS checks={} skipped={}", t.passed, t.skipped);
+    if boot.arg("selftest.hold") == Some("1") {
+        match (serial.as_mut(), ctl.as_mut()) {
+            (Some(s), Some(ctl)) => serve_until_shutdown(s, ctl)?,
+            _ => bail!("selftest.hold=1 needs the control link"),
+        }
+    }
+    Ok(())
+}
+
+/// The image's end of the control link: bytes read from the port wait in
+/// `pending` until the decoder, which holds one frame at a time, takes them.
+struct ControlPort {
+    port: PortId,
+    dec: FrameDecoder,
+    pending: Vec<u8>,
+}
+
+impl ControlPort {
+    fn next_payload(
+        &mut self,
+        s: &mut VirtioSerial,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>, runtime::ImageError> {
+        let start = Instant::now();
+        let mut buf = [0u8; 512];
+        loop {
+            let used = self.dec.feed(&self.pending);
+            self.pending.drain(..used);
+            if let Some(p) = self.dec.next_payload()? {
+                return Ok(p);
+            }
+            if timeout.is_some_and(|t| start.elapsed() > t) {
+                bail!(
+                    "control link: nothing from the builder within {:?}",
+                    timeout.unwrap_or_default()
+                );
+            }
+            let n = s.read(self.port, &mut buf)?;
+            self.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+fn serve_until_shutdown(s: &mut VirtioSerial, ctl: &mut ControlPort) -> ImageResult {
+    info!(target: "selftest", "holding: serving the control link until Shutdown");
+    loop {
+        let payload = ctl.next_payload(s, None)?;
+        let port = ctl.port;
+        let env = Envelope::decode(&payload)?;
+        match env.body {
+            Body::Ping { payload } => send(
+                s,
+                port,
+                &Envelope::new(env.request_id, Body::Pong { payload }),
+            )?,
+            Body::Shutdown => {
+                info!(target: "selftest", "Shutdown received; stopping");
+                return Ok(());
+            }
+            other => {
+                let msg = alloc::format!("selftest does not serve {other:?}");
+                send(
+                    s,
+                    port,
+                    &Envelope::new(
+                        env.request_id,
+                        Body::Error {
+                            code: ssc_abi::ErrorCode::Unsupported,
+                            message: &msg,
+                        },
+                    ),
+                )?
+            }
+        }
+    }
+}
+
+fn check_window(t: &mut Tally, w: &mut runtime::window::MemoryWindow) -> ImageResult {
+    let mut head = [0u8; 20];
+    w.read(0, &mut head)?;
+    let mut tail = [0u8; 8];
+    w.read(w.len() - 8, &mut tail)?;
+    if head[..] != WINDOW_MARKER[..] || tail[..] != WINDOW_END[..] {
+        bail!("memory window: the host's markers are not at offset 0 and at the end");
+    }
+    if w.read(w.len() - 4, &mut tail).is_ok() {
+        bail!("memory window: a read past the end was not refused");
+    }
+    // Whether this reaches the file is the host's to check: QEMU maps a
+    // read-only window copy-on-write, so the guest always reads its own
+    // write back, but only a writable grant carries it to the other domain.
+    w.write(4096, WINDOW_WRITE)?;
+    t.pass(
+        "memory window",
+        format_args!(
+            "{} MiB ivshmem window, host markers read, out-of-window read refused, marker written at 4096",
+            w.len() >> 20
+        ),
+    );
     Ok(())
 }
 
@@ -306,7 +432,8 @@ fn send(s: &mut VirtioSerial, port: PortId, env: &Envelope) -> ImageResult {
     Ok(())
 }
 
-fn check_control(t: &mut Tally, s: &mut VirtioSerial, port: PortId) -> ImageResult {
+fn check_control(t: &mut Tally, s: &mut VirtioSerial, ctl: &mut ControlPort) -> ImageResult {
+    let port = ctl.port;
     send(
         s,
         port,
@@ -330,39 +457,23 @@ fn check_control(t: &mut Tally, s: &mut VirtioSerial, port: PortId) -> ImageResu
             },
         ),
     )?;
-    let mut dec = FrameDecoder::new();
-    let mut buf = [0u8; 4096];
-    let start = Instant::now();
-    loop {
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("control link: no Ping from the builder within 30 s");
+    let payload = ctl.next_payload(s, Some(Duration::from_secs(30)))?;
+    let env = Envelope::decode(&payload)?;
+    match env.body {
+        Body::Ping { payload } => {
+            send(
+                s,
+                port,
+                &Envelope::new(env.request_id, Body::Pong { payload }),
+            )?;
+            s.flush(port)?;
+            t.pass(
+                "control link",
+                format_args!("Hello/Ready sent, Ping of {} bytes answered", payload.len()),
+            );
+            Ok(())
         }
-        let n = s.read(port, &mut buf)?;
-        let mut rest = &buf[..n];
-        while !rest.is_empty() {
-            let used = dec.feed(rest);
-            rest = &rest[used..];
-            let Some(payload) = dec.next_payload()? else {
-                continue;
-            };
-            let env = Envelope::decode(&payload)?;
-            match env.body {
-                Body::Ping { payload } => {
-                    send(
-                        s,
-                        port,
-                        &Envelope::new(env.request_id, Body::Pong { payload }),
-                    )?;
-                    s.flush(port)?;
-                    t.pass(
-                        "control link",
-                        format_args!("Hello/Ready sent, Ping of {} bytes answered", payload.len()),
-                    );
-                    return Ok(());
-                }
-                other => warn!(target: "selftest", "control link: ignored {other:?}"),
-            }
-        }
+        other => bail!("control link: expected the builder's Ping, got {other:?}"),
     }
 }
 
