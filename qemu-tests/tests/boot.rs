@@ -249,3 +249,23 @@ fn a_meta_domain_starts_in_order_and_stops_gracefully_in_reverse() {
         "the meta-domain's run directory outlived it"
     );
 }
+
+#[test]
+fn a_panic_and_a_cpu_exception_exit_with_their_reasons_and_say_where() {
+    let run_dir = RunDir::create().unwrap();
+    for (mode, reason, words) in [
+        ("panic", 1, "panic: panicked at selftest/src/main.rs"),
+        ("fault", 4, "CPU exception 13 (general protection)"),
+    ] {
+        let mut spec = DomainSpec::new(mode, &selftest_image());
+        spec.append = format!("selftest.fail={mode}");
+        let mut d = Domain::launch(&spec, accel(), &run_dir, LogEcho::Quiet).unwrap();
+        let exit = d.wait_exit(Some(Duration::from_secs(60))).unwrap();
+        assert_eq!(exit, ImageExit::Failure { reason }, "{mode}: {:?}", d.log());
+        assert!(
+            d.log().iter().any(|l| l.contains(words)),
+            "{mode}: the console does not say `{words}`: {:?}",
+            d.log()
+        );
+    }
+}

@@ -12,6 +12,10 @@
 //! absent is logged as SKIP, a failed one stops the image with a non-zero
 //! exit; the last line is `selftest: PASS checks=N skipped=M`.
 //!
+//! `selftest.fail=panic` and `selftest.fail=fault` make the image panic, or
+//! touch a non-canonical address (#GP), right after it is ready: tests use
+//! them to check that the runtime reports both with the right exit reason.
+//!
 //! With `selftest.hold=1` the image then keeps serving its control link
 //! (Ping → Pong) until the builder sends `Shutdown`, so builder lifecycle
 //! tests have a domain that stays up and stops gracefully.
@@ -81,6 +85,16 @@ fn main(mut boot: Boot) -> ImageResult {
     let mut serial = boot.platform.serial()?;
     let mut windows = boot.platform.memory_windows()?;
     runtime::ready("selftest");
+    match boot.arg("selftest.fail") {
+        Some("panic") => panic!("deliberate panic (selftest.fail=panic)"),
+        Some("fault") => {
+            // SAFETY: deliberately unsound: a read from a non-canonical
+            // address raises #GP, which the runtime must report and exit on.
+            let v = unsafe { core::ptr::read_volatile(0x8000_0000_0000_0000 as *const u64) };
+            bail!("a non-canonical read returned {v:#x} instead of faulting");
+        }
+        _ => {}
+    }
 
     let mut t = Tally::default();
     check_heap(&mut t, boot.heap_bytes)?;
