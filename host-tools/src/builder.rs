@@ -694,11 +694,14 @@ impl Domain {
         spawn_line_reader(child.stdout.take().expect("piped stdout"), tx, echo);
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = stderr.clone();
-        let mut err_pipe = child.stderr.take().expect("piped stderr");
+        let err_pipe = child.stderr.take().expect("piped stderr");
         std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err_pipe.read_to_string(&mut s);
-            sink.lock().unwrap().push_str(&s);
+            // Line by line, so a hung QEMU's complaint is in a timeout error.
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
         });
         let mut owned_sockets: Vec<PathBuf> = spec.links.iter().map(|l| l.socket.clone()).collect();
         let ctl_path = control_socket(run_dir.path(), &spec.name);
@@ -779,8 +782,19 @@ impl Domain {
         }
     }
 
-    /// Fails if the control link broke (bad frame, Pong mismatch).
+    /// Fails if the control link broke (bad frame, Pong mismatch), or if
+    /// QEMU stopped on a KVM emulation failure (it pauses and would
+    /// otherwise hang until the timeout).
     fn service_control(&mut self) -> Result<()> {
+        if self
+            .stderr
+            .lock()
+            .is_ok_and(|s| s.contains("KVM internal error"))
+        {
+            bail!(
+                "QEMU stopped on a KVM internal error (emulation failure): this host's KVM cannot run the image; use --accel tcg"
+            );
+        }
         if let Some(why) = self.control.as_ref().and_then(ControlLink::broken) {
             bail!("control link broken: {why}");
         }
@@ -1168,6 +1182,25 @@ mod tests {
                 .contains("truncated")
         );
         assert!(check_image(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn run_dirs_of_dead_builders_are_swept() {
+        let d = RunDir::create().unwrap();
+        let base = d.path().parent().unwrap().to_path_buf();
+        // No process has pid 4294967295 (above any pid_max).
+        let stale = base.join("4294967295-0");
+        std::fs::create_dir_all(stale.join("leftover.ctl")).unwrap();
+        let live = base.join(format!("{}-999999", std::process::id()));
+        std::fs::create_dir_all(&live).unwrap();
+        let d2 = RunDir::create().unwrap();
+        assert!(
+            !stale.exists(),
+            "a dead builder's run directory was not swept"
+        );
+        assert!(live.exists(), "a live builder's run directory was swept");
+        std::fs::remove_dir_all(live).unwrap();
+        drop((d, d2));
     }
 
     #[test]

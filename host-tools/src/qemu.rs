@@ -3,8 +3,9 @@
 //! **Accelerators.** KVM is used only when a probe proves it works: the
 //! image itself is booted with `ssc.probe=1` under KVM, a short timeout, and
 //! must report success (SSE copies and a memset in guest ring 0 — exactly
-//! what a nested software KVM such as PVM cannot emulate; there QEMU pauses
-//! on an emulation error and hangs, hence the timeout and the kill). The
+//! what a nested software KVM such as PVM cannot emulate; there QEMU prints
+//! "KVM internal error" and pauses, which the builder detects at once; a
+//! timeout covers any other hang). The
 //! verdict is cached per (host kernel, QEMU version) in
 //! `~/.cache/ssc/kvm-probe`. Otherwise TCG runs (`-cpu max`, which has
 //! RDRAND and AES-NI). `SSC_ACCEL=kvm|tcg|auto` overrides the choice.
@@ -17,8 +18,8 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -220,6 +221,25 @@ pub struct KvmVerdict {
     pub reason: String,
 }
 
+fn probe_key() -> String {
+    format!("{} | {}", host_kernel(), version().unwrap_or_default())
+}
+
+/// The cached probe verdict for this host kernel and QEMU, if any.
+pub fn cached_verdict() -> Option<KvmVerdict> {
+    let cached = std::fs::read_to_string(cache_file()).ok()?;
+    let mut lines = cached.lines();
+    if lines.next() != Some(probe_key().as_str()) {
+        return None;
+    }
+    let usable = lines.next() == Some("usable");
+    let reason = lines.next().unwrap_or("").to_string();
+    Some(KvmVerdict {
+        usable,
+        reason: format!("{reason} (cached probe)"),
+    })
+}
+
 /// Boots `image` under KVM with `ssc.probe=1` and judges the result.
 pub fn probe_kvm(image: &Path, timeout: Duration) -> KvmVerdict {
     if let Err(reason) = kvm_device() {
@@ -228,17 +248,9 @@ pub fn probe_kvm(image: &Path, timeout: Duration) -> KvmVerdict {
             reason,
         };
     }
-    let key = format!("{} | {}", host_kernel(), version().unwrap_or_default());
-    if let Ok(cached) = std::fs::read_to_string(cache_file()) {
-        let mut lines = cached.lines();
-        if lines.next() == Some(key.as_str()) {
-            let usable = lines.next() == Some("usable");
-            let reason = lines.next().unwrap_or("").to_string();
-            return KvmVerdict {
-                usable,
-                reason: format!("{reason} (cached probe)"),
-            };
-        }
+    let key = probe_key();
+    if let Some(v) = cached_verdict() {
+        return v;
     }
     let verdict = run_probe(image, timeout);
     if let Some(dir) = cache_file().parent() {
@@ -256,89 +268,54 @@ pub fn probe_kvm(image: &Path, timeout: Duration) -> KvmVerdict {
 }
 
 fn run_probe(image: &Path, timeout: Duration) -> KvmVerdict {
-    let mut cmd = Command::new(QEMU);
-    cmd.args([
-        "-machine",
-        "q35",
-        "-m",
-        "64M",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-    ])
-    .args(Accel::Kvm.args())
-    .args([
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=1",
-        "-append",
-        "ssc.probe=1",
-        "-kernel",
-    ])
-    .arg(image)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    use crate::builder::{Domain, DomainSpec, LogEcho, RunDir};
+    let unusable = |reason: String| KvmVerdict {
+        usable: false,
+        reason,
+    };
+    let run_dir = match RunDir::create() {
+        Ok(d) => d,
+        Err(e) => return unusable(format!("KVM probe: {e:#}")),
+    };
+    let mut spec = DomainSpec::new("kvm-probe", image);
+    spec.mem_mib = 64;
+    spec.append = "ssc.probe=1".into();
+    let mut d = match Domain::launch(&spec, Accel::Kvm, &run_dir, LogEcho::Quiet) {
+        Ok(d) => d,
         Err(e) => {
-            return KvmVerdict {
-                usable: false,
-                reason: format!("cannot start {QEMU}: {e}"),
-            };
+            return unusable(format!(
+                "KVM probe could not start QEMU: {}",
+                first_line(&e)
+            ));
         }
     };
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                let out = child
-                    .wait_with_output()
-                    .map(|o| (o.stdout, o.stderr))
-                    .unwrap_or_default();
-                let log = String::from_utf8_lossy(&out.0);
-                let err = String::from_utf8_lossy(&out.1);
-                let rate = log
-                    .lines()
-                    .find_map(|l| l.split("memset_mib_s=").nth(1))
-                    .and_then(|r| r.trim().parse::<f64>().ok());
-                return match (ImageExit::from_status(status), rate) {
-                    (ImageExit::Success, Some(r)) if r >= 200.0 => KvmVerdict {
-                        usable: true,
-                        reason: format!("KVM probe passed (guest memset {r:.0} MiB/s)"),
-                    },
-                    (ImageExit::Success, r) => KvmVerdict {
-                        usable: false,
-                        reason: format!(
-                            "KVM runs guest kernel code emulated (guest memset {:.0} MiB/s): nested software KVM",
-                            r.unwrap_or(0.0)
-                        ),
-                    },
-                    (exit, _) => KvmVerdict {
-                        usable: false,
-                        reason: format!(
-                            "KVM probe failed: {exit}; {}",
-                            err.lines().last().unwrap_or("").trim()
-                        ),
-                    },
-                };
-            }
-            Ok(None) if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return KvmVerdict {
-                    usable: false,
-                    reason: format!(
-                        "KVM probe hung for {} s (QEMU pauses on KVM emulation errors): nested software KVM",
-                        timeout.as_secs()
-                    ),
-                };
-            }
-        }
+    let rate = |d: &Domain| {
+        d.log()
+            .iter()
+            .find_map(|l| l.split("memset_mib_s=").nth(1))
+            .and_then(|r| r.trim().parse::<f64>().ok())
+    };
+    match d.wait_exit(Some(timeout)) {
+        Ok(ImageExit::Success) => match rate(&d) {
+            Some(r) if r >= 200.0 => KvmVerdict {
+                usable: true,
+                reason: format!("KVM probe passed (guest memset {r:.0} MiB/s)"),
+            },
+            r => unusable(format!(
+                "KVM runs guest kernel code emulated (guest memset {:.0} MiB/s): nested software KVM",
+                r.unwrap_or(0.0)
+            )),
+        },
+        Ok(exit) => unusable(format!("KVM probe failed: {exit}")),
+        Err(e) if format!("{e:#}").contains("KVM internal error") => unusable(
+            "QEMU stopped on a KVM emulation failure in guest ring 0: nested software KVM".into(),
+        ),
+        Err(e) => unusable(format!("KVM probe: {}", first_line(&e))),
     }
+}
+
+fn first_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").lines().next().unwrap_or("").to_string()
 }
 
 /// Picks the accelerator: `SSC_ACCEL` beats `choice`; `auto` probes KVM
@@ -365,7 +342,16 @@ fn resolve_accel_with(
     match choice {
         AccelChoice::Tcg => Ok((Accel::Tcg, "TCG requested".into())),
         AccelChoice::Kvm => match kvm_device() {
-            Ok(()) => Ok((Accel::Kvm, "KVM requested".into())),
+            Ok(()) => match cached_verdict() {
+                Some(v) if !v.usable => Ok((
+                    Accel::Kvm,
+                    format!(
+                        "KVM requested, but an earlier probe found it unusable ({}); expect a hang, or use --accel tcg",
+                        v.reason
+                    ),
+                )),
+                _ => Ok((Accel::Kvm, "KVM requested".into())),
+            },
             Err(e) => bail!("KVM requested but {e}; use --accel tcg"),
         },
         AccelChoice::Auto => {

@@ -213,13 +213,20 @@ impl CliResult {
     }
 }
 
-/// Runs `ssc ARGS` with `SSC_ACCEL` set to the harness's accelerator, killed
-/// after `timeout`.
+/// Runs `ssc ARGS` with `SSC_ACCEL` set to the harness's accelerator (unless
+/// ARGS choose one with `--accel`), killed after `timeout`.
 pub fn run_ssc(args: &[&str], timeout: Duration) -> CliResult {
     let mut child = Command::new(ssc_bin())
         .args(args)
         .current_dir(repo())
-        .env("SSC_ACCEL", accel().to_string())
+        .env(
+            "SSC_ACCEL",
+            if args.contains(&"--accel") {
+                "auto".to_string()
+            } else {
+                accel().to_string()
+            },
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -340,3 +340,35 @@ fn bench_boot_measures_every_image_and_prints_the_table() {
         r.all()
     );
 }
+
+#[test]
+fn forcing_kvm_either_works_or_fails_fast_naming_the_fix() {
+    let img = selftest_image();
+    let r = run_ssc(
+        &[
+            "run",
+            img.to_str().unwrap(),
+            "--accel",
+            "kvm",
+            "--timeout",
+            "120",
+            "--quiet",
+        ],
+        T,
+    );
+    match qemu_tests::ssc::qemu::kvm_device() {
+        Err(_) => assert!(
+            r.code() == Some(1) && r.stderr().contains("--accel tcg"),
+            "no usable /dev/kvm must be refused with the fix:\n{}",
+            r.all()
+        ),
+        Ok(()) if r.code() == Some(0) => {
+            assert!(r.stderr().contains("image reported success"), "{}", r.all())
+        }
+        Ok(()) => assert!(
+            r.stderr().contains("KVM internal error") && r.stderr().contains("use --accel tcg"),
+            "a KVM that cannot run the image must fail naming the fix, not hang:\n{}",
+            r.all()
+        ),
+    }
+}
