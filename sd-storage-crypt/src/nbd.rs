@@ -1,0 +1,571 @@
+//! A sans-IO NBD server (protocol as in the NBD project's `proto.md`).
+//!
+//! Feed it the client's bytes with [`Server::receive`]; it runs complete
+//! options and requests against a [`Backend`] and queues the replies, which
+//! [`Server::take_output`] hands back for sending. Pipelined requests are
+//! served in order. Only the fixed-newstyle handshake is spoken, with simple
+//! replies (a client asking for structured replies or metadata contexts is
+//! told `ERR_UNSUP` and carries on without them).
+//!
+//! What gets which error (the spec's choices):
+//! * read beyond the end, or longer than [`MAX_REQUEST`] → `EINVAL`;
+//! * write beyond the end → `ENOSPC`; longer than [`MAX_REQUEST`] →
+//!   `EINVAL`, and its payload is read and dropped so the connection lives;
+//! * write/trim/zeroes on a read-only export → `EPERM`;
+//! * unknown command → `EINVAL`; device failure → `EIO`;
+//! * bad request magic, unknown client flags, an option over
+//!   [`MAX_OPTION`] bytes, or an unknown export name in `EXPORT_NAME` →
+//!   the connection closes ([`ProtocolError`]), as the spec allows.
+
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::volume::{BlockDevice, CryptVolume, IoError};
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
+const REP_ERR_INVALID: u32 = (1 << 31) | 3;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
+
+const INFO_EXPORT: u16 = 0;
+const INFO_NAME: u16 = 1;
+const INFO_DESCRIPTION: u16 = 2;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+const TF_HAS_FLAGS: u16 = 1;
+const TF_READ_ONLY: u16 = 1 << 1;
+const TF_SEND_FLUSH: u16 = 1 << 2;
+const TF_SEND_FUA: u16 = 1 << 3;
+const TF_SEND_TRIM: u16 = 1 << 5;
+const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_FLAG_FUA: u16 = 1;
+
+/// NBD error numbers (the spec fixes them to Linux's values).
+pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+
+/// Largest read or write payload served (also advertised as the maximum
+/// block size).
+pub const MAX_REQUEST: u32 = 32 << 20;
+/// Largest option payload accepted during the handshake.
+pub const MAX_OPTION: u32 = 64 << 10;
+/// Preferred block size advertised to clients.
+pub const PREFERRED_BLOCK: u32 = 4096;
+
+/// What the server serves.
+pub trait Backend {
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError>;
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError>;
+    fn flush(&mut self) -> Result<(), IoError>;
+    /// Advisory: contents after a trim are unspecified (NBD semantics).
+    fn trim(&mut self, offset: u64, len: u64) -> Result<(), IoError>;
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), IoError>;
+}
+
+impl<D: BlockDevice> Backend for CryptVolume<D> {
+    fn size(&self) -> u64 {
+        CryptVolume::size(self)
+    }
+    fn read_only(&self) -> bool {
+        CryptVolume::read_only(self)
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        CryptVolume::read(self, offset, buf)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        CryptVolume::write(self, offset, data)
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        CryptVolume::flush(self)
+    }
+    fn trim(&mut self, offset: u64, len: u64) -> Result<(), IoError> {
+        // Ciphertext cannot be "discarded" to zeroes without lying about
+        // the plaintext; a trim is a hint, so it only checks its range.
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(IoError::OutOfRange),
+        }
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), IoError> {
+        CryptVolume::write_zeroes(self, offset, len)
+    }
+}
+
+/// The one export this server offers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Export {
+    pub name: String,
+    pub description: String,
+}
+
+/// Why the server closed the connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProtocolError {
+    UnknownClientFlags(u32),
+    NotFixedNewstyle,
+    BadOptionMagic(u64),
+    OptionTooLarge(u32),
+    UnknownExport(String),
+    BadRequestMagic(u32),
+    /// The client aborted or disconnected (not a failure).
+    ClientClosed,
+}
+
+impl core::fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ProtocolError::UnknownClientFlags(x) => {
+                write!(f, "client sent unknown handshake flags {x:#x}")
+            }
+            ProtocolError::NotFixedNewstyle => {
+                f.write_str("client does not speak the fixed newstyle handshake")
+            }
+            ProtocolError::BadOptionMagic(m) => write!(f, "bad option magic {m:#x}"),
+            ProtocolError::OptionTooLarge(n) => {
+                write!(f, "option of {n} bytes exceeds {MAX_OPTION}")
+            }
+            ProtocolError::UnknownExport(n) => write!(f, "client asked for unknown export `{n}`"),
+            ProtocolError::BadRequestMagic(m) => write!(f, "bad request magic {m:#x}"),
+            ProtocolError::ClientClosed => f.write_str("client closed the connection"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    ClientFlags,
+    Options,
+    Transmission,
+    /// Dropping the payload of an oversized write.
+    Discard(u64),
+    Closed(ProtocolError),
+}
+
+/// Counters for logs and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub errors: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+/// One connection's server.
+#[derive(Debug)]
+pub struct Server {
+    export: Export,
+    state: State,
+    input: Vec<u8>,
+    pos: usize,
+    output: Vec<u8>,
+    no_zeroes: bool,
+    stats: Stats,
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+impl Server {
+    /// A server for one connection; the greeting is queued at once.
+    pub fn new(export: Export) -> Self {
+        let mut output = Vec::new();
+        output.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        output.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        output.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        Server {
+            export,
+            state: State::ClientFlags,
+            input: Vec::new(),
+            pos: 0,
+            output,
+            no_zeroes: false,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Bytes to send to the client (drains the queue).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        core::mem::take(&mut self.output)
+    }
+
+    /// Whether the handshake is done and commands are being served.
+    pub fn transmitting(&self) -> bool {
+        matches!(self.state, State::Transmission | State::Discard(_))
+    }
+
+    /// Why the connection closed, once it has.
+    pub fn closed(&self) -> Option<&ProtocolError> {
+        match &self.state {
+            State::Closed(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Takes the client's bytes and serves everything complete.
+    pub fn receive<B: Backend>(
+        &mut self,
+        bytes: &[u8],
+        backend: &mut B,
+    ) -> Result<(), ProtocolError> {
+        if let State::Closed(e) = &self.state {
+            return Err(e.clone());
+        }
+        self.input.extend_from_slice(bytes);
+        let r = loop {
+            match self.step(backend) {
+                Ok(true) => continue,
+                Ok(false) => break Ok(()),
+                Err(e) => {
+                    self.state = State::Closed(e.clone());
+                    break Err(e);
+                }
+            }
+        };
+        // Compact what was consumed.
+        if self.pos > 0 {
+            self.input.drain(..self.pos);
+            self.pos = 0;
+        }
+        r
+    }
+
+    fn available(&self) -> &[u8] {
+        &self.input[self.pos..]
+    }
+
+    /// Serves one unit of input; `Ok(false)` when more bytes are needed.
+    fn step<B: Backend>(&mut self, backend: &mut B) -> Result<bool, ProtocolError> {
+        match self.state.clone() {
+            State::Closed(e) => Err(e),
+            State::ClientFlags => {
+                let Some(b) = self.available().get(..4) else {
+                    return Ok(false);
+                };
+                let flags = be32(b);
+                self.pos += 4;
+                if flags & !u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES) != 0 {
+                    return Err(ProtocolError::UnknownClientFlags(flags));
+                }
+                if flags & u32::from(FLAG_FIXED_NEWSTYLE) == 0 {
+                    return Err(ProtocolError::NotFixedNewstyle);
+                }
+                self.no_zeroes = flags & u32::from(FLAG_NO_ZEROES) != 0;
+                self.state = State::Options;
+                Ok(true)
+            }
+            State::Options => {
+                let Some(h) = self.available().get(..16) else {
+                    return Ok(false);
+                };
+                let (magic, option, len) = (be64(h), be32(&h[8..]), be32(&h[12..]));
+                if magic != IHAVEOPT {
+                    return Err(ProtocolError::BadOptionMagic(magic));
+                }
+                if len > MAX_OPTION {
+                    return Err(ProtocolError::OptionTooLarge(len));
+                }
+                let Some(data) = self.available().get(16..16 + len as usize) else {
+                    return Ok(false);
+                };
+                let data = data.to_vec();
+                self.pos += 16 + len as usize;
+                self.option(option, &data, backend)?;
+                Ok(true)
+            }
+            State::Transmission => {
+                let Some(h) = self.available().get(..28) else {
+                    return Ok(false);
+                };
+                let magic = be32(h);
+                if magic != REQUEST_MAGIC {
+                    return Err(ProtocolError::BadRequestMagic(magic));
+                }
+                let (flags, kind, handle, offset, len) = (
+                    be16(&h[4..]),
+                    be16(&h[6..]),
+                    be64(&h[8..]),
+                    be64(&h[16..]),
+                    be32(&h[24..]),
+                );
+                if kind == CMD_WRITE && len <= MAX_REQUEST {
+                    let Some(data) = self.available().get(28..28 + len as usize) else {
+                        return Ok(false);
+                    };
+                    let data = data.to_vec();
+                    self.pos += 28 + len as usize;
+                    self.write(flags, handle, offset, &data, backend);
+                    return Ok(true);
+                }
+                self.pos += 28;
+                self.command(flags, kind, handle, offset, len, backend)
+            }
+            State::Discard(left) => {
+                let n = (self.available().len() as u64).min(left);
+                if n == 0 {
+                    return Ok(false);
+                }
+                self.pos += n as usize;
+                self.state = if n == left {
+                    State::Transmission
+                } else {
+                    State::Discard(left - n)
+                };
+                Ok(true)
+            }
+        }
+    }
+
+    fn option_reply(&mut self, option: u32, kind: u32, data: &[u8]) {
+        self.output
+            .extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+        self.output.extend_from_slice(&option.to_be_bytes());
+        self.output.extend_from_slice(&kind.to_be_bytes());
+        self.output
+            .extend_from_slice(&(data.len() as u32).to_be_bytes());
+        self.output.extend_from_slice(data);
+    }
+
+    fn name_matches(&self, name: &[u8]) -> bool {
+        name.is_empty() || name == self.export.name.as_bytes()
+    }
+
+    fn transmission_flags<B: Backend>(backend: &B) -> u16 {
+        let mut f =
+            TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
+        if backend.read_only() {
+            f |= TF_READ_ONLY;
+        }
+        f
+    }
+
+    fn option<B: Backend>(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        backend: &mut B,
+    ) -> Result<(), ProtocolError> {
+        match option {
+            OPT_EXPORT_NAME => {
+                if !self.name_matches(data) {
+                    return Err(ProtocolError::UnknownExport(
+                        String::from_utf8_lossy(data).into_owned(),
+                    ));
+                }
+                self.output.extend_from_slice(&backend.size().to_be_bytes());
+                self.output
+                    .extend_from_slice(&Self::transmission_flags(backend).to_be_bytes());
+                if !self.no_zeroes {
+                    self.output.extend_from_slice(&[0; 124]);
+                }
+                self.state = State::Transmission;
+            }
+            OPT_ABORT => {
+                self.option_reply(option, REP_ACK, &[]);
+                return Err(ProtocolError::ClientClosed);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    self.option_reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
+                } else {
+                    let mut d = (self.export.name.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(self.export.name.as_bytes());
+                    self.option_reply(option, REP_SERVER, &d);
+                    self.option_reply(option, REP_ACK, &[]);
+                }
+            }
+            OPT_INFO | OPT_GO => self.info_or_go(option, data, backend),
+            _ => self.option_reply(option, REP_ERR_UNSUP, b"not supported by this server"),
+        }
+        Ok(())
+    }
+
+    fn info_or_go<B: Backend>(&mut self, option: u32, data: &[u8], backend: &mut B) {
+        let parsed = (|| {
+            let n = be32(data.get(..4)?) as usize;
+            let name = data.get(4..4 + n)?;
+            let count = be16(data.get(4 + n..6 + n)?) as usize;
+            let reqs = data.get(6 + n..6 + n + 2 * count)?;
+            (data.len() == 6 + n + 2 * count).then(|| {
+                (
+                    name.to_vec(),
+                    reqs.chunks(2).map(be16).collect::<Vec<u16>>(),
+                )
+            })
+        })();
+        let Some((name, requests)) = parsed else {
+            self.option_reply(option, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO");
+            return;
+        };
+        if !self.name_matches(&name) {
+            self.option_reply(option, REP_ERR_UNKNOWN, b"no such export");
+            return;
+        }
+        let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+        info.extend_from_slice(&backend.size().to_be_bytes());
+        info.extend_from_slice(&Self::transmission_flags(backend).to_be_bytes());
+        self.option_reply(option, REP_INFO, &info);
+        for r in requests {
+            let mut d = r.to_be_bytes().to_vec();
+            match r {
+                INFO_NAME => d.extend_from_slice(self.export.name.as_bytes()),
+                INFO_DESCRIPTION => d.extend_from_slice(self.export.description.as_bytes()),
+                INFO_BLOCK_SIZE => {
+                    for v in [1, PREFERRED_BLOCK, MAX_REQUEST] {
+                        d.extend_from_slice(&v.to_be_bytes());
+                    }
+                }
+                _ => continue,
+            }
+            self.option_reply(option, REP_INFO, &d);
+        }
+        self.option_reply(option, REP_ACK, &[]);
+        if option == OPT_GO {
+            self.state = State::Transmission;
+        }
+    }
+
+    fn reply(&mut self, handle: u64, error: u32, data: Option<&[u8]>) {
+        self.output
+            .extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        self.output.extend_from_slice(&error.to_be_bytes());
+        self.output.extend_from_slice(&handle.to_be_bytes());
+        if error != 0 {
+            self.stats.errors += 1;
+        } else if let Some(d) = data {
+            self.output.extend_from_slice(d);
+        }
+    }
+
+    fn result(&mut self, handle: u64, r: Result<(), IoError>, out_of_range: u32) {
+        let e = match r {
+            Ok(()) => 0,
+            Err(IoError::Io) => EIO,
+            Err(IoError::OutOfRange) => out_of_range,
+            Err(IoError::ReadOnly) => EPERM,
+        };
+        self.reply(handle, e, None);
+    }
+
+    fn write<B: Backend>(
+        &mut self,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        data: &[u8],
+        backend: &mut B,
+    ) {
+        if backend.read_only() {
+            return self.reply(handle, EPERM, None);
+        }
+        let mut r = backend.write(offset, data);
+        if r.is_ok() && flags & CMD_FLAG_FUA != 0 {
+            r = backend.flush();
+        }
+        if r.is_ok() {
+            self.stats.writes += 1;
+            self.stats.bytes_written += data.len() as u64;
+        }
+        self.result(handle, r, ENOSPC);
+    }
+
+    fn command<B: Backend>(
+        &mut self,
+        flags: u16,
+        kind: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        backend: &mut B,
+    ) -> Result<bool, ProtocolError> {
+        match kind {
+            CMD_READ => {
+                if len > MAX_REQUEST {
+                    self.reply(handle, EINVAL, None);
+                    return Ok(true);
+                }
+                let mut buf = vec![0u8; len as usize];
+                match backend.read(offset, &mut buf) {
+                    Ok(()) => {
+                        self.stats.reads += 1;
+                        self.stats.bytes_read += u64::from(len);
+                        self.reply(handle, 0, Some(&buf));
+                    }
+                    Err(e) => self.result(handle, Err(e), EINVAL),
+                }
+            }
+            CMD_WRITE => {
+                // Only oversized writes get here: refuse, drop the payload.
+                self.reply(handle, EINVAL, None);
+                self.state = State::Discard(u64::from(len));
+            }
+            CMD_DISC => return Err(ProtocolError::ClientClosed),
+            CMD_FLUSH => {
+                let r = backend.flush();
+                self.stats.flushes += 1;
+                self.result(handle, r, EINVAL);
+            }
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                if backend.read_only() {
+                    self.reply(handle, EPERM, None);
+                    return Ok(true);
+                }
+                let mut r = if kind == CMD_TRIM {
+                    backend.trim(offset, u64::from(len))
+                } else {
+                    backend.write_zeroes(offset, u64::from(len))
+                };
+                if r.is_ok() && flags & CMD_FLAG_FUA != 0 {
+                    r = backend.flush();
+                }
+                self.result(handle, r, if kind == CMD_TRIM { EINVAL } else { ENOSPC });
+            }
+            _ => self.reply(handle, EINVAL, None),
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,306 @@
+use super::*;
+use crate::volume::{Cipher, Layout, MemDevice};
+use crate::xts::Xts;
+use proptest::prelude::*;
+use std::vec::Vec;
+
+fn volume(read_only: bool) -> CryptVolume<MemDevice> {
+    let x = Xts::new(&[3; 64]).unwrap();
+    CryptVolume::new(
+        MemDevice::new(1 << 20),
+        Cipher::XtsPlain64(x.into()),
+        Layout::PLAIN_512,
+        read_only,
+    )
+    .unwrap()
+}
+
+fn server() -> Server {
+    Server::new(Export {
+        name: "vol".into(),
+        description: "test volume".into(),
+    })
+}
+
+fn opt(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = IHAVEOPT.to_be_bytes().to_vec();
+    v.extend_from_slice(&option.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+fn go(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        d.extend_from_slice(&i.to_be_bytes());
+    }
+    opt(OPT_GO, &d)
+}
+
+fn req(kind: u16, flags: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut v = REQUEST_MAGIC.to_be_bytes().to_vec();
+    v.extend_from_slice(&flags.to_be_bytes());
+    v.extend_from_slice(&kind.to_be_bytes());
+    v.extend_from_slice(&handle.to_be_bytes());
+    v.extend_from_slice(&offset.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    v
+}
+
+/// Parsed option replies: (option, type, data).
+fn option_replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    while b.len() >= 20 {
+        assert_eq!(be64(b), OPTION_REPLY_MAGIC);
+        let len = be32(&b[16..]) as usize;
+        out.push((be32(&b[8..]), be32(&b[12..]), b[20..20 + len].to_vec()));
+        b = &b[20 + len..];
+    }
+    assert!(b.is_empty(), "trailing bytes in option replies");
+    out
+}
+
+/// A server past the handshake (GO), its output drained.
+fn connected(vol: &mut CryptVolume<MemDevice>) -> Server {
+    let mut s = server();
+    let greeting = s.take_output();
+    assert_eq!(be64(&greeting), NBDMAGIC);
+    assert_eq!(be64(&greeting[8..]), IHAVEOPT);
+    assert_eq!(be16(&greeting[16..]), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    s.receive(&3u32.to_be_bytes(), vol).unwrap();
+    s.receive(&go("vol", &[INFO_BLOCK_SIZE]), vol).unwrap();
+    assert!(s.transmitting());
+    s.take_output();
+    s
+}
+
+/// Simple replies: (error, handle, data); `reads` gives the data length of
+/// each successful read by handle.
+fn replies(mut b: &[u8], reads: &[(u64, usize)]) -> Vec<(u32, u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        assert_eq!(be32(b), SIMPLE_REPLY_MAGIC);
+        let (err, handle) = (be32(&b[4..]), be64(&b[8..]));
+        let n = if err == 0 {
+            reads.iter().find(|r| r.0 == handle).map_or(0, |r| r.1)
+        } else {
+            0
+        };
+        out.push((err, handle, b[16..16 + n].to_vec()));
+        b = &b[16 + n..];
+    }
+    out
+}
+
+#[test]
+fn go_reports_size_flags_and_block_sizes() {
+    let mut vol = volume(false);
+    let mut s = server();
+    s.take_output();
+    s.receive(&1u32.to_be_bytes(), &mut vol).unwrap();
+    s.receive(
+        &go("vol", &[INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION]),
+        &mut vol,
+    )
+    .unwrap();
+    let r = option_replies(&s.take_output());
+    assert_eq!(r[0].1, REP_INFO);
+    assert_eq!(be16(&r[0].2), INFO_EXPORT);
+    assert_eq!(be64(&r[0].2[2..]), 1 << 20);
+    let flags = be16(&r[0].2[10..]);
+    assert!(flags & TF_SEND_FLUSH != 0 && flags & TF_READ_ONLY == 0);
+    assert_eq!(&r[1].2[..2], &INFO_BLOCK_SIZE.to_be_bytes());
+    assert_eq!(
+        (be32(&r[1].2[2..]), be32(&r[1].2[6..]), be32(&r[1].2[10..])),
+        (1, 4096, MAX_REQUEST)
+    );
+    assert_eq!(&r[2].2[2..], b"vol");
+    assert_eq!(&r[3].2[2..], b"test volume");
+    assert_eq!(r[4].1, REP_ACK);
+    assert!(s.transmitting());
+}
+
+#[test]
+fn list_unknown_names_and_unsupported_options_keep_the_handshake_going() {
+    let mut vol = volume(false);
+    let mut s = server();
+    s.take_output();
+    s.receive(&3u32.to_be_bytes(), &mut vol).unwrap();
+    s.receive(&opt(OPT_LIST, &[]), &mut vol).unwrap();
+    let r = option_replies(&s.take_output());
+    assert_eq!((r[0].1, &r[0].2[4..]), (REP_SERVER, &b"vol"[..]));
+    assert_eq!(r[1].1, REP_ACK);
+    s.receive(&go("other", &[]), &mut vol).unwrap();
+    assert_eq!(option_replies(&s.take_output())[0].1, REP_ERR_UNKNOWN);
+    s.receive(&opt(8, &[]), &mut vol).unwrap(); // STRUCTURED_REPLY
+    assert_eq!(option_replies(&s.take_output())[0].1, REP_ERR_UNSUP);
+    s.receive(&opt(OPT_GO, &[0, 0, 0, 9]), &mut vol).unwrap();
+    assert_eq!(option_replies(&s.take_output())[0].1, REP_ERR_INVALID);
+    assert!(!s.transmitting());
+    // The default export (empty name) is this one.
+    s.receive(&go("", &[]), &mut vol).unwrap();
+    assert!(s.transmitting());
+}
+
+#[test]
+fn old_style_export_name_enters_transmission_with_or_without_zeroes() {
+    for (flags, pad) in [(1u32, 124usize), (3, 0)] {
+        let mut vol = volume(true);
+        let mut s = server();
+        s.take_output();
+        s.receive(&flags.to_be_bytes(), &mut vol).unwrap();
+        s.receive(&opt(OPT_EXPORT_NAME, b"vol"), &mut vol).unwrap();
+        let out = s.take_output();
+        assert_eq!(out.len(), 10 + pad);
+        assert_eq!(be64(&out), 1 << 20);
+        assert!(be16(&out[8..]) & TF_READ_ONLY != 0);
+    }
+    let mut vol = volume(false);
+    let mut s = server();
+    s.receive(&1u32.to_be_bytes(), &mut vol).unwrap();
+    assert_eq!(
+        s.receive(&opt(OPT_EXPORT_NAME, b"nope"), &mut vol),
+        Err(ProtocolError::UnknownExport("nope".into()))
+    );
+}
+
+#[test]
+fn pipelined_writes_and_reads_are_served_in_order() {
+    let mut vol = volume(false);
+    let mut s = connected(&mut vol);
+    let mut batch = req(CMD_WRITE, 0, 1, 1000, 3000);
+    batch.extend(std::iter::repeat_n(0x5a, 3000));
+    batch.extend(req(CMD_WRITE, CMD_FLAG_FUA, 2, 100, 4));
+    batch.extend_from_slice(b"abcd");
+    batch.extend(req(CMD_READ, 0, 3, 100, 4));
+    batch.extend(req(CMD_READ, 0, 4, 999, 3002));
+    batch.extend(req(CMD_FLUSH, 0, 5, 0, 0));
+    // Byte by byte: nothing depends on how the stream is split.
+    for b in &batch {
+        s.receive(std::slice::from_ref(b), &mut vol).unwrap();
+    }
+    let r = replies(&s.take_output(), &[(3, 4), (4, 3002)]);
+    let handles: Vec<u64> = r.iter().map(|x| x.1).collect();
+    assert_eq!(handles, [1, 2, 3, 4, 5]);
+    assert!(r.iter().all(|x| x.0 == 0));
+    assert_eq!(r[2].2, b"abcd");
+    assert_eq!(r[3].2[1..3001], [0x5a; 3000][..]);
+    assert_eq!(vol.device().flushes, 2, "FUA and FLUSH both flush");
+    assert_eq!(s.stats().writes, 2);
+}
+
+#[test]
+fn errors_follow_the_spec_and_the_connection_survives() {
+    let mut vol = volume(false);
+    let mut s = connected(&mut vol);
+    let size = 1u64 << 20;
+    s.receive(&req(CMD_READ, 0, 1, size - 1, 2), &mut vol)
+        .unwrap();
+    let mut w = req(CMD_WRITE, 0, 2, size - 1, 2);
+    w.extend_from_slice(&[1, 2]);
+    s.receive(&w, &mut vol).unwrap();
+    s.receive(&req(CMD_READ, 0, 3, 0, MAX_REQUEST + 1), &mut vol)
+        .unwrap();
+    s.receive(&req(42, 0, 4, 0, 0), &mut vol).unwrap();
+    // An oversized write: refused, its payload skipped, next request fine.
+    let mut big = req(CMD_WRITE, 0, 5, 0, MAX_REQUEST + 10);
+    big.extend(std::iter::repeat_n(7, MAX_REQUEST as usize + 10));
+    s.receive(&big, &mut vol).unwrap();
+    s.receive(&req(CMD_READ, 0, 6, 0, 8), &mut vol).unwrap();
+    let r = replies(&s.take_output(), &[(6, 8)]);
+    let got: Vec<(u32, u64)> = r.iter().map(|x| (x.0, x.1)).collect();
+    assert_eq!(
+        got,
+        [
+            (EINVAL, 1),
+            (ENOSPC, 2),
+            (EINVAL, 3),
+            (EINVAL, 4),
+            (EINVAL, 5),
+            (0, 6)
+        ]
+    );
+    assert!(s.closed().is_none());
+}
+
+#[test]
+fn read_only_exports_refuse_writes_trims_and_zeroes() {
+    let mut vol = volume(true);
+    let mut s = connected(&mut vol);
+    let mut w = req(CMD_WRITE, 0, 1, 0, 1);
+    w.push(9);
+    s.receive(&w, &mut vol).unwrap();
+    s.receive(&req(CMD_TRIM, 0, 2, 0, 512), &mut vol).unwrap();
+    s.receive(&req(CMD_WRITE_ZEROES, 0, 3, 0, 512), &mut vol)
+        .unwrap();
+    let r = replies(&s.take_output(), &[]);
+    assert!(r.iter().all(|x| x.0 == EPERM), "{r:?}");
+}
+
+#[test]
+fn write_zeroes_zeroes_and_disc_closes() {
+    let mut vol = volume(false);
+    let mut s = connected(&mut vol);
+    let mut w = req(CMD_WRITE, 0, 1, 0, 600);
+    w.extend(std::iter::repeat_n(0xee, 600));
+    s.receive(&w, &mut vol).unwrap();
+    s.receive(&req(CMD_WRITE_ZEROES, 0, 2, 10, 500), &mut vol)
+        .unwrap();
+    s.receive(&req(CMD_READ, 0, 3, 0, 600), &mut vol).unwrap();
+    let r = replies(&s.take_output(), &[(3, 600)]);
+    let d = &r[2].2;
+    assert!(
+        d[..10].iter().all(|&b| b == 0xee)
+            && d[10..510].iter().all(|&b| b == 0)
+            && d[510..].iter().all(|&b| b == 0xee)
+    );
+    assert_eq!(
+        s.receive(&req(CMD_DISC, 0, 4, 0, 0), &mut vol),
+        Err(ProtocolError::ClientClosed)
+    );
+    assert_eq!(s.closed(), Some(&ProtocolError::ClientClosed));
+}
+
+#[test]
+fn bad_magic_and_bad_client_flags_close_the_connection() {
+    let mut vol = volume(false);
+    let mut s = connected(&mut vol);
+    let mut bad = req(CMD_READ, 0, 1, 0, 1);
+    bad[0] ^= 0xff;
+    assert!(matches!(
+        s.receive(&bad, &mut vol),
+        Err(ProtocolError::BadRequestMagic(_))
+    ));
+    let mut s = server();
+    assert_eq!(
+        s.receive(&0x80u32.to_be_bytes(), &mut vol),
+        Err(ProtocolError::UnknownClientFlags(0x80))
+    );
+    let mut s = server();
+    assert_eq!(
+        s.receive(&0u32.to_be_bytes(), &mut vol),
+        Err(ProtocolError::NotFixedNewstyle)
+    );
+    let mut s = server();
+    s.receive(&1u32.to_be_bytes(), &mut vol).unwrap();
+    let mut huge = IHAVEOPT.to_be_bytes().to_vec();
+    huge.extend_from_slice(&OPT_GO.to_be_bytes());
+    huge.extend_from_slice(&(MAX_OPTION + 1).to_be_bytes());
+    assert_eq!(
+        s.receive(&huge, &mut vol),
+        Err(ProtocolError::OptionTooLarge(MAX_OPTION + 1))
+    );
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_client_bytes_never_panic(handshake in any::<bool>(), junk in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let mut vol = volume(false);
+        let mut s = if handshake { connected(&mut vol) } else { server() };
+        let _ = s.receive(&junk, &mut vol);
+        let _ = s.take_output();
+    }
+}
