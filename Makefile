@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SSC := target/debug/ssc
 IMAGES_DIR := kernels/target/x86_64-unknown-linux-gnu/release
-DEB_PACKAGES := qemu-system-x86 qemu-utils swtpm swtpm-tools util-linux python3
+DEB_PACKAGES := qemu-system-x86 qemu-utils swtpm swtpm-tools util-linux python3 libnbd-bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps images ssc catalog demo test test-host test-qemu lint fmt bench fuzz clean

@@ -65,6 +65,47 @@ pub enum Body<'a> {
     Error { code: ErrorCode, message: &'a str },
     /// Builder → image: stop cleanly.
     Shutdown,
+    /// Tenant side → storage SD: the volume to serve and its key. The key
+    /// never appears in a log line.
+    ConfigureVolume(VolumeConfig<'a>),
+    /// A request succeeded (reply to e.g. `ConfigureVolume`).
+    Ack,
+}
+
+/// Parameters of an encrypted volume (dm-crypt/LUKS data-segment terms).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig<'a> {
+    /// NBD export name.
+    pub export: &'a str,
+    /// `aes-xts-plain64`, or `null` (pass-through baseline).
+    pub cipher: &'a str,
+    /// 64 bytes for aes-xts-plain64, empty for null.
+    pub key: &'a [u8],
+    /// 512 or 4096.
+    pub sector_size: u32,
+    /// Bytes of header before the data segment.
+    pub data_offset: u64,
+    /// Added to sector numbers to form IVs.
+    pub iv_offset: u64,
+    /// IVs count sector_size units (LUKS2 with 4096-byte sectors).
+    pub large_iv: bool,
+    pub read_only: bool,
+}
+
+impl core::fmt::Debug for VolumeConfig<'_> {
+    /// Everything but the key.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("VolumeConfig")
+            .field("export", &self.export)
+            .field("cipher", &self.cipher)
+            .field("key", &format_args!("<{} bytes>", self.key.len()))
+            .field("sector_size", &self.sector_size)
+            .field("data_offset", &self.data_offset)
+            .field("iv_offset", &self.iv_offset)
+            .field("large_iv", &self.large_iv)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
 }
 
 /// One decoded payload.
@@ -92,17 +133,11 @@ impl core::fmt::Display for FrameError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             FrameError::TooLarge { len } => {
-                write!(
-                    f,
-                    "control frame of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit; closing the link"
-                )
+                write!(f, "control frame of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit; closing the link")
             }
             FrameError::Malformed => f.write_str("control frame is not a valid envelope"),
             FrameError::Version { got } => {
-                write!(
-                    f,
-                    "control frame speaks ABI version {got}, this side speaks {VERSION}; update the older side"
-                )
+                write!(f, "control frame speaks ABI version {got}, this side speaks {VERSION}; update the older side")
             }
         }
     }
@@ -114,11 +149,7 @@ impl std::error::Error for FrameError {}
 impl<'a> Envelope<'a> {
     /// An envelope of this ABI version.
     pub fn new(request_id: u64, body: Body<'a>) -> Self {
-        Envelope {
-            version: VERSION,
-            request_id,
-            body,
-        }
+        Envelope { version: VERSION, request_id, body }
     }
 
     /// Decodes a payload (without its length prefix). Borrows from `payload`.
@@ -126,13 +157,11 @@ impl<'a> Envelope<'a> {
         if payload.len() > MAX_PAYLOAD {
             return Err(FrameError::TooLarge { len: payload.len() });
         }
-        let (version, _) =
-            postcard::take_from_bytes::<u16>(payload).map_err(|_| FrameError::Malformed)?;
+        let (version, _) = postcard::take_from_bytes::<u16>(payload).map_err(|_| FrameError::Malformed)?;
         if version != VERSION {
             return Err(FrameError::Version { got: version });
         }
-        let (env, rest) = postcard::take_from_bytes::<Envelope<'a>>(payload)
-            .map_err(|_| FrameError::Malformed)?;
+        let (env, rest) = postcard::take_from_bytes::<Envelope<'a>>(payload).map_err(|_| FrameError::Malformed)?;
         if !rest.is_empty() {
             return Err(FrameError::Malformed);
         }
@@ -150,8 +179,7 @@ impl<'a> Envelope<'a> {
     pub fn encode_frame(&self, out: &mut Vec<u8>) -> Result<(), FrameError> {
         let at = out.len();
         out.extend_from_slice(&[0; PREFIX]);
-        let payload =
-            postcard::to_extend(self, core::mem::take(out)).map_err(|_| FrameError::Malformed)?;
+        let payload = postcard::to_extend(self, core::mem::take(out)).map_err(|_| FrameError::Malformed)?;
         *out = payload;
         let len = out.len() - at - PREFIX;
         if len > MAX_PAYLOAD {
@@ -187,8 +215,7 @@ impl FrameDecoder {
         if self.buf.len() < PREFIX {
             PREFIX
         } else {
-            PREFIX
-                + u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize
+            PREFIX + u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize
         }
     }
 
@@ -206,9 +233,7 @@ impl FrameDecoder {
             self.buf.extend_from_slice(&input[taken..taken + n]);
             taken += n;
             if self.buf.len() == PREFIX && self.wanted() > PREFIX + MAX_PAYLOAD {
-                self.failed = Some(FrameError::TooLarge {
-                    len: self.wanted() - PREFIX,
-                });
+                self.failed = Some(FrameError::TooLarge { len: self.wanted() - PREFIX });
             }
         }
         taken

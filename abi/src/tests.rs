@@ -5,31 +5,16 @@ use std::vec;
 use std::vec::Vec;
 
 fn body_strategy() -> impl Strategy<Value = (String, String, Vec<u8>, u64, u8)> {
-    (
-        ".{0,40}",
-        ".{0,40}",
-        proptest::collection::vec(any::<u8>(), 0..2048),
-        any::<u64>(),
-        0u8..6,
-    )
+    (".{0,40}", ".{0,40}", proptest::collection::vec(any::<u8>(), 0..2048), any::<u64>(), 0u8..6)
 }
 
 fn make_body<'a>(k: u8, s1: &'a str, s2: &'a str, bytes: &'a [u8], n: u64) -> Body<'a> {
     match k {
-        0 => Body::Hello {
-            image: s1,
-            version: s2,
-        },
-        1 => Body::Ready {
-            image: s1,
-            boot_us: n,
-        },
+        0 => Body::Hello { image: s1, version: s2 },
+        1 => Body::Ready { image: s1, boot_us: n },
         2 => Body::Ping { payload: bytes },
         3 => Body::Pong { payload: bytes },
-        4 => Body::Error {
-            code: ErrorCode::Denied,
-            message: s1,
-        },
+        4 => Body::Error { code: ErrorCode::Denied, message: s1 },
         _ => Body::Shutdown,
     }
 }
@@ -89,20 +74,12 @@ fn oversized_length_prefix_is_refused_before_its_data_arrives() {
     let mut dec = FrameDecoder::new();
     let prefix = ((MAX_PAYLOAD + 1) as u32).to_le_bytes();
     assert_eq!(dec.feed(&prefix), PREFIX);
-    assert_eq!(
-        dec.next_payload(),
-        Err(FrameError::TooLarge {
-            len: MAX_PAYLOAD + 1
-        })
-    );
+    assert_eq!(dec.next_payload(), Err(FrameError::TooLarge { len: MAX_PAYLOAD + 1 }));
     assert_eq!(dec.feed(&[0; 16]), 0, "a failed decoder takes nothing more");
     let huge = u32::MAX.to_le_bytes();
     let mut dec = FrameDecoder::new();
     dec.feed(&huge);
-    assert!(matches!(
-        dec.next_payload(),
-        Err(FrameError::TooLarge { .. })
-    ));
+    assert!(matches!(dec.next_payload(), Err(FrameError::TooLarge { .. })));
     assert!(dec.buffered() <= PREFIX);
 }
 
@@ -118,17 +95,12 @@ fn other_version_is_named_in_the_error() {
 
 #[test]
 fn trailing_garbage_and_truncation_are_malformed() {
-    let frame = Envelope::new(1, Body::Ping { payload: b"abc" })
-        .to_frame()
-        .unwrap();
+    let frame = Envelope::new(1, Body::Ping { payload: b"abc" }).to_frame().unwrap();
     let mut longer = frame[PREFIX..].to_vec();
     longer.push(0);
     assert_eq!(Envelope::decode(&longer), Err(FrameError::Malformed));
     for cut in 0..frame.len() - PREFIX {
-        assert!(
-            Envelope::decode(&frame[PREFIX..PREFIX + cut]).is_err(),
-            "cut at {cut}"
-        );
+        assert!(Envelope::decode(&frame[PREFIX..PREFIX + cut]).is_err(), "cut at {cut}");
     }
 }
 
@@ -142,9 +114,7 @@ fn a_seq_claiming_four_gigabytes_allocates_nothing_big() {
 #[test]
 fn encoding_more_than_the_limit_is_refused() {
     let big = vec![0u8; MAX_PAYLOAD];
-    let err = Envelope::new(1, Body::Ping { payload: &big })
-        .to_frame()
-        .unwrap_err();
+    let err = Envelope::new(1, Body::Ping { payload: &big }).to_frame().unwrap_err();
     assert!(matches!(err, FrameError::TooLarge { .. }));
 }
 
@@ -161,13 +131,26 @@ fn zero_length_payload_is_a_complete_but_malformed_frame() {
 fn overlong_varints_are_not_a_second_encoding() {
     // Found by the fuzzer: variant 5 (Shutdown) written as 0x85 0x00.
     assert_eq!(Envelope::decode(&[1, 0, 5]).unwrap().body, Body::Shutdown);
-    assert_eq!(
-        Envelope::decode(&[1, 0, 0x85, 0]),
-        Err(FrameError::Malformed)
-    );
-    assert_eq!(
-        Envelope::decode(&[0x81, 0, 0, 5]),
-        Err(FrameError::Malformed),
-        "overlong version"
-    );
+    assert_eq!(Envelope::decode(&[1, 0, 0x85, 0]), Err(FrameError::Malformed));
+    assert_eq!(Envelope::decode(&[0x81, 0, 0, 5]), Err(FrameError::Malformed), "overlong version");
+}
+
+#[test]
+fn volume_config_round_trips_and_its_debug_hides_the_key() {
+    let key = [0x5au8; 64];
+    let cfg = VolumeConfig {
+        export: "vol",
+        cipher: "aes-xts-plain64",
+        key: &key,
+        sector_size: 4096,
+        data_offset: 16 << 20,
+        iv_offset: 0,
+        large_iv: true,
+        read_only: false,
+    };
+    let frame = Envelope::new(9, Body::ConfigureVolume(cfg.clone())).to_frame().unwrap();
+    let env = Envelope::decode(&frame[PREFIX..]).unwrap();
+    assert_eq!(env.body, Body::ConfigureVolume(cfg.clone()));
+    let shown = std::format!("{:?}", env.body);
+    assert!(shown.contains("<64 bytes>") && !shown.contains("90, 90"), "{shown}");
 }

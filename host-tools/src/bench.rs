@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::builder::{Domain, DomainSpec, LogEcho, RunDir};
+use crate::builder::{Domain, LogEcho, RunDir};
 use crate::catalog::VerifiedImage;
 use crate::qemu::{Accel, Firmware, Machine};
 
@@ -33,11 +33,7 @@ fn median(mut v: Vec<f64>) -> f64 {
         return 0.0;
     }
     let m = v.len() / 2;
-    if v.len().is_multiple_of(2) {
-        (v[m - 1] + v[m]) / 2.0
-    } else {
-        v[m]
-    }
+    if v.len().is_multiple_of(2) { (v[m - 1] + v[m]) / 2.0 } else { v[m] }
 }
 
 /// Boots each image `runs` times per combination.
@@ -50,10 +46,7 @@ pub fn boot(images: &[VerifiedImage], accels: &[Accel], runs: usize) -> Result<V
             (Machine::Pc, Firmware::Seabios),
         ]
     } else {
-        vec![
-            (Machine::Q35, Firmware::Seabios),
-            (Machine::Pc, Firmware::Seabios),
-        ]
+        vec![(Machine::Q35, Firmware::Seabios), (Machine::Pc, Firmware::Seabios)]
     };
     let total = (images.len() * accels.len() * combos.len() * runs) as u64;
     let bar = indicatif::ProgressBar::new(total).with_style(
@@ -65,18 +58,13 @@ pub fn boot(images: &[VerifiedImage], accels: &[Accel], runs: usize) -> Result<V
     for img in images {
         for &accel in accels {
             for &(machine, firmware) in &combos {
-                bar.set_message(format!(
-                    "{} {accel} {} {}",
-                    img.manifest.image.name,
-                    machine.name(),
-                    firmware.name()
-                ));
+                bar.set_message(format!("{} {accel} {} {}", img.manifest.image.name, machine.name(), firmware.name()));
                 let (mut first, mut ready, mut guest) = (vec![], vec![], vec![]);
                 for _ in 0..runs {
                     if crate::interrupted() {
                         anyhow::bail!("interrupted");
                     }
-                    let mut spec = DomainSpec::new(&img.manifest.image.name, &img.path);
+                    let mut spec = img.standalone_spec(run_dir.path())?;
                     spec.machine = machine;
                     spec.firmware = firmware;
                     spec.mem_mib = 64;

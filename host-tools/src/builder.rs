@@ -50,26 +50,19 @@ impl std::str::FromStr for LinkSpec {
 
     /// `NAME=SOCKET`.
     fn from_str(s: &str) -> Result<Self> {
-        let (name, socket) = s
-            .split_once('=')
-            .ok_or_else(|| anyhow!("link `{s}` is not NAME=SOCKET"))?;
+        let (name, socket) = s.split_once('=').ok_or_else(|| anyhow!("link `{s}` is not NAME=SOCKET"))?;
         validate_link_name(name)?;
         if socket.is_empty() {
             bail!("link `{name}` has an empty socket path");
         }
-        Ok(LinkSpec {
-            name: name.into(),
-            socket: socket.into(),
-        })
+        Ok(LinkSpec { name: name.into(), socket: socket.into() })
     }
 }
 
 fn validate_link_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
     {
         bail!("link name `{name}` must be 1-64 characters of a-z, 0-9, `.`, `_`, `-`");
     }
@@ -99,17 +92,12 @@ impl std::str::FromStr for WindowSpec {
         if file.is_empty() {
             bail!("window `{s}` names no file");
         }
-        Ok(WindowSpec {
-            file: file.into(),
-            writable,
-        })
+        Ok(WindowSpec { file: file.into(), writable })
     }
 }
 
 fn window_size(w: &WindowSpec) -> Result<u64> {
-    let len = std::fs::metadata(&w.file)
-        .with_context(|| format!("memory window {}", w.file.display()))?
-        .len();
+    let len = std::fs::metadata(&w.file).with_context(|| format!("memory window {}", w.file.display()))?.len();
     if len < 4096 || !len.is_power_of_two() {
         bail!(
             "memory window {} is {len} bytes; an ivshmem BAR needs a power of two of at least 4 KiB (`truncate -s 64M FILE`)",
@@ -160,50 +148,19 @@ fn opt_path(p: &Path) -> String {
 pub fn qemu_args(spec: &DomainSpec, accel: Accel, run_dir: &Path) -> Vec<OsString> {
     let mut a: Vec<String> = vec![];
     let (_, bios) = spec.firmware.resolve();
-    a.extend([
-        "-name".into(),
-        spec.name.clone(),
-        "-machine".into(),
-        spec.machine.name().into(),
-    ]);
+    a.extend(["-name".into(), spec.name.clone(), "-machine".into(), spec.machine.name().into()]);
     if let Some(b) = bios {
         a.extend(["-bios".into(), opt_path(&b)]);
     }
     a.extend(accel.args().map(String::from));
-    a.extend([
-        "-m".into(),
-        format!("{}M", spec.mem_mib),
-        "-smp".into(),
-        "1".into(),
-    ]);
+    a.extend(["-m".into(), format!("{}M", spec.mem_mib), "-smp".into(), "1".into()]);
     a.extend(
-        [
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-        ]
-        .map(String::from),
+        ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio"].map(String::from),
     );
-    a.extend([
-        "-qmp".into(),
-        format!(
-            "unix:{},server=on,wait=off",
-            opt_path(&qmp_socket(run_dir, &spec.name))
-        ),
-    ]);
-    a.extend([
-        "-device".into(),
-        "isa-debug-exit,iobase=0xf4,iosize=1".into(),
-    ]);
+    a.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", opt_path(&qmp_socket(run_dir, &spec.name)))]);
+    a.extend(["-device".into(), "isa-debug-exit,iobase=0xf4,iosize=1".into()]);
     for (i, d) in spec.disks.iter().enumerate() {
-        a.extend([
-            "-drive".into(),
-            format!("file={},format=raw,if=none,id=disk{i}", opt_path(d)),
-        ]);
+        a.extend(["-drive".into(), format!("file={},format=raw,if=none,id=disk{i}", opt_path(d))]);
         a.extend(["-device".into(), format!("virtio-blk-pci,drive=disk{i}")]);
     }
     for (i, w) in spec.windows.iter().enumerate() {
@@ -211,40 +168,18 @@ pub fn qemu_args(spec: &DomainSpec, accel: Accel, run_dir: &Path) -> Vec<OsStrin
         let ro = if w.writable { "" } else { ",readonly=on" };
         a.extend([
             "-object".into(),
-            format!(
-                "memory-backend-file,id=win{i},share=on,mem-path={},size={size}K{ro}",
-                opt_path(&w.file)
-            ),
+            format!("memory-backend-file,id=win{i},share=on,mem-path={},size={size}K{ro}", opt_path(&w.file)),
         ]);
         a.extend(["-device".into(), format!("ivshmem-plain,memdev=win{i}")]);
     }
     // Port 0 is reserved for a console; ports 1.. carry ctl and the links.
-    a.extend([
-        "-device".into(),
-        format!(
-            "virtio-serial-pci,id=vser0,max_ports={}",
-            spec.links.len() + 2
-        ),
-    ]);
+    a.extend(["-device".into(), format!("virtio-serial-pci,id=vser0,max_ports={}", spec.links.len() + 2)]);
     let ctl = control_socket(run_dir, &spec.name);
     let mut ports = vec![(CONTROL_LINK.to_string(), ctl)];
-    ports.extend(
-        spec.links
-            .iter()
-            .map(|l| (l.name.clone(), l.socket.clone())),
-    );
+    ports.extend(spec.links.iter().map(|l| (l.name.clone(), l.socket.clone())));
     for (i, (name, sock)) in ports.iter().enumerate() {
-        a.extend([
-            "-chardev".into(),
-            format!(
-                "socket,id=port{i},path={},server=on,wait=off",
-                opt_path(sock)
-            ),
-        ]);
-        a.extend([
-            "-device".into(),
-            format!("virtserialport,bus=vser0.0,chardev=port{i},name={name}"),
-        ]);
+        a.extend(["-chardev".into(), format!("socket,id=port{i},path={},server=on,wait=off", opt_path(sock))]);
+        a.extend(["-device".into(), format!("virtserialport,bus=vser0.0,chardev=port{i},name={name}")]);
     }
     a.extend(["-kernel".into(), opt_path(&spec.image)]);
     if !spec.append.is_empty() {
@@ -265,33 +200,17 @@ fn control_socket(run_dir: &Path, name: &str) -> PathBuf {
 /// `EXEC` ELF with a `XEN_ELFNOTE_PHYS32_ENTRY` note, not truncated.
 pub fn check_image(path: &Path) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
-    let fail = |why: &str| {
-        anyhow!(
-            "{} is not a bootable SSC image: {why}; rebuild it with `make images`",
-            path.display()
-        )
-    };
+    let fail =
+        |why: &str| anyhow!("{} is not a bootable SSC image: {why}; rebuild it with `make images`", path.display());
     if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {
         return Err(fail("no ELF header"));
     }
     if bytes[4] != 2 || bytes[5] != 1 {
         return Err(fail("not a 64-bit little-endian ELF"));
     }
-    let u16_at = |o: usize| {
-        bytes
-            .get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let u32_at = |o: usize| {
-        bytes
-            .get(o..o + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-    };
-    let u64_at = |o: usize| {
-        bytes
-            .get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-    };
+    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let u64_at = |o: usize| bytes.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
     if u16_at(16) != Some(2) {
         return Err(fail("not an EXEC (static, non-relocatable) ELF"));
     }
@@ -304,11 +223,8 @@ pub fn check_image(path: &Path) -> Result<()> {
     let mut has_pvh = false;
     for i in 0..phnum {
         let ph = phoff + i * phentsize;
-        let (Some(kind), Some(off), Some(filesz)) = (u32_at(ph), u64_at(ph + 8), u64_at(ph + 32))
-        else {
-            return Err(fail(
-                "program headers run past the end of the file (truncated)",
-            ));
+        let (Some(kind), Some(off), Some(filesz)) = (u32_at(ph), u64_at(ph + 8), u64_at(ph + 32)) else {
+            return Err(fail("program headers run past the end of the file (truncated)"));
         };
         let (off, filesz) = (off as usize, filesz as usize);
         if off.checked_add(filesz).is_none_or(|end| end > bytes.len()) {
@@ -317,11 +233,8 @@ pub fn check_image(path: &Path) -> Result<()> {
         if kind == 4 {
             let mut n = off;
             while n + 12 <= off + filesz {
-                let (namesz, descsz, ty) = (
-                    u32_at(n).unwrap() as usize,
-                    u32_at(n + 4).unwrap() as usize,
-                    u32_at(n + 8).unwrap(),
-                );
+                let (namesz, descsz, ty) =
+                    (u32_at(n).unwrap() as usize, u32_at(n + 4).unwrap() as usize, u32_at(n + 8).unwrap());
                 let name = bytes.get(n + 12..n + 12 + namesz).unwrap_or(&[]);
                 if ty == 18 && name.starts_with(b"Xen") {
                     has_pvh = true;
@@ -349,10 +262,7 @@ impl RunDir {
     fn base() -> PathBuf {
         match std::env::var_os("XDG_RUNTIME_DIR") {
             Some(d) if Path::new(&d).is_dir() => PathBuf::from(d).join("ssc"),
-            _ => std::env::temp_dir().join(format!(
-                "ssc-{}",
-                std::env::var("USER").unwrap_or_else(|_| "user".into())
-            )),
+            _ => std::env::temp_dir().join(format!("ssc-{}", std::env::var("USER").unwrap_or_else(|_| "user".into()))),
         }
     }
 
@@ -361,13 +271,8 @@ impl RunDir {
         std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
         std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))?;
         Self::sweep(&base);
-        let path = base.join(format!(
-            "{}-{}",
-            std::process::id(),
-            RUN_DIRS.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir(&path)
-            .with_context(|| format!("creating run directory {}", path.display()))?;
+        let path = base.join(format!("{}-{}", std::process::id(), RUN_DIRS.fetch_add(1, Ordering::SeqCst)));
+        std::fs::create_dir(&path).with_context(|| format!("creating run directory {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
         Ok(RunDir { path })
     }
@@ -422,8 +327,12 @@ pub enum ControlEvent {
         payload: Vec<u8>,
     },
     Error {
+        request_id: u64,
         code: ssc_abi::ErrorCode,
         message: String,
+    },
+    Ack {
+        request_id: u64,
     },
     Other(String),
     /// The link failed (bad frame, closed): the reason.
@@ -432,22 +341,13 @@ pub enum ControlEvent {
 
 fn owned(env: Envelope<'_>) -> ControlEvent {
     match env.body {
-        Body::Hello { image, version } => ControlEvent::Hello {
-            image: image.into(),
-            version: version.into(),
-        },
-        Body::Ready { image, boot_us } => ControlEvent::Ready {
-            image: image.into(),
-            boot_us,
-        },
-        Body::Pong { payload } => ControlEvent::Pong {
-            request_id: env.request_id,
-            payload: payload.into(),
-        },
-        Body::Error { code, message } => ControlEvent::Error {
-            code,
-            message: message.into(),
-        },
+        Body::Hello { image, version } => ControlEvent::Hello { image: image.into(), version: version.into() },
+        Body::Ready { image, boot_us } => ControlEvent::Ready { image: image.into(), boot_us },
+        Body::Pong { payload } => ControlEvent::Pong { request_id: env.request_id, payload: payload.into() },
+        Body::Error { code, message } => {
+            ControlEvent::Error { request_id: env.request_id, code, message: message.into() }
+        }
+        Body::Ack => ControlEvent::Ack { request_id: env.request_id },
         other => ControlEvent::Other(format!("{other:?}")),
     }
 }
@@ -478,11 +378,7 @@ pub struct ControlLink {
 fn send_frame(writer: &Mutex<UnixStream>, next_id: &AtomicU64, body: Body<'_>) -> Result<u64> {
     let id = next_id.fetch_add(1, Ordering::SeqCst);
     let frame = Envelope::new(id, body).to_frame()?;
-    writer
-        .lock()
-        .unwrap()
-        .write_all(&frame)
-        .context("writing to the control link")?;
+    writer.lock().unwrap().write_all(&frame).context("writing to the control link")?;
     Ok(id)
 }
 
@@ -496,8 +392,7 @@ impl ControlLink {
                     std::thread::sleep(Duration::from_millis(5))
                 }
                 Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("connecting to control link {}", path.display()));
+                    return Err(e).with_context(|| format!("connecting to control link {}", path.display()));
                 }
             }
         };
@@ -520,9 +415,9 @@ impl ControlLink {
                     let used = dec.feed(rest);
                     rest = &rest[used..];
                     let ev = match dec.next_payload() {
-                        Ok(Some(p)) => Envelope::decode(&p)
-                            .map(owned)
-                            .unwrap_or_else(|e| ControlEvent::Broken(e.to_string())),
+                        Ok(Some(p)) => {
+                            Envelope::decode(&p).map(owned).unwrap_or_else(|e| ControlEvent::Broken(e.to_string()))
+                        }
                         Ok(None) => continue,
                         Err(e) => ControlEvent::Broken(e.to_string()),
                     };
@@ -531,24 +426,17 @@ impl ControlLink {
                         ControlEvent::Hello { .. } => s.speaks_abi = true,
                         ControlEvent::Ready { .. } => {
                             s.speaks_abi = true;
-                            let payload: Vec<u8> =
-                                (0..256u32).map(|i| (i * 7 + n as u32) as u8).collect();
+                            let payload: Vec<u8> = (0..256u32).map(|i| (i * 7 + n as u32) as u8).collect();
                             match send_frame(&w, &ids, Body::Ping { payload: &payload }) {
                                 Ok(id) => s.ping = Some((id, payload, Instant::now())),
                                 Err(e) => s.broken = Some(format!("{e:#}")),
                             }
                         }
-                        ControlEvent::Pong {
-                            request_id,
-                            payload,
-                        } => match &s.ping {
+                        ControlEvent::Pong { request_id, payload } => match &s.ping {
                             Some((id, sent, at)) if id == request_id && sent == payload => {
                                 s.verified = Some(at.elapsed())
                             }
-                            _ => {
-                                s.broken =
-                                    Some(format!("Pong {request_id} does not match the Ping sent"))
-                            }
+                            _ => s.broken = Some(format!("Pong {request_id} does not match the Ping sent")),
                         },
                         ControlEvent::Broken(why) => s.broken = Some(why.clone()),
                         _ => {}
@@ -561,17 +449,31 @@ impl ControlLink {
                 }
             }
         });
-        Ok(ControlLink {
-            writer,
-            events,
-            state,
-            next_id,
-        })
+        Ok(ControlLink { writer, events, state, next_id })
     }
 
     /// Sends a request body; returns its request id.
     pub fn send(&self, body: Body<'_>) -> Result<u64> {
         send_frame(&self.writer, &self.next_id, body)
+    }
+
+    /// Sends a request and waits for its `Ack`; the image's `Error` reply
+    /// becomes an error naming its code and message.
+    pub fn request(&self, body: Body<'_>, timeout: Duration) -> Result<()> {
+        let id = self.send(body)?;
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.events.recv_timeout(left) {
+                Ok(ControlEvent::Ack { request_id }) if request_id == id => return Ok(()),
+                Ok(ControlEvent::Error { request_id, code, message }) if request_id == id => {
+                    bail!("refused ({code:?}): {message}")
+                }
+                Ok(ControlEvent::Broken(why)) => bail!("control link broken: {why}"),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        bail!("no reply to request {id} within {} s", timeout.as_secs())
     }
 
     /// The next event, if one arrives within `timeout`.
@@ -609,7 +511,8 @@ pub struct Domain {
     pub name: String,
     child: Option<Child>,
     lines: Receiver<(Instant, String)>,
-    log: Vec<String>,
+    /// Every console line so far, filled by the reader thread.
+    log: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
     control: Option<ControlLink>,
     qmp: PathBuf,
@@ -621,17 +524,17 @@ pub struct Domain {
 fn spawn_line_reader(
     stream: impl Read + Send + 'static,
     tx: Sender<(Instant, String)>,
+    log: Arc<Mutex<Vec<String>>>,
     echo: LogEcho,
 ) {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).split(b'\n') {
             let Ok(line) = line else { return };
-            let line = String::from_utf8_lossy(&line)
-                .trim_end_matches('\r')
-                .to_string();
+            let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
             if let LogEcho::Stdout(prefix) = &echo {
                 println!("{prefix}{line}");
             }
+            log.lock().unwrap().push(line.clone());
             if tx.send((Instant::now(), line)).is_err() {
                 return;
             }
@@ -641,20 +544,11 @@ fn spawn_line_reader(
 
 impl Domain {
     /// Starts QEMU for `spec` and connects the control link.
-    pub fn launch(
-        spec: &DomainSpec,
-        accel: Accel,
-        run_dir: &RunDir,
-        echo: LogEcho,
-    ) -> Result<Domain> {
+    pub fn launch(spec: &DomainSpec, accel: Accel, run_dir: &RunDir, echo: LogEcho) -> Result<Domain> {
         check_image(&spec.image)?;
         for d in &spec.disks {
             if !d.is_file() {
-                bail!(
-                    "disk {} does not exist (create it with `truncate -s 64M {}`)",
-                    d.display(),
-                    d.display()
-                );
+                bail!("disk {} does not exist (create it with `truncate -s 64M {}`)", d.display(), d.display());
             }
         }
         for w in &spec.windows {
@@ -667,11 +561,7 @@ impl Domain {
                 bail!("link `{}` is given twice", l.name);
             }
             if l.socket.exists() {
-                bail!(
-                    "link `{}`: {} already exists; remove it or choose another path",
-                    l.name,
-                    l.socket.display()
-                );
+                bail!("link `{}`: {} already exists; remove it or choose another path", l.name, l.socket.display());
             }
         }
         let args = qemu_args(spec, accel, run_dir.path());
@@ -682,16 +572,14 @@ impl Domain {
         } else {
             Command::new(QEMU)
         };
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let started = Instant::now();
         let mut child = cmd.spawn().with_context(|| {
             format!("starting {QEMU}: is it installed? (`sudo apt-get install -y qemu-system-x86`, or `ssc doctor`)")
         })?;
         let (tx, lines) = channel();
-        spawn_line_reader(child.stdout.take().expect("piped stdout"), tx, echo);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        spawn_line_reader(child.stdout.take().expect("piped stdout"), tx, log.clone(), echo);
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = stderr.clone();
         let err_pipe = child.stderr.take().expect("piped stderr");
@@ -710,7 +598,7 @@ impl Domain {
             name: spec.name.clone(),
             child: None,
             lines,
-            log: vec![],
+            log,
             stderr,
             control: None,
             qmp: qmp_socket(run_dir.path(), &spec.name),
@@ -724,10 +612,7 @@ impl Domain {
             Ok(c) => dom.control = Some(c),
             Err(e) => {
                 let exit = dom.wait_exit(Some(Duration::from_secs(2)));
-                return Err(dom.failure(format!(
-                    "{e:#}; QEMU: {}",
-                    exit.map(|x| x.to_string()).unwrap_or_default()
-                )));
+                return Err(dom.failure(format!("{e:#}; QEMU: {}", exit.map(|x| x.to_string()).unwrap_or_default())));
             }
         }
         Ok(dom)
@@ -735,20 +620,9 @@ impl Domain {
 
     /// An error that carries the last log lines and QEMU's stderr.
     pub fn failure(&self, what: String) -> anyhow::Error {
-        let tail: Vec<&String> = self
-            .log
-            .iter()
-            .rev()
-            .take(15)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        let stderr = self
-            .stderr
-            .lock()
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
+        let log = self.log();
+        let tail = &log[log.len().saturating_sub(15)..];
+        let stderr = self.stderr.lock().map(|s| s.trim().to_string()).unwrap_or_default();
         let mut msg = format!("domain `{}`: {what}", self.name);
         if !tail.is_empty() {
             msg.push_str("\n--- last console lines ---");
@@ -765,8 +639,8 @@ impl Domain {
     }
 
     /// Console lines so far.
-    pub fn log(&self) -> &[String] {
-        &self.log
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 
     fn take_line(&mut self, timeout: Duration) -> Option<String> {
@@ -775,7 +649,6 @@ impl Domain {
                 if self.first_line.is_none() {
                     self.first_line = Some(at - self.started);
                 }
-                self.log.push(line.clone());
                 Some(line)
             }
             Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
@@ -786,11 +659,7 @@ impl Domain {
     /// QEMU stopped on a KVM emulation failure (it pauses and would
     /// otherwise hang until the timeout).
     fn service_control(&mut self) -> Result<()> {
-        if self
-            .stderr
-            .lock()
-            .is_ok_and(|s| s.contains("KVM internal error"))
-        {
+        if self.stderr.lock().is_ok_and(|s| s.contains("KVM internal error")) {
             bail!(
                 "QEMU stopped on a KVM internal error (emulation failure): this host's KVM cannot run the image; use --accel tcg"
             );
@@ -814,9 +683,7 @@ impl Domain {
 
     /// Whether QEMU is still running.
     pub fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// Waits for the image's `ssc: ready` line.
@@ -844,16 +711,9 @@ impl Domain {
                 }
                 continue;
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.drain_lines();
-                return Err(self.failure(format!(
-                    "exited before it was ready: {}",
-                    ImageExit::from_status(status)
-                )));
+                return Err(self.failure(format!("exited before it was ready: {}", ImageExit::from_status(status))));
             }
             if Instant::now() > deadline {
                 return Err(self.failure(format!("not ready after {} s", timeout.as_secs())));
@@ -877,19 +737,15 @@ impl Domain {
                 return Err(self.failure(format!("{e:#}")));
             }
             while self.take_line(Duration::from_millis(0)).is_some() {}
-            let Some(child) = self.child.as_mut() else {
-                bail!("domain `{}` was not started", self.name)
-            };
+            let Some(child) = self.child.as_mut() else { bail!("domain `{}` was not started", self.name) };
             if let Some(status) = child.try_wait()? {
                 self.drain_lines();
                 self.child = None;
                 return Ok(ImageExit::from_status(status));
             }
             if deadline.is_some_and(|d| Instant::now() > d) {
-                return Err(self.failure(format!(
-                    "still running after {} s; stopped it",
-                    timeout.unwrap_or_default().as_secs()
-                )));
+                return Err(self
+                    .failure(format!("still running after {} s; stopped it", timeout.unwrap_or_default().as_secs())));
             }
             let _ = self.take_line(Duration::from_millis(20));
         }
@@ -904,10 +760,14 @@ impl Domain {
     /// to `grace` for its verdict; falls back to [`Domain::stop`] (then the
     /// verdict is [`ImageExit::Signal`] or whatever QEMU reported).
     pub fn shutdown(&mut self, grace: Duration) -> Result<ImageExit> {
-        if self.running() && self.control.as_ref().is_some_and(ControlLink::speaks_abi) {
-            if let Some(ctl) = self.control.as_ref() {
-                let _ = ctl.send(Body::Shutdown);
-            }
+        if self.running()
+            && let Some(ctl) = self.control.as_ref()
+        {
+            // Sent even before the image's Hello has been seen (it may be in
+            // flight); an image that never speaks the ABI gets a short grace.
+            let _ = ctl.send(Body::Shutdown);
+            std::thread::sleep(Duration::from_millis(50));
+            let grace = if ctl.speaks_abi() { grace } else { grace.min(Duration::from_secs(2)) };
             if let Ok(exit) = self.wait_exit(Some(grace)) {
                 return Ok(exit);
             }
@@ -932,9 +792,7 @@ impl Domain {
                 let _ = q.execute("quit", None);
             }
             let start = Instant::now();
-            while child.try_wait().ok().flatten().is_none()
-                && start.elapsed() < Duration::from_secs(2)
-            {
+            while child.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(2) {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = child.kill();
@@ -972,28 +830,16 @@ pub struct MetaDomain {
 impl MetaDomain {
     /// Starts `specs` in order. On any failure, the domains already started
     /// are stopped and the error names the one that failed.
-    pub fn launch(
-        specs: &[DomainSpec],
-        accel: Accel,
-        echo: bool,
-        ready_timeout: Duration,
-    ) -> Result<MetaDomain> {
+    pub fn launch(specs: &[DomainSpec], accel: Accel, echo: bool, ready_timeout: Duration) -> Result<MetaDomain> {
         let mut names = std::collections::HashSet::new();
         for s in specs {
             if !names.insert(&s.name) {
                 bail!("two domains are named `{}`; names must be unique", s.name);
             }
         }
-        let mut meta = MetaDomain {
-            domains: vec![],
-            run_dir: RunDir::create()?,
-        };
+        let mut meta = MetaDomain { domains: vec![], run_dir: RunDir::create()? };
         for spec in specs {
-            let log = if echo {
-                LogEcho::Stdout(format!("[{}] ", spec.name))
-            } else {
-                LogEcho::Quiet
-            };
+            let log = if echo { LogEcho::Stdout(format!("[{}] ", spec.name)) } else { LogEcho::Quiet };
             let mut d = Domain::launch(spec, accel, &meta.run_dir, log)?;
             d.wait_ready(ready_timeout)?;
             meta.domains.push(d);
@@ -1050,10 +896,7 @@ mod tests {
 
     #[test]
     fn every_domain_gets_console_qmp_exit_device_and_control_link() {
-        let spec = DomainSpec {
-            firmware: Firmware::Seabios,
-            ..DomainSpec::new("sd1", Path::new("/img/selftest"))
-        };
+        let spec = DomainSpec { firmware: Firmware::Seabios, ..DomainSpec::new("sd1", Path::new("/img/selftest")) };
         let a = joined(&spec);
         for want in [
             "-serial stdio",
@@ -1093,8 +936,7 @@ mod tests {
         std::fs::File::create(&f).unwrap().set_len(1 << 20).unwrap();
         let mut spec = DomainSpec::new("d", Path::new("/img"));
         spec.windows.push(f.display().to_string().parse().unwrap());
-        spec.windows
-            .push(format!("{}:rw", f.display()).parse().unwrap());
+        spec.windows.push(format!("{}:rw", f.display()).parse().unwrap());
         let a = joined(&spec);
         assert!(
             a.contains(&format!(
@@ -1104,10 +946,7 @@ mod tests {
             "{a}"
         );
         assert!(
-            a.contains(&format!(
-                "memory-backend-file,id=win1,share=on,mem-path={},size=1024K -device",
-                f.display()
-            )),
+            a.contains(&format!("memory-backend-file,id=win1,share=on,mem-path={},size=1024K -device", f.display())),
             "{a}"
         );
         assert!(a.contains("ivshmem-plain,memdev=win0") && a.contains("ivshmem-plain,memdev=win1"));
@@ -1118,41 +957,11 @@ mod tests {
 
     #[test]
     fn link_specs_are_validated() {
-        assert!(
-            "echo"
-                .parse::<LinkSpec>()
-                .unwrap_err()
-                .to_string()
-                .contains("NAME=SOCKET")
-        );
-        assert!(
-            "ctl=/x"
-                .parse::<LinkSpec>()
-                .unwrap_err()
-                .to_string()
-                .contains("reserved")
-        );
-        assert!(
-            "Bad Name=/x"
-                .parse::<LinkSpec>()
-                .unwrap_err()
-                .to_string()
-                .contains("a-z")
-        );
-        assert!(
-            "up="
-                .parse::<LinkSpec>()
-                .unwrap_err()
-                .to_string()
-                .contains("empty")
-        );
-        assert_eq!(
-            "up=/s".parse::<LinkSpec>().unwrap(),
-            LinkSpec {
-                name: "up".into(),
-                socket: "/s".into()
-            }
-        );
+        assert!("echo".parse::<LinkSpec>().unwrap_err().to_string().contains("NAME=SOCKET"));
+        assert!("ctl=/x".parse::<LinkSpec>().unwrap_err().to_string().contains("reserved"));
+        assert!("Bad Name=/x".parse::<LinkSpec>().unwrap_err().to_string().contains("a-z"));
+        assert!("up=".parse::<LinkSpec>().unwrap_err().to_string().contains("empty"));
+        assert_eq!("up=/s".parse::<LinkSpec>().unwrap(), LinkSpec { name: "up".into(), socket: "/s".into() });
     }
 
     #[test]
@@ -1161,10 +970,7 @@ mod tests {
         let p = dir.path().join("x");
         std::fs::write(&p, b"#!/bin/sh\n").unwrap();
         let e = check_image(&p).unwrap_err().to_string();
-        assert!(
-            e.contains("no ELF header") && e.contains("make images"),
-            "{e}"
-        );
+        assert!(e.contains("no ELF header") && e.contains("make images"), "{e}");
         let mut elf = vec![0u8; 64];
         elf[..4].copy_from_slice(b"\x7fELF");
         elf[4] = 2;
@@ -1175,12 +981,7 @@ mod tests {
         elf[54] = 56; // phentsize
         elf[56] = 1; // phnum, but no program header follows
         std::fs::write(&p, &elf).unwrap();
-        assert!(
-            check_image(&p)
-                .unwrap_err()
-                .to_string()
-                .contains("truncated")
-        );
+        assert!(check_image(&p).unwrap_err().to_string().contains("truncated"));
         assert!(check_image(&dir.path().join("missing")).is_err());
     }
 
@@ -1194,10 +995,7 @@ mod tests {
         let live = base.join(format!("{}-999999", std::process::id()));
         std::fs::create_dir_all(&live).unwrap();
         let d2 = RunDir::create().unwrap();
-        assert!(
-            !stale.exists(),
-            "a dead builder's run directory was not swept"
-        );
+        assert!(!stale.exists(), "a dead builder's run directory was not swept");
         assert!(live.exists(), "a live builder's run directory was swept");
         std::fs::remove_dir_all(live).unwrap();
         drop((d, d2));
@@ -1207,10 +1005,7 @@ mod tests {
     fn run_dirs_are_private_and_removed_on_drop() {
         let d = RunDir::create().unwrap();
         let p = d.path().to_path_buf();
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o700);
         drop(d);
         assert!(!p.exists());
     }

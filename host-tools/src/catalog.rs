@@ -13,6 +13,8 @@
 //! offers = []             # link types it offers (e.g. "block")
 //! needs = []              # link types it needs downstream
 //! description = "…"
+//! disks = 0               # virtio-blk disks it expects
+//! links = []              # data links it opens by name
 //!
 //! [signature]
 //! publisher = "…"         # Ed25519 public key, hex
@@ -48,6 +50,12 @@ pub struct ImageEntry {
     pub offers: Vec<String>,
     pub needs: Vec<String>,
     pub description: String,
+    /// Disks the image expects (virtio-blk, in order).
+    #[serde(default)]
+    pub disks: u32,
+    /// Data links the image opens by name.
+    #[serde(default)]
+    pub links: Vec<String>,
 }
 
 /// The publisher's signature over an [`ImageEntry`].
@@ -78,6 +86,12 @@ pub struct ImageSource {
     pub offers: Vec<String>,
     #[serde(default)]
     pub needs: Vec<String>,
+    /// Disks the image expects.
+    #[serde(default)]
+    pub disks: u32,
+    /// Data links the image opens by name.
+    #[serde(default)]
+    pub links: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,28 +105,17 @@ pub enum CatalogError {
     #[error(
         "image `{image}`: digest mismatch: {file} has SHA-384 {actual}, the manifest says {expected} (image modified after signing)"
     )]
-    DigestMismatch {
-        image: String,
-        file: String,
-        expected: String,
-        actual: String,
-    },
+    DigestMismatch { image: String, file: String, expected: String, actual: String },
     #[error(
         "image `{image}`: signature check failed: the manifest was modified after signing, or the signature is not the publisher's"
     )]
     BadSignature { image: String },
-    #[error(
-        "image `{image}`: publisher key {key} is not trusted (pass its public key with --trust)"
-    )]
+    #[error("image `{image}`: publisher key {key} is not trusted (pass its public key with --trust)")]
     UnknownPublisher { image: String, key: String },
     #[error("image `{image}`: {file} is missing from the catalog")]
     MissingFile { image: String, file: String },
     #[error("image `{image}`: declares unknown permission `{permission}` (known: {known})")]
-    UnknownPermission {
-        image: String,
-        permission: String,
-        known: String,
-    },
+    UnknownPermission { image: String, permission: String, known: String },
     #[error("{path}: not a valid manifest: {why}")]
     Malformed { path: String, why: String },
 }
@@ -126,10 +129,7 @@ pub fn unhex(s: &str) -> Result<Vec<u8>> {
     if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         bail!("`{s}` is not hex");
     }
-    Ok((0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect())
+    Ok((0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect())
 }
 
 fn signed_bytes(entry: &ImageEntry) -> Vec<u8> {
@@ -140,19 +140,16 @@ fn signed_bytes(entry: &ImageEntry) -> Vec<u8> {
 
 pub fn sha384_file(path: &Path) -> Result<String> {
     let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(hex(
-        ring::digest::digest(&ring::digest::SHA384, &data).as_ref()
-    ))
+    Ok(hex(ring::digest::digest(&ring::digest::SHA384, &data).as_ref()))
 }
 
 /// Creates a publisher key pair: PKCS#8 private key (mode 0600) and the hex
 /// public key. Returns the public key.
 pub fn keygen(private: &Path, public: &Path) -> Result<String> {
     use std::os::unix::fs::OpenOptionsExt;
-    let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-        .map_err(|_| anyhow::anyhow!("key generation failed"))?;
-    let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref())
-        .map_err(|_| anyhow::anyhow!("generated key unusable"))?;
+    let doc =
+        Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| anyhow::anyhow!("key generation failed"))?;
+    let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|_| anyhow::anyhow!("generated key unusable"))?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -161,19 +158,14 @@ pub fn keygen(private: &Path, public: &Path) -> Result<String> {
         .with_context(|| format!("creating {} (it must not exist yet)", private.display()))?;
     std::io::Write::write_all(&mut f, doc.as_ref())?;
     let pubkey = hex(pair.public_key().as_ref());
-    std::fs::write(public, format!("{pubkey}\n"))
-        .with_context(|| format!("writing {}", public.display()))?;
+    std::fs::write(public, format!("{pubkey}\n")).with_context(|| format!("writing {}", public.display()))?;
     Ok(pubkey)
 }
 
 fn load_key(private: &Path) -> Result<Ed25519KeyPair> {
-    let der = std::fs::read(private)
-        .with_context(|| format!("reading publisher key {}", private.display()))?;
+    let der = std::fs::read(private).with_context(|| format!("reading publisher key {}", private.display()))?;
     Ed25519KeyPair::from_pkcs8(&der).map_err(|_| {
-        anyhow::anyhow!(
-            "{} is not an Ed25519 PKCS#8 key (make one with `ssc catalog keygen`)",
-            private.display()
-        )
+        anyhow::anyhow!("{} is not an Ed25519 PKCS#8 key (make one with `ssc catalog keygen`)", private.display())
     })
 }
 
@@ -182,15 +174,10 @@ pub fn load_trusted(paths: &[PathBuf]) -> Result<Vec<String>> {
     paths
         .iter()
         .map(|p| {
-            let s = std::fs::read_to_string(p)
-                .with_context(|| format!("reading trusted key {}", p.display()))?;
+            let s = std::fs::read_to_string(p).with_context(|| format!("reading trusted key {}", p.display()))?;
             let k = unhex(&s).with_context(|| format!("{}: not a hex public key", p.display()))?;
             if k.len() != 32 {
-                bail!(
-                    "{}: an Ed25519 public key has 32 bytes, this has {}",
-                    p.display(),
-                    k.len()
-                );
+                bail!("{}: an Ed25519 public key has 32 bytes, this has {}", p.display(), k.len());
             }
             Ok(hex(&k))
         })
@@ -212,17 +199,9 @@ fn check_permissions(entry: &ImageEntry) -> Result<(), CatalogError> {
 
 /// Builds a catalog in `out` from `images.toml`, the built binaries in
 /// `bin_dir`, the version, and the publisher's private key.
-pub fn build(
-    images_toml: &Path,
-    bin_dir: &Path,
-    version: &str,
-    key: &Path,
-    out: &Path,
-) -> Result<Vec<Manifest>> {
-    let text = std::fs::read_to_string(images_toml)
-        .with_context(|| format!("reading {}", images_toml.display()))?;
-    let spec: ImagesFile =
-        toml::from_str(&text).with_context(|| format!("parsing {}", images_toml.display()))?;
+pub fn build(images_toml: &Path, bin_dir: &Path, version: &str, key: &Path, out: &Path) -> Result<Vec<Manifest>> {
+    let text = std::fs::read_to_string(images_toml).with_context(|| format!("reading {}", images_toml.display()))?;
+    let spec: ImagesFile = toml::from_str(&text).with_context(|| format!("parsing {}", images_toml.display()))?;
     let pair = load_key(key)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut manifests = vec![];
@@ -230,8 +209,7 @@ pub fn build(
         let bin = bin_dir.join(&src.binary);
         crate::builder::check_image(&bin).with_context(|| format!("image `{}`", src.name))?;
         let file = format!("{}-{version}.elf", src.name);
-        std::fs::copy(&bin, out.join(&file))
-            .with_context(|| format!("copying {}", bin.display()))?;
+        std::fs::copy(&bin, out.join(&file)).with_context(|| format!("copying {}", bin.display()))?;
         let entry = ImageEntry {
             name: src.name,
             version: version.into(),
@@ -241,20 +219,16 @@ pub fn build(
             offers: src.offers,
             needs: src.needs,
             description: src.description,
+            disks: src.disks,
+            links: src.links,
         };
         check_permissions(&entry)?;
         let sig = pair.sign(&signed_bytes(&entry));
         let m = Manifest {
-            signature: Signature {
-                publisher: hex(pair.public_key().as_ref()),
-                ed25519: hex(sig.as_ref()),
-            },
+            signature: Signature { publisher: hex(pair.public_key().as_ref()), ed25519: hex(sig.as_ref()) },
             image: entry,
         };
-        std::fs::write(
-            out.join(format!("{}.toml", m.image.name)),
-            toml::to_string_pretty(&m)?,
-        )?;
+        std::fs::write(out.join(format!("{}.toml", m.image.name)), toml::to_string_pretty(&m)?)?;
         manifests.push(m);
     }
     Ok(manifests)
@@ -263,75 +237,45 @@ pub fn build(
 /// Reads every manifest in `dir` without verifying it.
 pub fn read(dir: &Path) -> Result<Vec<(PathBuf, Result<Manifest, CatalogError>)>> {
     let mut out = vec![];
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("reading catalog {}", dir.display()))?;
-    let mut paths: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading catalog {}", dir.display()))?;
+    let mut paths: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
     paths.sort();
     for p in paths {
         let m = std::fs::read_to_string(&p)
             .map_err(|e| e.to_string())
             .and_then(|t| toml::from_str::<Manifest>(&t).map_err(|e| e.to_string()))
-            .map_err(|why| CatalogError::Malformed {
-                path: p.display().to_string(),
-                why,
-            });
+            .map_err(|why| CatalogError::Malformed { path: p.display().to_string(), why });
         out.push((p, m));
     }
     if out.is_empty() {
-        bail!(
-            "{} holds no manifests; build one with `ssc catalog build` (or `make catalog`)",
-            dir.display()
-        );
+        bail!("{} holds no manifests; build one with `ssc catalog build` (or `make catalog`)", dir.display());
     }
     Ok(out)
 }
 
 /// Verifies one manifest against the catalog folder and the trusted keys.
-pub fn verify_manifest(
-    dir: &Path,
-    m: &Manifest,
-    trusted: &[String],
-) -> Result<PathBuf, CatalogError> {
+pub fn verify_manifest(dir: &Path, m: &Manifest, trusted: &[String]) -> Result<PathBuf, CatalogError> {
     let name = m.image.name.clone();
-    if !trusted
-        .iter()
-        .any(|k| k.eq_ignore_ascii_case(&m.signature.publisher))
-    {
-        return Err(CatalogError::UnknownPublisher {
-            image: name,
-            key: m.signature.publisher.clone(),
-        });
+    if !trusted.iter().any(|k| k.eq_ignore_ascii_case(&m.signature.publisher)) {
+        return Err(CatalogError::UnknownPublisher { image: name, key: m.signature.publisher.clone() });
     }
     let (Ok(key), Ok(sig)) = (unhex(&m.signature.publisher), unhex(&m.signature.ed25519)) else {
         return Err(CatalogError::BadSignature { image: name });
     };
     UnparsedPublicKey::new(&ED25519, key)
         .verify(&signed_bytes(&m.image), &sig)
-        .map_err(|_| CatalogError::BadSignature {
-            image: name.clone(),
-        })?;
+        .map_err(|_| CatalogError::BadSignature { image: name.clone() })?;
     check_permissions(&m.image)?;
     if m.image.file.contains('/') || m.image.file.starts_with('.') {
-        return Err(CatalogError::MissingFile {
-            image: name,
-            file: m.image.file.clone(),
-        });
+        return Err(CatalogError::MissingFile { image: name, file: m.image.file.clone() });
     }
     let file = dir.join(&m.image.file);
     if !file.is_file() {
-        return Err(CatalogError::MissingFile {
-            image: name,
-            file: m.image.file.clone(),
-        });
+        return Err(CatalogError::MissingFile { image: name, file: m.image.file.clone() });
     }
-    let actual = sha384_file(&file).map_err(|_| CatalogError::MissingFile {
-        image: name.clone(),
-        file: m.image.file.clone(),
-    })?;
+    let actual = sha384_file(&file)
+        .map_err(|_| CatalogError::MissingFile { image: name.clone(), file: m.image.file.clone() })?;
     if actual != m.image.sha384 {
         return Err(CatalogError::DigestMismatch {
             image: name,
@@ -348,6 +292,28 @@ pub fn verify_manifest(
 pub struct VerifiedImage {
     pub manifest: Manifest,
     pub path: PathBuf,
+}
+
+impl VerifiedImage {
+    /// A spec that boots this image on its own: the scratch disks (16 MiB,
+    /// created in `scratch`) and link sockets its manifest declares.
+    pub fn standalone_spec(&self, scratch: &Path) -> Result<crate::builder::DomainSpec> {
+        let m = &self.manifest.image;
+        let mut spec = crate::builder::DomainSpec::new(&m.name, &self.path);
+        for i in 0..m.disks {
+            let disk = scratch.join(format!("{}-{i}.img", m.name));
+            std::fs::File::create(&disk)
+                .and_then(|f| f.set_len(16 << 20))
+                .with_context(|| format!("creating scratch disk {}", disk.display()))?;
+            spec.disks.push(disk);
+        }
+        for l in &m.links {
+            let socket = scratch.join(format!("{}-{l}.sock", m.name));
+            let _ = std::fs::remove_file(&socket);
+            spec.links.push(crate::builder::LinkSpec { name: l.clone(), socket });
+        }
+        Ok(spec)
+    }
 }
 
 /// Verifies the whole catalog; the first failure is the error.
@@ -392,16 +358,13 @@ mod tests {
             offers: vec![],
             needs: vec![],
             description: "test".into(),
+            disks: 0,
+            links: vec![],
         };
         let pair = load_key(&key).unwrap();
         let sig = pair.sign(&signed_bytes(&entry));
-        let m = Manifest {
-            image: entry,
-            signature: Signature {
-                publisher: pubkey.clone(),
-                ed25519: hex(sig.as_ref()),
-            },
-        };
+        let m =
+            Manifest { image: entry, signature: Signature { publisher: pubkey.clone(), ed25519: hex(sig.as_ref()) } };
         std::fs::write(cat.join("img.toml"), toml::to_string_pretty(&m).unwrap()).unwrap();
         (dir, cat, pubkey)
     }
@@ -422,25 +385,17 @@ mod tests {
         b[5] ^= 1;
         std::fs::write(&f, b).unwrap();
         let e = verify(&cat, &[pk]).unwrap_err().to_string();
-        assert!(
-            e.contains("image `img`") && e.contains("digest mismatch"),
-            "{e}"
-        );
+        assert!(e.contains("image `img`") && e.contains("digest mismatch"), "{e}");
     }
 
     #[test]
     fn a_manifest_edited_after_signing_fails_the_signature() {
         let (_d, cat, pk) = fixture();
         let p = cat.join("img.toml");
-        let t = std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("\"mem-read\"", "\"mem-write\"");
+        let t = std::fs::read_to_string(&p).unwrap().replace("\"mem-read\"", "\"mem-write\"");
         std::fs::write(&p, t).unwrap();
         let e = verify(&cat, &[pk]).unwrap_err().to_string();
-        assert!(
-            e.contains("image `img`") && e.contains("signature check failed"),
-            "{e}"
-        );
+        assert!(e.contains("image `img`") && e.contains("signature check failed"), "{e}");
     }
 
     #[test]
@@ -448,26 +403,18 @@ mod tests {
         let (d, cat, _pk) = fixture();
         let other = keygen(&d.path().join("o.pk8"), &d.path().join("o.hex")).unwrap();
         let e = verify(&cat, &[other]).unwrap_err().to_string();
-        assert!(
-            e.contains("image `img`") && e.contains("not trusted"),
-            "{e}"
-        );
+        assert!(e.contains("image `img`") && e.contains("not trusted"), "{e}");
     }
 
     #[test]
     fn a_missing_image_file_and_a_malformed_manifest_are_named() {
         let (_d, cat, pk) = fixture();
         std::fs::remove_file(cat.join("img-1.0.elf")).unwrap();
-        let e = verify(&cat, std::slice::from_ref(&pk))
-            .unwrap_err()
-            .to_string();
+        let e = verify(&cat, std::slice::from_ref(&pk)).unwrap_err().to_string();
         assert!(e.contains("missing"), "{e}");
         std::fs::write(cat.join("img.toml"), "not = [valid").unwrap();
         let e = verify(&cat, &[pk]).unwrap_err().to_string();
-        assert!(
-            e.contains("img.toml") && e.contains("not a valid manifest"),
-            "{e}"
-        );
+        assert!(e.contains("img.toml") && e.contains("not a valid manifest"), "{e}");
     }
 
     #[test]
@@ -477,11 +424,6 @@ mod tests {
         keygen(&k, &d.path().join("k.pub")).unwrap();
         assert!(keygen(&k, &d.path().join("k2.pub")).is_err());
         std::fs::write(d.path().join("short"), "abcd").unwrap();
-        assert!(
-            load_trusted(&[d.path().join("short")])
-                .unwrap_err()
-                .to_string()
-                .contains("32 bytes")
-        );
+        assert!(load_trusted(&[d.path().join("short")]).unwrap_err().to_string().contains("32 bytes"));
     }
 }

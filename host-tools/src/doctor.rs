@@ -22,37 +22,13 @@ pub struct Check {
 
 fn tool_version(bin: &str, arg: &str) -> Option<String> {
     let out = Command::new(bin).arg(arg).output().ok()?;
-    let text = if out.stdout.is_empty() {
-        out.stderr
-    } else {
-        out.stdout
-    };
-    Some(
-        String::from_utf8_lossy(&text)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_string(),
-    )
+    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+    Some(String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_string())
 }
 
-fn tool(
-    name: &'static str,
-    bin: &str,
-    arg: &str,
-    package: &str,
-    optional: bool,
-    why: &str,
-) -> Check {
+fn tool(name: &'static str, bin: &str, arg: &str, package: &str, optional: bool, why: &str) -> Check {
     match tool_version(bin, arg) {
-        Some(v) => Check {
-            name,
-            ok: true,
-            optional,
-            detail: v,
-            fix: None,
-        },
+        Some(v) => Check { name, ok: true, optional, detail: v, fix: None },
         None => Check {
             name,
             ok: false,
@@ -66,38 +42,10 @@ fn tool(
 /// Runs every check. `probe_image` lets the KVM probe boot a real image.
 pub fn run(probe_image: Option<&Path>) -> Vec<Check> {
     let mut checks = vec![
-        tool(
-            "qemu",
-            qemu::QEMU,
-            "--version",
-            "qemu-system-x86",
-            false,
-            "boots every domain",
-        ),
-        tool(
-            "qemu-img",
-            "qemu-img",
-            "--version",
-            "qemu-utils",
-            false,
-            "volumes and interop tests",
-        ),
-        tool(
-            "setpriv",
-            "setpriv",
-            "--version",
-            "util-linux",
-            true,
-            "kills QEMU if the builder dies",
-        ),
-        tool(
-            "swtpm",
-            "swtpm",
-            "--version",
-            "swtpm swtpm-tools",
-            true,
-            "per-tenant vTPMs (attestation)",
-        ),
+        tool("qemu", qemu::QEMU, "--version", "qemu-system-x86", false, "boots every domain"),
+        tool("qemu-img", "qemu-img", "--version", "qemu-utils", false, "volumes and interop tests"),
+        tool("setpriv", "setpriv", "--version", "util-linux", true, "kills QEMU if the builder dies"),
+        tool("swtpm", "swtpm", "--version", "swtpm swtpm-tools", true, "per-tenant vTPMs (attestation)"),
     ];
     let qboot = Path::new(qemu::QBOOT).exists();
     checks.push(Check {
@@ -116,30 +64,20 @@ pub fn run(probe_image: Option<&Path>) -> Vec<Check> {
         name: "/dev/kvm",
         ok: kvm.is_ok(),
         optional: true,
-        detail: kvm
-            .clone()
-            .err()
-            .unwrap_or_else(|| "present and accessible".into()),
+        detail: kvm.clone().err().unwrap_or_else(|| "present and accessible".into()),
         fix: None,
     });
     let (accel, why) = match (kvm, probe_image) {
         (Err(e), _) => ("tcg".to_string(), e),
-        (Ok(()), None) => (
-            "tcg".to_string(),
-            "no built image to probe KVM with (run `make images`, or pass --image)".into(),
-        ),
+        (Ok(()), None) => {
+            ("tcg".to_string(), "no built image to probe KVM with (run `make images`, or pass --image)".into())
+        }
         (Ok(()), Some(img)) => {
             let v = qemu::probe_kvm(img, std::time::Duration::from_secs(8));
             (if v.usable { "kvm" } else { "tcg" }.to_string(), v.reason)
         }
     };
-    checks.push(Check {
-        name: "accelerator",
-        ok: true,
-        optional: false,
-        detail: format!("{accel}: {why}"),
-        fix: None,
-    });
+    checks.push(Check { name: "accelerator", ok: true, optional: false, detail: format!("{accel}: {why}"), fix: None });
     checks
 }
 

@@ -108,10 +108,7 @@ enum CatalogCmd {
         #[arg(long, default_value = "kernels/images.toml")]
         images: PathBuf,
         /// Where the built image binaries are.
-        #[arg(
-            long,
-            default_value = "kernels/target/x86_64-unknown-linux-gnu/release"
-        )]
+        #[arg(long, default_value = "kernels/target/x86_64-unknown-linux-gnu/release")]
         bin_dir: PathBuf,
         /// Publisher private key (from `ssc catalog keygen`).
         #[arg(long)]
@@ -200,11 +197,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ..DomainSpec::new(&name, &path)
             };
             let run_dir = RunDir::create()?;
-            let echo = if quiet {
-                LogEcho::Quiet
-            } else {
-                LogEcho::Stdout(String::new())
-            };
+            let echo = if quiet { LogEcho::Quiet } else { LogEcho::Stdout(String::new()) };
             let mut dom = Domain::launch(&spec, accel, &run_dir, echo)?;
             let wait = (timeout > 0).then(|| Duration::from_secs(timeout));
             let ready = dom.wait_ready(wait.unwrap_or(Duration::from_secs(120)))?;
@@ -216,10 +209,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             let exit = dom.wait_exit(wait)?;
             if let Some(rtt) = dom.control_verified() {
-                eprintln!(
-                    "ssc: control link verified (Ping/Pong round trip {:.2} ms)",
-                    rtt.as_secs_f64() * 1e3
-                );
+                eprintln!("ssc: control link verified (Ping/Pong round trip {:.2} ms)", rtt.as_secs_f64() * 1e3);
             }
             eprintln!("ssc: {name}: {exit}");
             Ok(match exit {
@@ -240,19 +230,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", doctor::render(&checks));
             }
             let missing = checks.iter().any(|c| !c.ok && !c.optional);
-            Ok(if missing {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(if missing { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         Cmd::Catalog(c) => catalog_cmd(c),
-        Cmd::Bench(BenchCmd::Boot {
-            catalog: dir,
-            trust,
-            runs,
-            json,
-        }) => {
+        Cmd::Bench(BenchCmd::Boot { catalog: dir, trust, runs, json }) => {
             let trusted = catalog::load_trusted(&trust)?;
             let images = catalog::verify(&dir, &trusted)?;
             let probe = images.first().map(|i| i.path.clone());
@@ -277,35 +258,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// The image file to boot and the domain name to give it: a catalog
 /// image's name, or a file's stem.
-fn resolve_image(
-    image: &str,
-    catalog_dir: Option<&Path>,
-    trust: &[PathBuf],
-) -> Result<(PathBuf, String)> {
+fn resolve_image(image: &str, catalog_dir: Option<&Path>, trust: &[PathBuf]) -> Result<(PathBuf, String)> {
     let p = Path::new(image);
     if p.is_file() {
-        let stem = p
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let name: String = stem
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        return Ok((
-            p.to_path_buf(),
-            if name.is_empty() {
-                "image".into()
-            } else {
-                name
-            },
-        ));
+        let stem = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let name: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        return Ok((p.to_path_buf(), if name.is_empty() { "image".into() } else { name }));
     }
     let Some(dir) = catalog_dir else {
         bail!(
@@ -313,10 +271,7 @@ fn resolve_image(
         );
     };
     if trust.is_empty() {
-        bail!(
-            "running `{image}` from catalog {} needs --trust PUBLISHER_KEY",
-            dir.display()
-        );
+        bail!("running `{image}` from catalog {} needs --trust PUBLISHER_KEY", dir.display());
     }
     let img = catalog::find(dir, &catalog::load_trusted(trust)?, image)?;
     eprintln!(
@@ -329,12 +284,8 @@ fn resolve_image(
 }
 
 fn workspace_version(images_toml: &Path) -> Result<String> {
-    let cargo = images_toml
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("Cargo.toml");
-    let text =
-        std::fs::read_to_string(&cargo).with_context(|| format!("reading {}", cargo.display()))?;
+    let cargo = images_toml.parent().unwrap_or(Path::new(".")).join("Cargo.toml");
+    let text = std::fs::read_to_string(&cargo).with_context(|| format!("reading {}", cargo.display()))?;
     let v: toml::Value = toml::from_str(&text)?;
     v.get("workspace")
         .and_then(|w| w.get("package"))
@@ -354,12 +305,7 @@ fn catalog_cmd(c: CatalogCmd) -> Result<ExitCode> {
                 public.display()
             );
         }
-        CatalogCmd::Build {
-            images,
-            bin_dir,
-            key,
-            out,
-        } => {
+        CatalogCmd::Build { images, bin_dir, key, out } => {
             let version = workspace_version(&images)?;
             let ms = catalog::build(&images, &bin_dir, &version, &key, &out)?;
             for m in &ms {
@@ -373,11 +319,7 @@ fn catalog_cmd(c: CatalogCmd) -> Result<ExitCode> {
             }
             println!("catalog written to {}", out.display());
         }
-        CatalogCmd::Verify {
-            catalog: dir,
-            trust,
-            json,
-        } => {
+        CatalogCmd::Verify { catalog: dir, trust, json } => {
             let trusted = catalog::load_trusted(&trust)?;
             let v = catalog::verify(&dir, &trusted)?;
             if json {
@@ -396,11 +338,7 @@ fn catalog_cmd(c: CatalogCmd) -> Result<ExitCode> {
                 println!("{} image(s) verified", v.len());
             }
         }
-        CatalogCmd::List {
-            catalog: dir,
-            trust,
-            json,
-        } => {
+        CatalogCmd::List { catalog: dir, trust, json } => {
             let trusted = catalog::load_trusted(&trust)?;
             let mut rows = vec![];
             for (path, m) in catalog::read(&dir)? {
@@ -427,21 +365,14 @@ fn catalog_cmd(c: CatalogCmd) -> Result<ExitCode> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&j)?);
             } else {
-                println!(
-                    "{:<14} {:<9} {:<28} {:<30} status",
-                    "name", "version", "permissions", "description"
-                );
+                println!("{:<14} {:<9} {:<28} {:<30} status", "name", "version", "permissions", "description");
                 for (p, m, s) in &rows {
                     match m {
                         Some(m) => println!(
                             "{:<14} {:<9} {:<28} {:<30} {s}",
                             m.image.name,
                             m.image.version,
-                            if m.image.permissions.is_empty() {
-                                "-".into()
-                            } else {
-                                m.image.permissions.join(",")
-                            },
+                            if m.image.permissions.is_empty() { "-".into() } else { m.image.permissions.join(",") },
                             m.image.description.chars().take(30).collect::<String>()
                         ),
                         None => println!("{:<14} {s}", p.display()),

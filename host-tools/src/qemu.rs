@@ -97,9 +97,7 @@ impl Firmware {
         match self {
             Firmware::Seabios => (Firmware::Seabios, None),
             Firmware::Qboot => (Firmware::Qboot, Some(PathBuf::from(QBOOT))),
-            Firmware::Auto if Path::new(QBOOT).exists() => {
-                (Firmware::Qboot, Some(PathBuf::from(QBOOT)))
-            }
+            Firmware::Auto if Path::new(QBOOT).exists() => (Firmware::Qboot, Some(PathBuf::from(QBOOT))),
             Firmware::Auto => (Firmware::Seabios, None),
         }
     }
@@ -130,9 +128,7 @@ impl ImageExit {
     pub fn from_status(status: std::process::ExitStatus) -> ImageExit {
         match status.code() {
             Some(33) => ImageExit::Success,
-            Some(c) if c >= 65 && c % 2 == 1 => ImageExit::Failure {
-                reason: ((c - 65) / 2) as u8,
-            },
+            Some(c) if c >= 65 && c % 2 == 1 => ImageExit::Failure { reason: ((c - 65) / 2) as u8 },
             Some(c) => ImageExit::Qemu { status: c },
             None => ImageExit::Signal,
         }
@@ -156,15 +152,8 @@ impl fmt::Display for ImageExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ImageExit::Success => f.write_str("image reported success"),
-            ImageExit::Failure { reason } => write!(
-                f,
-                "image reported failure: {}",
-                ImageExit::reason_name(*reason)
-            ),
-            ImageExit::Qemu { status } => write!(
-                f,
-                "QEMU exited with status {status} without an image verdict"
-            ),
+            ImageExit::Failure { reason } => write!(f, "image reported failure: {}", ImageExit::reason_name(*reason)),
+            ImageExit::Qemu { status } => write!(f, "QEMU exited with status {status} without an image verdict"),
             ImageExit::Signal => f.write_str("QEMU was killed by a signal"),
         }
     }
@@ -175,12 +164,7 @@ pub fn version() -> Result<String> {
     let out = Command::new(QEMU).arg("--version").output().with_context(|| {
         format!("{QEMU} not found: install it with `sudo apt-get install -y qemu-system-x86` (or run `make deps`)")
     })?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string())
+    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_string())
 }
 
 /// Whether `/dev/kvm` exists and can be opened read-write.
@@ -194,16 +178,11 @@ pub fn kvm_device() -> Result<(), String> {
         .write(true)
         .open(p)
         .map(|_| ())
-        .map_err(|e| {
-            format!("/dev/kvm is not usable by this user ({e}); add the user to group `kvm`")
-        })
+        .map_err(|e| format!("/dev/kvm is not usable by this user ({e}); add the user to group `kvm`"))
 }
 
 fn host_kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string()
 }
 
 fn cache_file() -> PathBuf {
@@ -234,19 +213,13 @@ pub fn cached_verdict() -> Option<KvmVerdict> {
     }
     let usable = lines.next() == Some("usable");
     let reason = lines.next().unwrap_or("").to_string();
-    Some(KvmVerdict {
-        usable,
-        reason: format!("{reason} (cached probe)"),
-    })
+    Some(KvmVerdict { usable, reason: format!("{reason} (cached probe)") })
 }
 
 /// Boots `image` under KVM with `ssc.probe=1` and judges the result.
 pub fn probe_kvm(image: &Path, timeout: Duration) -> KvmVerdict {
     if let Err(reason) = kvm_device() {
-        return KvmVerdict {
-            usable: false,
-            reason,
-        };
+        return KvmVerdict { usable: false, reason };
     }
     let key = probe_key();
     if let Some(v) = cached_verdict() {
@@ -257,11 +230,7 @@ pub fn probe_kvm(image: &Path, timeout: Duration) -> KvmVerdict {
         let _ = std::fs::create_dir_all(dir);
         let _ = std::fs::write(
             cache_file(),
-            format!(
-                "{key}\n{}\n{}\n",
-                if verdict.usable { "usable" } else { "unusable" },
-                verdict.reason
-            ),
+            format!("{key}\n{}\n{}\n", if verdict.usable { "usable" } else { "unusable" }, verdict.reason),
         );
     }
     verdict
@@ -269,10 +238,7 @@ pub fn probe_kvm(image: &Path, timeout: Duration) -> KvmVerdict {
 
 fn run_probe(image: &Path, timeout: Duration) -> KvmVerdict {
     use crate::builder::{Domain, DomainSpec, LogEcho, RunDir};
-    let unusable = |reason: String| KvmVerdict {
-        usable: false,
-        reason,
-    };
+    let unusable = |reason: String| KvmVerdict { usable: false, reason };
     let run_dir = match RunDir::create() {
         Ok(d) => d,
         Err(e) => return unusable(format!("KVM probe: {e:#}")),
@@ -283,33 +249,26 @@ fn run_probe(image: &Path, timeout: Duration) -> KvmVerdict {
     let mut d = match Domain::launch(&spec, Accel::Kvm, &run_dir, LogEcho::Quiet) {
         Ok(d) => d,
         Err(e) => {
-            return unusable(format!(
-                "KVM probe could not start QEMU: {}",
-                first_line(&e)
-            ));
+            return unusable(format!("KVM probe could not start QEMU: {}", first_line(&e)));
         }
     };
     let rate = |d: &Domain| {
-        d.log()
-            .iter()
-            .find_map(|l| l.split("memset_mib_s=").nth(1))
-            .and_then(|r| r.trim().parse::<f64>().ok())
+        d.log().iter().find_map(|l| l.split("memset_mib_s=").nth(1)).and_then(|r| r.trim().parse::<f64>().ok())
     };
     match d.wait_exit(Some(timeout)) {
         Ok(ImageExit::Success) => match rate(&d) {
-            Some(r) if r >= 200.0 => KvmVerdict {
-                usable: true,
-                reason: format!("KVM probe passed (guest memset {r:.0} MiB/s)"),
-            },
+            Some(r) if r >= 200.0 => {
+                KvmVerdict { usable: true, reason: format!("KVM probe passed (guest memset {r:.0} MiB/s)") }
+            }
             r => unusable(format!(
                 "KVM runs guest kernel code emulated (guest memset {:.0} MiB/s): nested software KVM",
                 r.unwrap_or(0.0)
             )),
         },
         Ok(exit) => unusable(format!("KVM probe failed: {exit}")),
-        Err(e) if format!("{e:#}").contains("KVM internal error") => unusable(
-            "QEMU stopped on a KVM emulation failure in guest ring 0: nested software KVM".into(),
-        ),
+        Err(e) if format!("{e:#}").contains("KVM internal error") => {
+            unusable("QEMU stopped on a KVM emulation failure in guest ring 0: nested software KVM".into())
+        }
         Err(e) => unusable(format!("KVM probe: {}", first_line(&e))),
     }
 }
@@ -321,18 +280,10 @@ fn first_line(e: &anyhow::Error) -> String {
 /// Picks the accelerator: `SSC_ACCEL` beats `choice`; `auto` probes KVM
 /// with `probe_image` and falls back to TCG. Returns it with the reason.
 pub fn resolve_accel(choice: AccelChoice, probe_image: Option<&Path>) -> Result<(Accel, String)> {
-    resolve_accel_with(
-        choice,
-        std::env::var("SSC_ACCEL").ok().as_deref(),
-        probe_image,
-    )
+    resolve_accel_with(choice, std::env::var("SSC_ACCEL").ok().as_deref(), probe_image)
 }
 
-fn resolve_accel_with(
-    choice: AccelChoice,
-    env: Option<&str>,
-    probe_image: Option<&Path>,
-) -> Result<(Accel, String)> {
+fn resolve_accel_with(choice: AccelChoice, env: Option<&str>, probe_image: Option<&Path>) -> Result<(Accel, String)> {
     let choice = match env {
         Some("kvm") => AccelChoice::Kvm,
         Some("tcg") => AccelChoice::Tcg,
@@ -377,24 +328,11 @@ mod tests {
     fn exit_statuses_decode_to_the_runtime_reasons() {
         let s = |code: i32| std::process::ExitStatus::from_raw(code << 8);
         assert_eq!(ImageExit::from_status(s(33)), ImageExit::Success);
-        assert_eq!(
-            ImageExit::from_status(s(67)),
-            ImageExit::Failure { reason: 1 }
-        );
-        assert_eq!(
-            ImageExit::from_status(s(69)),
-            ImageExit::Failure { reason: 2 }
-        );
+        assert_eq!(ImageExit::from_status(s(67)), ImageExit::Failure { reason: 1 });
+        assert_eq!(ImageExit::from_status(s(69)), ImageExit::Failure { reason: 2 });
         assert_eq!(ImageExit::from_status(s(1)), ImageExit::Qemu { status: 1 });
-        assert_eq!(
-            ImageExit::from_status(std::process::ExitStatus::from_raw(9)),
-            ImageExit::Signal
-        );
-        assert!(
-            ImageExit::Failure { reason: 3 }
-                .to_string()
-                .contains("entropy")
-        );
+        assert_eq!(ImageExit::from_status(std::process::ExitStatus::from_raw(9)), ImageExit::Signal);
+        assert!(ImageExit::Failure { reason: 3 }.to_string().contains("entropy"));
     }
 
     #[test]

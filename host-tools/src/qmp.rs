@@ -28,22 +28,15 @@ impl Qmp {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("connecting to QMP socket {}", path.display()));
+                    return Err(e).with_context(|| format!("connecting to QMP socket {}", path.display()));
                 }
             }
         };
         stream.set_read_timeout(Some(timeout))?;
-        let mut qmp = Qmp {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-        };
+        let mut qmp = Qmp { writer: stream.try_clone()?, reader: BufReader::new(stream) };
         let greeting = qmp.read_message()?;
         if greeting.get("QMP").is_none() {
-            bail!(
-                "QMP socket {} did not greet with a QMP banner: {greeting}",
-                path.display()
-            );
+            bail!("QMP socket {} did not greet with a QMP banner: {greeting}", path.display());
         }
         qmp.execute("qmp_capabilities", None)?;
         Ok(qmp)
@@ -70,10 +63,7 @@ impl Qmp {
                 return Ok(r.clone());
             }
             if let Some(e) = reply.get("error") {
-                return Err(anyhow!(
-                    "QMP {command} failed: {}",
-                    e["desc"].as_str().unwrap_or("unknown error")
-                ));
+                return Err(anyhow!("QMP {command} failed: {}", e["desc"].as_str().unwrap_or("unknown error")));
             }
             // an event: keep reading
         }

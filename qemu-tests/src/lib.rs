@@ -23,32 +23,48 @@ pub use ssc;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+/// A built image.
+pub fn image(name: &str) -> PathBuf {
+    let p = repo().join("kernels/target/x86_64-unknown-linux-gnu/release").join(name);
+    assert!(p.is_file(), "{} is missing: run `make images` (or `make test`, which builds it)", p.display());
+    p
 }
 
 /// The built selftest image.
 pub fn selftest_image() -> PathBuf {
-    let p = repo().join("kernels/target/x86_64-unknown-linux-gnu/release/selftest");
-    assert!(
-        p.is_file(),
-        "{} is missing: run `make images` (or `make test`, which builds it)",
-        p.display()
-    );
-    p
+    image("selftest")
+}
+
+/// Runs a host tool (a real peer: qemu-io, nbdinfo, …), killed after
+/// `timeout`; returns (success, stdout + stderr).
+pub fn peer(program: &str, args: &[&str], timeout: Duration) -> (bool, String) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} not found ({e}): run `make deps`"));
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
 }
 
 /// The catalog folder and the trusted publisher key file.
 pub fn catalog() -> (PathBuf, PathBuf) {
     let dir = repo().join("build/catalog");
     let key = repo().join("build/publisher.pub");
-    assert!(
-        dir.is_dir() && key.is_file(),
-        "no catalog at {}: run `make catalog` (or `make test`)",
-        dir.display()
-    );
+    assert!(dir.is_dir() && key.is_file(), "no catalog at {}: run `make catalog` (or `make test`)", dir.display());
     (dir, key)
 }
 
@@ -56,8 +72,7 @@ pub fn catalog() -> (PathBuf, PathBuf) {
 pub fn accel() -> Accel {
     static ACCEL: OnceLock<Accel> = OnceLock::new();
     *ACCEL.get_or_init(|| {
-        let (a, why) = ssc::qemu::resolve_accel(AccelChoice::Auto, Some(&selftest_image()))
-            .expect("accelerator");
+        let (a, why) = ssc::qemu::resolve_accel(AccelChoice::Auto, Some(&selftest_image())).expect("accelerator");
         eprintln!("qemu-tests: accelerator {a} ({why})");
         a
     })
@@ -67,20 +82,14 @@ pub fn accel() -> Accel {
 pub fn ssc_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo().join("target"));
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
         let bin = target.join("debug/ssc");
         let status = Command::new(env!("CARGO"))
             .args(["build", "--quiet", "-p", "host-tools", "--bin", "ssc"])
             .current_dir(repo())
             .status()
             .expect("running cargo build for ssc");
-        assert!(
-            status.success() && bin.is_file(),
-            "could not build {}",
-            bin.display()
-        );
+        assert!(status.success() && bin.is_file(), "could not build {}", bin.display());
         bin
     })
     .clone()
@@ -136,9 +145,7 @@ pub fn disk_has_selftest_pattern(disk: &Path) -> bool {
     data[1 << 20..9 << 20]
         .chunks_exact(8)
         .enumerate()
-        .all(|(i, w)| {
-            u64::from_le_bytes(w.try_into().unwrap()) == pattern_word((1 << 20) + 8 * i as u64)
-        })
+        .all(|(i, w)| u64::from_le_bytes(w.try_into().unwrap()) == pattern_word((1 << 20) + 8 * i as u64))
 }
 
 /// Connects to an echo link as the host peer: sends an 8-byte length and
@@ -182,10 +189,7 @@ pub fn echo_peer(
 
 /// Deterministic pseudo-random bytes.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    (0..len.div_ceil(8))
-        .flat_map(|i| pattern_word(seed.wrapping_add(i as u64 * 8)).to_le_bytes())
-        .take(len)
-        .collect()
+    (0..len.div_ceil(8)).flat_map(|i| pattern_word(seed.wrapping_add(i as u64 * 8)).to_le_bytes()).take(len).collect()
 }
 
 /// A finished `ssc` invocation.
@@ -205,11 +209,7 @@ impl CliResult {
     }
     /// Everything it printed, for assertion messages.
     pub fn all(&self) -> String {
-        format!(
-            "--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.stdout(),
-            self.stderr()
-        )
+        format!("--- stdout ---\n{}\n--- stderr ---\n{}", self.stdout(), self.stderr())
     }
 }
 
@@ -219,14 +219,7 @@ pub fn run_ssc(args: &[&str], timeout: Duration) -> CliResult {
     let mut child = Command::new(ssc_bin())
         .args(args)
         .current_dir(repo())
-        .env(
-            "SSC_ACCEL",
-            if args.contains(&"--accel") {
-                "auto".to_string()
-            } else {
-                accel().to_string()
-            },
-        )
+        .env("SSC_ACCEL", if args.contains(&"--accel") { "auto".to_string() } else { accel().to_string() })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -245,9 +238,7 @@ pub fn run_ssc(args: &[&str], timeout: Duration) -> CliResult {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    CliResult {
-        output: child.wait_with_output().unwrap(),
-    }
+    CliResult { output: child.wait_with_output().unwrap() }
 }
 
 /// Whether any process's command line contains `needle`.
@@ -256,8 +247,6 @@ pub fn process_with_arg_exists(needle: &str) -> bool {
         return false;
     };
     dir.flatten().any(|e| {
-        std::fs::read(e.path().join("cmdline"))
-            .map(|c| String::from_utf8_lossy(&c).contains(needle))
-            .unwrap_or(false)
+        std::fs::read(e.path().join("cmdline")).map(|c| String::from_utf8_lossy(&c).contains(needle)).unwrap_or(false)
     })
 }

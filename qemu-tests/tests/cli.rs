@@ -41,29 +41,17 @@ fn ssc_run_boots_a_catalog_image_by_name_and_reports_success() {
     );
     assert_eq!(r.code(), Some(0), "{}", r.all());
     let err = r.stderr();
-    for want in [
-        "selftest 0.1.0 verified",
-        "accelerator ",
-        "ready:",
-        "control link verified",
-        "image reported success",
-    ] {
+    for want in ["selftest 0.1.0 verified", "accelerator ", "ready:", "control link verified", "image reported success"]
+    {
         assert!(err.contains(want), "missing `{want}`:\n{}", r.all());
     }
-    for want in [
-        "PASS crypto",
-        "PASS virtio-blk",
-        "PASS virtio-serial echo",
-        "selftest: PASS checks=9 skipped=0",
-        "MiB/s",
-    ] {
+    for want in
+        ["PASS crypto", "PASS virtio-blk", "PASS virtio-serial echo", "selftest: PASS checks=9 skipped=0", "MiB/s"]
+    {
         assert!(r.stdout().contains(want), "missing `{want}`:\n{}", r.all());
     }
     assert_eq!(peer.join().unwrap().unwrap(), data);
-    assert!(
-        window_was_written(&window),
-        "the :rw window did not carry the write"
-    );
+    assert!(window_was_written(&window), "the :rw window did not carry the write");
 }
 
 #[test]
@@ -74,63 +62,24 @@ fn ssc_run_refuses_a_truncated_image_before_starting_qemu() {
     std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
     let r = run_ssc(&["run", cut.to_str().unwrap(), "--accel", "tcg"], T);
     assert_eq!(r.code(), Some(1), "{}", r.all());
-    assert!(
-        r.stderr().contains("truncated") && r.stderr().contains("make images"),
-        "{}",
-        r.all()
-    );
+    assert!(r.stderr().contains("truncated") && r.stderr().contains("make images"), "{}", r.all());
 }
 
 #[test]
 fn ssc_run_names_missing_disks_existing_sockets_and_unknown_images() {
     let tmp = tempfile::tempdir().unwrap();
     let img = selftest_image();
-    let r = run_ssc(
-        &[
-            "run",
-            img.to_str().unwrap(),
-            "--disk",
-            "/nonexistent/disk.img",
-        ],
-        T,
-    );
-    assert!(
-        r.code() == Some(1) && r.stderr().contains("/nonexistent/disk.img does not exist"),
-        "{}",
-        r.all()
-    );
+    let r = run_ssc(&["run", img.to_str().unwrap(), "--disk", "/nonexistent/disk.img"], T);
+    assert!(r.code() == Some(1) && r.stderr().contains("/nonexistent/disk.img does not exist"), "{}", r.all());
     let taken = tmp.path().join("taken.sock");
     std::fs::write(&taken, b"").unwrap();
-    let r = run_ssc(
-        &[
-            "run",
-            img.to_str().unwrap(),
-            "--link",
-            &format!("up={}", taken.display()),
-        ],
-        T,
-    );
-    assert!(
-        r.code() == Some(1) && r.stderr().contains("already exists"),
-        "{}",
-        r.all()
-    );
+    let r = run_ssc(&["run", img.to_str().unwrap(), "--link", &format!("up={}", taken.display())], T);
+    assert!(r.code() == Some(1) && r.stderr().contains("already exists"), "{}", r.all());
     let r = run_ssc(&["run", "no-such-image"], T);
-    assert!(
-        r.code() == Some(1) && r.stderr().contains("--catalog"),
-        "{}",
-        r.all()
-    );
+    assert!(r.code() == Some(1) && r.stderr().contains("--catalog"), "{}", r.all());
     let (dir, key) = catalog_args();
-    let r = run_ssc(
-        &["run", "no-such-image", "--catalog", &dir, "--trust", &key],
-        T,
-    );
-    assert!(
-        r.code() == Some(1) && r.stderr().contains("no image `no-such-image`"),
-        "{}",
-        r.all()
-    );
+    let r = run_ssc(&["run", "no-such-image", "--catalog", &dir, "--trust", &key], T);
+    assert!(r.code() == Some(1) && r.stderr().contains("no image `no-such-image`"), "{}", r.all());
 }
 
 /// A private copy of the catalog to tamper with.
@@ -160,55 +109,29 @@ fn catalog_tampering_is_refused_naming_the_image_and_the_check() {
     let at = b.len() / 2;
     b[at] ^= 0x01;
     std::fs::write(&elf, b).unwrap();
-    let r = run_ssc(
-        &["catalog", "verify", cat.to_str().unwrap(), "--trust", &key],
-        T,
-    );
+    let r = run_ssc(&["catalog", "verify", cat.to_str().unwrap(), "--trust", &key], T);
     assert!(
-        r.code() == Some(1)
-            && r.stderr().contains("image `selftest`")
-            && r.stderr().contains("digest mismatch"),
+        r.code() == Some(1) && r.stderr().contains("image `selftest`") && r.stderr().contains("digest mismatch"),
         "{}",
         r.all()
     );
-    let r = run_ssc(
-        &[
-            "run",
-            "selftest",
-            "--catalog",
-            cat.to_str().unwrap(),
-            "--trust",
-            &key,
-        ],
-        T,
-    );
+    let r = run_ssc(&["run", "selftest", "--catalog", cat.to_str().unwrap(), "--trust", &key], T);
     assert!(
         r.code() == Some(1) && r.stderr().contains("digest mismatch"),
         "a tampered image must not boot:\n{}",
         r.all()
     );
-    assert!(
-        !r.stdout().contains("PVH boot"),
-        "QEMU was started for a tampered image:\n{}",
-        r.all()
-    );
+    assert!(!r.stdout().contains("PVH boot"), "QEMU was started for a tampered image:\n{}", r.all());
 
     // A manifest edited after signing: grant it a permission.
     let tmp = tempfile::tempdir().unwrap();
     let cat = catalog_copy(tmp.path());
     let m = cat.join("selftest.toml");
-    let text = std::fs::read_to_string(&m)
-        .unwrap()
-        .replace("permissions = []", "permissions = [\"mem-write\"]");
+    let text = std::fs::read_to_string(&m).unwrap().replace("permissions = []", "permissions = [\"mem-write\"]");
     std::fs::write(&m, text).unwrap();
-    let r = run_ssc(
-        &["catalog", "verify", cat.to_str().unwrap(), "--trust", &key],
-        T,
-    );
+    let r = run_ssc(&["catalog", "verify", cat.to_str().unwrap(), "--trust", &key], T);
     assert!(
-        r.code() == Some(1)
-            && r.stderr().contains("image `selftest`")
-            && r.stderr().contains("signature check failed"),
+        r.code() == Some(1) && r.stderr().contains("image `selftest`") && r.stderr().contains("signature check failed"),
         "{}",
         r.all()
     );
@@ -229,32 +152,14 @@ fn catalog_tampering_is_refused_naming_the_image_and_the_check() {
     );
     assert_eq!(r.code(), Some(0), "{}", r.all());
     let (dir, _) = catalog_args();
-    let r = run_ssc(
-        &[
-            "catalog",
-            "verify",
-            &dir,
-            "--trust",
-            other.to_str().unwrap(),
-        ],
-        T,
-    );
+    let r = run_ssc(&["catalog", "verify", &dir, "--trust", other.to_str().unwrap()], T);
     assert!(
-        r.code() == Some(1)
-            && r.stderr().contains("image `selftest`")
-            && r.stderr().contains("not trusted"),
+        r.code() == Some(1) && r.stderr().contains("image `selftest`") && r.stderr().contains("not trusted"),
         "{}",
         r.all()
     );
-    let r = run_ssc(
-        &["catalog", "list", &dir, "--trust", other.to_str().unwrap()],
-        T,
-    );
-    assert!(
-        r.code() == Some(0) && r.stdout().contains("REFUSED"),
-        "{}",
-        r.all()
-    );
+    let r = run_ssc(&["catalog", "list", &dir, "--trust", other.to_str().unwrap()], T);
+    assert!(r.code() == Some(0) && r.stdout().contains("REFUSED"), "{}", r.all());
 }
 
 #[test]
@@ -276,13 +181,7 @@ fn ctrl_c_and_a_killed_builder_leave_no_qemu_and_no_sockets() {
         let sock = tmp.path().join(format!("held-{signal}.sock"));
         // The echo link waits for a peer that never comes: the domain stays up.
         let mut child = Command::new(ssc_bin())
-            .args([
-                "run",
-                selftest_image().to_str().unwrap(),
-                "--link",
-                &format!("echo={}", sock.display()),
-                "--quiet",
-            ])
+            .args(["run", selftest_image().to_str().unwrap(), "--link", &format!("echo={}", sock.display()), "--quiet"])
             .env("SSC_ACCEL", accel().to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -290,24 +189,15 @@ fn ctrl_c_and_a_killed_builder_leave_no_qemu_and_no_sockets() {
             .unwrap();
         let start = std::time::Instant::now();
         while !process_with_arg_exists(&sock.display().to_string()) || !sock.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "QEMU never started"
-            );
+            assert!(start.elapsed() < Duration::from_secs(60), "QEMU never started");
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_millis(300));
-        Command::new("kill")
-            .args([&format!("-{signal}"), &child.id().to_string()])
-            .status()
-            .unwrap();
+        Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap();
         let _ = child.wait();
         let start = std::time::Instant::now();
         while process_with_arg_exists(&sock.display().to_string()) {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "QEMU outlived the builder after SIG{signal}"
-            );
+            assert!(start.elapsed() < Duration::from_secs(10), "QEMU outlived the builder after SIG{signal}");
             std::thread::sleep(Duration::from_millis(50));
         }
         if signal == "INT" {
@@ -319,43 +209,16 @@ fn ctrl_c_and_a_killed_builder_leave_no_qemu_and_no_sockets() {
 #[test]
 fn bench_boot_measures_every_image_and_prints_the_table() {
     let (dir, key) = catalog_args();
-    let r = run_ssc(
-        &[
-            "bench",
-            "boot",
-            "--catalog",
-            &dir,
-            "--trust",
-            &key,
-            "--runs",
-            "1",
-        ],
-        T,
-    );
+    let r = run_ssc(&["bench", "boot", "--catalog", &dir, "--trust", &key, "--runs", "1"], T);
     assert_eq!(r.code(), Some(0), "{}", r.all());
     let out = r.stdout();
-    assert!(
-        out.contains("| selftest |") && out.contains("Firecracker") && out.contains("| tcg |"),
-        "{}",
-        r.all()
-    );
+    assert!(out.contains("| selftest |") && out.contains("Firecracker") && out.contains("| tcg |"), "{}", r.all());
 }
 
 #[test]
 fn forcing_kvm_either_works_or_fails_fast_naming_the_fix() {
     let img = selftest_image();
-    let r = run_ssc(
-        &[
-            "run",
-            img.to_str().unwrap(),
-            "--accel",
-            "kvm",
-            "--timeout",
-            "120",
-            "--quiet",
-        ],
-        T,
-    );
+    let r = run_ssc(&["run", img.to_str().unwrap(), "--accel", "kvm", "--timeout", "120", "--quiet"], T);
     match qemu_tests::ssc::qemu::kvm_device() {
         Err(_) => assert!(
             r.code() == Some(1) && r.stderr().contains("--accel tcg"),

@@ -146,9 +146,7 @@ impl core::fmt::Display for ProtocolError {
             ProtocolError::UnknownClientFlags(x) => {
                 write!(f, "client sent unknown handshake flags {x:#x}")
             }
-            ProtocolError::NotFixedNewstyle => {
-                f.write_str("client does not speak the fixed newstyle handshake")
-            }
+            ProtocolError::NotFixedNewstyle => f.write_str("client does not speak the fixed newstyle handshake"),
             ProtocolError::BadOptionMagic(m) => write!(f, "bad option magic {m:#x}"),
             ProtocolError::OptionTooLarge(n) => {
                 write!(f, "option of {n} bytes exceeds {MAX_OPTION}")
@@ -244,11 +242,7 @@ impl Server {
     }
 
     /// Takes the client's bytes and serves everything complete.
-    pub fn receive<B: Backend>(
-        &mut self,
-        bytes: &[u8],
-        backend: &mut B,
-    ) -> Result<(), ProtocolError> {
+    pub fn receive<B: Backend>(&mut self, bytes: &[u8], backend: &mut B) -> Result<(), ProtocolError> {
         if let State::Closed(e) = &self.state {
             return Err(e.clone());
         }
@@ -322,13 +316,8 @@ impl Server {
                 if magic != REQUEST_MAGIC {
                     return Err(ProtocolError::BadRequestMagic(magic));
                 }
-                let (flags, kind, handle, offset, len) = (
-                    be16(&h[4..]),
-                    be16(&h[6..]),
-                    be64(&h[8..]),
-                    be64(&h[16..]),
-                    be32(&h[24..]),
-                );
+                let (flags, kind, handle, offset, len) =
+                    (be16(&h[4..]), be16(&h[6..]), be64(&h[8..]), be64(&h[16..]), be32(&h[24..]));
                 if kind == CMD_WRITE && len <= MAX_REQUEST {
                     let Some(data) = self.available().get(28..28 + len as usize) else {
                         return Ok(false);
@@ -347,23 +336,17 @@ impl Server {
                     return Ok(false);
                 }
                 self.pos += n as usize;
-                self.state = if n == left {
-                    State::Transmission
-                } else {
-                    State::Discard(left - n)
-                };
+                self.state = if n == left { State::Transmission } else { State::Discard(left - n) };
                 Ok(true)
             }
         }
     }
 
     fn option_reply(&mut self, option: u32, kind: u32, data: &[u8]) {
-        self.output
-            .extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+        self.output.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
         self.output.extend_from_slice(&option.to_be_bytes());
         self.output.extend_from_slice(&kind.to_be_bytes());
-        self.output
-            .extend_from_slice(&(data.len() as u32).to_be_bytes());
+        self.output.extend_from_slice(&(data.len() as u32).to_be_bytes());
         self.output.extend_from_slice(data);
     }
 
@@ -372,30 +355,21 @@ impl Server {
     }
 
     fn transmission_flags<B: Backend>(backend: &B) -> u16 {
-        let mut f =
-            TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
+        let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
         if backend.read_only() {
             f |= TF_READ_ONLY;
         }
         f
     }
 
-    fn option<B: Backend>(
-        &mut self,
-        option: u32,
-        data: &[u8],
-        backend: &mut B,
-    ) -> Result<(), ProtocolError> {
+    fn option<B: Backend>(&mut self, option: u32, data: &[u8], backend: &mut B) -> Result<(), ProtocolError> {
         match option {
             OPT_EXPORT_NAME => {
                 if !self.name_matches(data) {
-                    return Err(ProtocolError::UnknownExport(
-                        String::from_utf8_lossy(data).into_owned(),
-                    ));
+                    return Err(ProtocolError::UnknownExport(String::from_utf8_lossy(data).into_owned()));
                 }
                 self.output.extend_from_slice(&backend.size().to_be_bytes());
-                self.output
-                    .extend_from_slice(&Self::transmission_flags(backend).to_be_bytes());
+                self.output.extend_from_slice(&Self::transmission_flags(backend).to_be_bytes());
                 if !self.no_zeroes {
                     self.output.extend_from_slice(&[0; 124]);
                 }
@@ -427,12 +401,7 @@ impl Server {
             let name = data.get(4..4 + n)?;
             let count = be16(data.get(4 + n..6 + n)?) as usize;
             let reqs = data.get(6 + n..6 + n + 2 * count)?;
-            (data.len() == 6 + n + 2 * count).then(|| {
-                (
-                    name.to_vec(),
-                    reqs.chunks(2).map(be16).collect::<Vec<u16>>(),
-                )
-            })
+            (data.len() == 6 + n + 2 * count).then(|| (name.to_vec(), reqs.chunks(2).map(be16).collect::<Vec<u16>>()))
         })();
         let Some((name, requests)) = parsed else {
             self.option_reply(option, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO");
@@ -467,8 +436,7 @@ impl Server {
     }
 
     fn reply(&mut self, handle: u64, error: u32, data: Option<&[u8]>) {
-        self.output
-            .extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        self.output.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         self.output.extend_from_slice(&error.to_be_bytes());
         self.output.extend_from_slice(&handle.to_be_bytes());
         if error != 0 {
@@ -488,14 +456,7 @@ impl Server {
         self.reply(handle, e, None);
     }
 
-    fn write<B: Backend>(
-        &mut self,
-        flags: u16,
-        handle: u64,
-        offset: u64,
-        data: &[u8],
-        backend: &mut B,
-    ) {
+    fn write<B: Backend>(&mut self, flags: u16, handle: u64, offset: u64, data: &[u8], backend: &mut B) {
         if backend.read_only() {
             return self.reply(handle, EPERM, None);
         }

@@ -60,13 +60,24 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// Checks the layout against a device of `device` bytes; returns the
+    /// volume size (whole sectors after the data offset).
+    pub fn check(&self, device: u64) -> Result<u64, LayoutError> {
+        let ss = u64::from(self.sector_size);
+        if ss != 512 && ss != 4096 {
+            return Err(LayoutError::SectorSize(self.sector_size));
+        }
+        if !self.data_offset.is_multiple_of(ss) {
+            return Err(LayoutError::DataOffset(self.data_offset));
+        }
+        match device.checked_sub(self.data_offset).filter(|&a| a >= ss) {
+            Some(avail) => Ok(avail - avail % ss),
+            None => Err(LayoutError::TooSmall { device, data_offset: self.data_offset }),
+        }
+    }
+
     /// A plain data segment at offset 0 with 512-byte sectors.
-    pub const PLAIN_512: Layout = Layout {
-        sector_size: 512,
-        data_offset: 0,
-        iv_offset: 0,
-        large_iv: false,
-    };
+    pub const PLAIN_512: Layout = Layout { sector_size: 512, data_offset: 0, iv_offset: 0, large_iv: false };
 }
 
 /// A bad layout.
@@ -84,14 +95,8 @@ impl core::fmt::Display for LayoutError {
             LayoutError::DataOffset(o) => {
                 write!(f, "data offset {o} is not a multiple of the sector size")
             }
-            LayoutError::TooSmall {
-                device,
-                data_offset,
-            } => {
-                write!(
-                    f,
-                    "device of {device} bytes has no room after a data offset of {data_offset}"
-                )
+            LayoutError::TooSmall { device, data_offset } => {
+                write!(f, "device of {device} bytes has no room after a data offset of {data_offset}")
             }
         }
     }
@@ -108,37 +113,9 @@ pub struct CryptVolume<D: BlockDevice> {
 }
 
 impl<D: BlockDevice> CryptVolume<D> {
-    pub fn new(
-        dev: D,
-        cipher: Cipher,
-        layout: Layout,
-        read_only: bool,
-    ) -> Result<Self, LayoutError> {
-        let ss = u64::from(layout.sector_size);
-        if ss != 512 && ss != 4096 {
-            return Err(LayoutError::SectorSize(layout.sector_size));
-        }
-        if !layout.data_offset.is_multiple_of(ss) {
-            return Err(LayoutError::DataOffset(layout.data_offset));
-        }
-        let avail = dev
-            .size()
-            .checked_sub(layout.data_offset)
-            .filter(|&a| a >= ss);
-        let Some(avail) = avail else {
-            return Err(LayoutError::TooSmall {
-                device: dev.size(),
-                data_offset: layout.data_offset,
-            });
-        };
-        Ok(CryptVolume {
-            size: avail - avail % ss,
-            dev,
-            cipher,
-            layout,
-            read_only,
-            scratch: Vec::new(),
-        })
+    pub fn new(dev: D, cipher: Cipher, layout: Layout, read_only: bool) -> Result<Self, LayoutError> {
+        let size = layout.check(dev.size())?;
+        Ok(CryptVolume { size, dev, cipher, layout, read_only, scratch: Vec::new() })
     }
 
     /// Size in bytes (whole sectors).
@@ -156,11 +133,7 @@ impl<D: BlockDevice> CryptVolume<D> {
     }
 
     fn iv(&self, sector: u64) -> u64 {
-        let per = if self.layout.large_iv {
-            1
-        } else {
-            u64::from(self.layout.sector_size) / 512
-        };
+        let per = if self.layout.large_iv { 1 } else { u64::from(self.layout.sector_size) / 512 };
         sector * per + self.layout.iv_offset
     }
 
@@ -171,11 +144,7 @@ impl<D: BlockDevice> CryptVolume<D> {
         let ss = self.layout.sector_size as usize;
         for (i, s) in data.chunks_mut(ss).enumerate() {
             let iv = self.iv(first_sector + i as u64);
-            if encrypt {
-                x.encrypt_sector(iv, s)
-            } else {
-                x.decrypt_sector(iv, s)
-            }
+            if encrypt { x.encrypt_sector(iv, s) } else { x.decrypt_sector(iv, s) }
         }
     }
 
@@ -189,8 +158,7 @@ impl<D: BlockDevice> CryptVolume<D> {
     /// Reads and decrypts whole sectors `[first, first + buf.len()/ss)`.
     fn read_sectors(&mut self, first: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let ss = u64::from(self.layout.sector_size);
-        self.dev
-            .read_at(self.layout.data_offset + first * ss, buf)?;
+        self.dev.read_at(self.layout.data_offset + first * ss, buf)?;
         self.crypt(first, buf, false);
         Ok(())
     }
@@ -287,10 +255,7 @@ pub struct MemDevice {
 
 impl MemDevice {
     pub fn new(size: usize) -> Self {
-        MemDevice {
-            bytes: vec![0; size],
-            flushes: 0,
-        }
+        MemDevice { bytes: vec![0; size], flushes: 0 }
     }
 }
 
@@ -301,20 +266,14 @@ impl BlockDevice for MemDevice {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let o = offset as usize;
-        let src = self
-            .bytes
-            .get(o..o + buf.len())
-            .ok_or(IoError::OutOfRange)?;
+        let src = self.bytes.get(o..o + buf.len()).ok_or(IoError::OutOfRange)?;
         buf.copy_from_slice(src);
         Ok(())
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
         let o = offset as usize;
-        let dst = self
-            .bytes
-            .get_mut(o..o + data.len())
-            .ok_or(IoError::OutOfRange)?;
+        let dst = self.bytes.get_mut(o..o + data.len()).ok_or(IoError::OutOfRange)?;
         dst.copy_from_slice(data);
         Ok(())
     }
@@ -332,13 +291,7 @@ mod tests {
 
     fn vol(layout: Layout) -> CryptVolume<MemDevice> {
         let x = Xts::new(&[0x42; 64]).unwrap();
-        CryptVolume::new(
-            MemDevice::new(1 << 20),
-            Cipher::XtsPlain64(x.into()),
-            layout,
-            false,
-        )
-        .unwrap()
+        CryptVolume::new(MemDevice::new(1 << 20), Cipher::XtsPlain64(x.into()), layout, false).unwrap()
     }
 
     proptest! {
@@ -361,12 +314,7 @@ mod tests {
 
     #[test]
     fn ciphertext_matches_whole_sector_xts_with_the_layout_ivs() {
-        let layout = Layout {
-            sector_size: 4096,
-            data_offset: 4096,
-            iv_offset: 10,
-            large_iv: false,
-        };
+        let layout = Layout { sector_size: 4096, data_offset: 4096, iv_offset: 10, large_iv: false };
         let mut v = vol(layout);
         let plain = vec![0xabu8; 8192];
         v.write(4096, &plain).unwrap();
@@ -374,14 +322,9 @@ mod tests {
         // Volume sector 1 sits at device byte 4096 + 4096; its IV counts
         // 512-byte units: 1 * 8 + 10.
         let mut expect = plain[..4096].to_vec();
-        Xts::new(&[0x42; 64])
-            .unwrap()
-            .encrypt_sector(18, &mut expect);
+        Xts::new(&[0x42; 64]).unwrap().encrypt_sector(18, &mut expect);
         assert_eq!(&dev[8192..12288], &expect[..]);
-        assert!(
-            !dev.windows(16).any(|w| w == [0xab; 16]),
-            "plaintext on the device"
-        );
+        assert!(!dev.windows(16).any(|w| w == [0xab; 16]), "plaintext on the device");
     }
 
     #[test]
@@ -391,44 +334,15 @@ mod tests {
         assert_eq!(v.read(size - 1, &mut [0; 2]), Err(IoError::OutOfRange));
         assert_eq!(v.write(u64::MAX, &[0]), Err(IoError::OutOfRange));
         let x = Xts::new(&[1; 64]).unwrap();
-        let mut ro = CryptVolume::new(
-            MemDevice::new(4096),
-            Cipher::XtsPlain64(x.clone().into()),
-            Layout::PLAIN_512,
-            true,
-        )
-        .unwrap();
+        let mut ro =
+            CryptVolume::new(MemDevice::new(4096), Cipher::XtsPlain64(x.clone().into()), Layout::PLAIN_512, true)
+                .unwrap();
         assert_eq!(ro.write(0, &[1]), Err(IoError::ReadOnly));
-        let bad = |l: Layout| {
-            CryptVolume::new(
-                MemDevice::new(4096),
-                Cipher::XtsPlain64(x.clone().into()),
-                l,
-                false,
-            )
-            .err()
-        };
-        assert_eq!(
-            bad(Layout {
-                sector_size: 1024,
-                ..Layout::PLAIN_512
-            }),
-            Some(LayoutError::SectorSize(1024))
-        );
-        assert_eq!(
-            bad(Layout {
-                data_offset: 100,
-                ..Layout::PLAIN_512
-            }),
-            Some(LayoutError::DataOffset(100))
-        );
-        assert!(matches!(
-            bad(Layout {
-                data_offset: 4096,
-                ..Layout::PLAIN_512
-            }),
-            Some(LayoutError::TooSmall { .. })
-        ));
+        let bad =
+            |l: Layout| CryptVolume::new(MemDevice::new(4096), Cipher::XtsPlain64(x.clone().into()), l, false).err();
+        assert_eq!(bad(Layout { sector_size: 1024, ..Layout::PLAIN_512 }), Some(LayoutError::SectorSize(1024)));
+        assert_eq!(bad(Layout { data_offset: 100, ..Layout::PLAIN_512 }), Some(LayoutError::DataOffset(100)));
+        assert!(matches!(bad(Layout { data_offset: 4096, ..Layout::PLAIN_512 }), Some(LayoutError::TooSmall { .. })));
     }
 
     #[test]

@@ -14,11 +14,7 @@ pub struct BadKeyLength(pub usize);
 
 impl core::fmt::Display for BadKeyLength {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(
-            f,
-            "aes-xts-plain64 needs a 64-byte (512-bit) key, got {} bytes",
-            self.0
-        )
+        write!(f, "aes-xts-plain64 needs a 64-byte (512-bit) key, got {} bytes", self.0)
     }
 }
 
@@ -101,10 +97,7 @@ mod tests {
     use std::vec::Vec;
 
     fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     #[test]
@@ -119,10 +112,7 @@ mod tests {
         ));
         let mut data: Vec<u8> = (0..512).map(|i| i as u8).collect();
         Xts::new(&key).unwrap().encrypt_sector(0xff, &mut data);
-        assert_eq!(
-            &data[..32],
-            &unhex("1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b")[..]
-        );
+        assert_eq!(&data[..32], &unhex("1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b")[..]);
     }
 
     #[test]

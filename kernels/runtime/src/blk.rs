@@ -20,11 +20,7 @@ pub enum BlockError {
     /// Offset or length not a multiple of the sector size.
     Misaligned { offset: u64, len: usize },
     /// Beyond the end of the disk.
-    OutOfRange {
-        offset: u64,
-        len: usize,
-        capacity: u64,
-    },
+    OutOfRange { offset: u64, len: usize, capacity: u64 },
     /// The device reported an error.
     Device(virtio_drivers::Error),
 }
@@ -33,20 +29,10 @@ impl core::fmt::Display for BlockError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             BlockError::Misaligned { offset, len } => {
-                write!(
-                    f,
-                    "disk access at {offset}+{len} is not sector-aligned ({SECTOR} bytes)"
-                )
+                write!(f, "disk access at {offset}+{len} is not sector-aligned ({SECTOR} bytes)")
             }
-            BlockError::OutOfRange {
-                offset,
-                len,
-                capacity,
-            } => {
-                write!(
-                    f,
-                    "disk access at {offset}+{len} is beyond the end ({capacity} bytes)"
-                )
+            BlockError::OutOfRange { offset, len, capacity } => {
+                write!(f, "disk access at {offset}+{len} is beyond the end ({capacity} bytes)")
             }
             BlockError::Device(e) => write!(f, "virtio-blk: {e}"),
         }
@@ -55,9 +41,7 @@ impl core::fmt::Display for BlockError {
 
 impl BlockDevice {
     pub fn new(transport: PciTransport) -> Result<Self, BlockError> {
-        Ok(BlockDevice {
-            inner: VirtIOBlk::new(transport).map_err(BlockError::Device)?,
-        })
+        Ok(BlockDevice { inner: VirtIOBlk::new(transport).map_err(BlockError::Device)? })
     }
 
     /// Size in bytes.
@@ -74,15 +58,8 @@ impl BlockDevice {
         if !offset.is_multiple_of(SECTOR as u64) || !len.is_multiple_of(SECTOR) {
             return Err(BlockError::Misaligned { offset, len });
         }
-        if offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > self.capacity())
-        {
-            return Err(BlockError::OutOfRange {
-                offset,
-                len,
-                capacity: self.capacity(),
-            });
+        if offset.checked_add(len as u64).is_none_or(|end| end > self.capacity()) {
+            return Err(BlockError::OutOfRange { offset, len, capacity: self.capacity() });
         }
         Ok((offset / SECTOR as u64) as usize)
     }
@@ -92,9 +69,7 @@ impl BlockDevice {
         let mut sector = self.check(offset, buf.len())?;
         // One request per 64 KiB keeps each descriptor chain small.
         for chunk in buf.chunks_mut(64 * 1024) {
-            self.inner
-                .read_blocks(sector, chunk)
-                .map_err(BlockError::Device)?;
+            self.inner.read_blocks(sector, chunk).map_err(BlockError::Device)?;
             sector += chunk.len() / SECTOR;
         }
         Ok(())
@@ -104,9 +79,7 @@ impl BlockDevice {
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
         let mut sector = self.check(offset, buf.len())?;
         for chunk in buf.chunks(64 * 1024) {
-            self.inner
-                .write_blocks(sector, chunk)
-                .map_err(BlockError::Device)?;
+            self.inner.write_blocks(sector, chunk).map_err(BlockError::Device)?;
             sector += chunk.len() / SECTOR;
         }
         Ok(())

@@ -8,36 +8,28 @@ pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects visible to Rust; the images run
     // in ring 0 and only touch the legacy ports this runtime owns (COM1, PIT,
     // PCI config, isa-debug-exit).
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
 }
 
 /// Reads a byte from an I/O port.
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as for `outb`.
-    unsafe {
-        asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags)) }
     value
 }
 
 /// Writes a 32-bit word to an I/O port.
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as for `outb`.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
 }
 
 /// Reads a 32-bit word from an I/O port.
 pub fn inl(port: u16) -> u32 {
     let value: u32;
     // SAFETY: as for `outb`.
-    unsafe {
-        asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags)) }
     value
 }
 
@@ -53,12 +45,7 @@ pub struct Cpuid {
 /// Executes CPUID for `leaf`/`subleaf`.
 pub fn cpuid(leaf: u32, subleaf: u32) -> Cpuid {
     let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-    Cpuid {
-        eax: r.eax,
-        ebx: r.ebx,
-        ecx: r.ecx,
-        edx: r.edx,
-    }
+    Cpuid { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
 }
 
 /// Reads the time-stamp counter.

@@ -35,9 +35,7 @@ unsafe impl Hal for SscHal {
     }
 
     unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
-        if let Err(e) =
-            crate::paging::map_identity(paddr, size as u64, crate::paging::Caching::Uncached)
-        {
+        if let Err(e) = crate::paging::map_identity(paddr, size as u64, crate::paging::Caching::Uncached) {
             panic!("cannot map MMIO {paddr:#x}+{size:#x}: {e:?}");
         }
         NonNull::new(paddr as *mut u8).expect("MMIO at address 0")

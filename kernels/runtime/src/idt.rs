@@ -67,17 +67,11 @@ pub fn init() {
         let idt = &raw mut IDT;
         for (i, &handler) in SSC_ISR_TABLE.iter().enumerate() {
             // 64-bit interrupt gate: selector 0x08, present, DPL 0, type 0xE.
-            let low = (handler & 0xffff)
-                | (0x08 << 16)
-                | (0x8e00u64 << 32)
-                | ((handler >> 16) & 0xffff) << 48;
+            let low = (handler & 0xffff) | (0x08 << 16) | (0x8e00u64 << 32) | ((handler >> 16) & 0xffff) << 48;
             (*idt).0[2 * i] = low;
             (*idt).0[2 * i + 1] = handler >> 32;
         }
-        let ptr = IdtPointer {
-            limit: (core::mem::size_of::<Idt>() - 1) as u16,
-            base: idt as u64,
-        };
+        let ptr = IdtPointer { limit: (core::mem::size_of::<Idt>() - 1) as u16, base: idt as u64 };
         core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags));
     }
 }

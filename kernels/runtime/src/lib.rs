@@ -37,6 +37,7 @@ mod logger;
 
 pub mod blk;
 pub mod clock;
+pub mod control;
 pub mod cpu;
 pub mod exit;
 pub mod hal;
@@ -83,9 +84,7 @@ impl Boot {
 }
 
 fn cmdline_arg(cmdline: &'static str, key: &str) -> Option<&'static str> {
-    cmdline
-        .split_ascii_whitespace()
-        .find_map(|t| t.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+    cmdline.split_ascii_whitespace().find_map(|t| t.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
 /// The PCI functions of this machine, and constructors for their drivers.
@@ -122,12 +121,7 @@ impl Platform {
 
     fn transports(&mut self, kind: DeviceType) -> Result<Vec<PciTransport>, DeviceError> {
         let mut out = Vec::new();
-        let matching: Vec<_> = self
-            .functions
-            .iter()
-            .filter(|f| f.virtio == Some(kind))
-            .map(|f| f.address)
-            .collect();
+        let matching: Vec<_> = self.functions.iter().filter(|f| f.virtio == Some(kind)).map(|f| f.address).collect();
         for address in matching {
             pci::enable(&mut self.root, address);
             let t = PciTransport::new::<hal::SscHal, _>(&mut self.root, address)
@@ -167,9 +161,7 @@ impl Platform {
     pub fn serial(&mut self) -> Result<Option<vserial::VirtioSerial>, DeviceError> {
         match self.transports(DeviceType::Console)?.into_iter().next() {
             None => Ok(None),
-            Some(t) => vserial::VirtioSerial::new(t)
-                .map(Some)
-                .map_err(|e| DeviceError(alloc::format!("{e}"))),
+            Some(t) => vserial::VirtioSerial::new(t).map(Some).map_err(|e| DeviceError(alloc::format!("{e}"))),
         }
     }
 }
@@ -224,10 +216,7 @@ pub struct FixedString<const N: usize> {
 
 impl<const N: usize> FixedString<N> {
     pub const fn new() -> Self {
-        FixedString {
-            buf: [0; N],
-            len: 0,
-        }
+        FixedString { buf: [0; N], len: 0 }
     }
 
     pub fn as_str(&self) -> &str {
@@ -317,10 +306,7 @@ mod start {
 
         let image_end = (&raw const __image_end) as u64;
         let heap_start = (image_end + 4095) & !4095;
-        let Some(region) = regions[..n]
-            .iter()
-            .find(|r| r.start <= heap_start && heap_start < r.start + r.len)
-        else {
+        let Some(region) = regions[..n].iter().find(|r| r.start <= heap_start && heap_start < r.start + r.len) else {
             exit::fail(Failure::BootInfo, "no RAM above the image for a heap");
         };
         let heap_end = (region.start + region.len).min(paging::BOOT_MAPPED);
@@ -350,12 +336,7 @@ mod start {
             Ok(p) => p,
             Err(e) => exit::fail(Failure::Device, e),
         };
-        let boot = Boot {
-            cmdline,
-            ram: regions[..n].to_vec(),
-            heap_bytes,
-            platform,
-        };
+        let boot = Boot { cmdline, ram: regions[..n].to_vec(), heap_bytes, platform };
         // SAFETY: `ssc_image_main` is defined by the image through `entry!`
         // with exactly this signature.
         match unsafe { ssc_image_main(boot) } {
@@ -375,10 +356,7 @@ mod start {
         }
         let b = a.clone();
         if a != b {
-            exit::fail(
-                Failure::CheckFailed,
-                "probe: a 4 MiB copy does not compare equal",
-            );
+            exit::fail(Failure::CheckFailed, "probe: a 4 MiB copy does not compare equal");
         }
         let start = clock::Instant::now();
         for i in 0..8u8 {

@@ -17,8 +17,7 @@ use alloc::vec::Vec;
 
 use virtio_drivers::transport::DeviceType;
 use virtio_drivers::transport::pci::bus::{
-    BarInfo, Command, ConfigurationAccess, DeviceFunction, DeviceFunctionInfo, HeaderType,
-    MemoryBarType, PciRoot,
+    BarInfo, Command, ConfigurationAccess, DeviceFunction, DeviceFunctionInfo, HeaderType, MemoryBarType, PciRoot,
 };
 
 use crate::start_info::MemRegion;
@@ -81,11 +80,7 @@ pub fn scan(root: &PciRoot<PortCam>) -> Vec<PciFunction> {
                 }
             }
             let virtio = virtio_device_type(&info);
-            found.push(PciFunction {
-                address,
-                info,
-                virtio,
-            });
+            found.push(PciFunction { address, info, virtio });
         }
     }
     found
@@ -120,36 +115,17 @@ pub fn assign_bars(
 ) -> Result<usize, &'static str> {
     let mut bars = alloc::vec::Vec::new();
     let mut unassigned = false;
-    for f in functions
-        .iter()
-        .filter(|f| f.info.header_type == HeaderType::Standard)
-    {
+    for f in functions.iter().filter(|f| f.info.header_type == HeaderType::Standard) {
         let mut index = 0;
         while index < 6 {
-            let info = root
-                .bar_info(f.address, index)
-                .map_err(|_| "PCI BAR could not be read")?;
-            let step = if info.as_ref().is_some_and(BarInfo::takes_two_entries) {
-                2
-            } else {
-                1
-            };
-            if let Some(BarInfo::Memory {
-                address_type,
-                address,
-                size,
-                ..
-            }) = info
+            let info = root.bar_info(f.address, index).map_err(|_| "PCI BAR could not be read")?;
+            let step = if info.as_ref().is_some_and(BarInfo::takes_two_entries) { 2 } else { 1 };
+            if let Some(BarInfo::Memory { address_type, address, size, .. }) = info
                 && size > 0
             {
                 unassigned |= address == 0;
                 let wide = address_type == MemoryBarType::Width64;
-                bars.push(Bar {
-                    function: f.address,
-                    index,
-                    size,
-                    wide,
-                });
+                bars.push(Bar { function: f.address, index, size, wide });
             }
             index += step;
         }
@@ -157,12 +133,7 @@ pub fn assign_bars(
     if !unassigned {
         return Ok(0);
     }
-    let low_ram_end = ram
-        .iter()
-        .map(|r| r.start + r.len)
-        .filter(|&e| e <= 4 * GIB)
-        .max()
-        .unwrap_or(0);
+    let low_ram_end = ram.iter().map(|r| r.start + r.len).filter(|&e| e <= 4 * GIB).max().unwrap_or(0);
     let high_ram_end = ram.iter().map(|r| r.start + r.len).max().unwrap_or(0);
     let mut low = low_ram_end.max(3 * GIB);
     let mut high = high_ram_end.max(4 * GIB).next_multiple_of(GIB);
@@ -179,9 +150,7 @@ pub fn assign_bars(
         } else {
             let at = low.next_multiple_of(bar.size);
             if at + bar.size > LOW_WINDOW_END {
-                return Err(
-                    "32-bit PCI BARs do not fit below the IOAPIC; give the guest less low RAM",
-                );
+                return Err("32-bit PCI BARs do not fit below the IOAPIC; give the guest less low RAM");
             }
             root.set_bar_32(bar.function, bar.index, at as u32);
             low = at + bar.size;

@@ -211,10 +211,7 @@ mod exports {
 
     #[unsafe(no_mangle)]
     pub extern "C" fn _Unwind_Resume() -> ! {
-        crate::exit::fail(
-            crate::exit::Failure::Panic,
-            "_Unwind_Resume reached with panic=abort",
-        )
+        crate::exit::fail(crate::exit::Failure::Panic, "_Unwind_Resume reached with panic=abort")
     }
 
     #[unsafe(no_mangle)]
@@ -240,23 +237,14 @@ mod tests {
                 // SAFETY: both buffers hold 300 bytes; off + n < 300.
                 unsafe { copy_forward(dst.as_mut_ptr().add(off), src.as_ptr(), n) };
                 assert_eq!(&dst[off..off + n], &src[..n]);
-                assert!(
-                    dst[off + n..].iter().all(|&b| b == 0xaa),
-                    "wrote past the end"
-                );
+                assert!(dst[off + n..].iter().all(|&b| b == 0xaa), "wrote past the end");
             }
         }
     }
 
     #[test]
     fn overlapping_move_matches_slice_copy_within() {
-        for (from, to, n) in [
-            (0, 5, 100),
-            (5, 0, 100),
-            (10, 11, 50),
-            (11, 10, 50),
-            (3, 3, 20),
-        ] {
+        for (from, to, n) in [(0, 5, 100), (5, 0, 100), (10, 11, 50), (11, 10, 50), (3, 3, 20)] {
             let mut a: Vec<u8> = (0..200u32).map(|i| i as u8).collect();
             let mut b = a.clone();
             // SAFETY: ranges lie inside the 200-byte buffer.

@@ -67,10 +67,7 @@ pub fn read_raw(paddr: u64) -> Result<(&'static str, [MemRegion; 16], usize), &'
                 )
             };
             if kind == 1 && n < regions.len() {
-                regions[n] = MemRegion {
-                    start: addr,
-                    len: size,
-                };
+                regions[n] = MemRegion { start: addr, len: size };
                 n += 1;
             }
         }

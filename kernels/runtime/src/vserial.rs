@@ -88,17 +88,16 @@ pub enum SerialError {
 impl core::fmt::Display for SerialError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            SerialError::NoMultiport => f.write_str(
-                "virtio-serial device without MULTIPORT: attach links as `-device virtserialport,name=...`",
-            ),
+            SerialError::NoMultiport => {
+                f.write_str("virtio-serial device without MULTIPORT: attach links as `-device virtserialport,name=...`")
+            }
             SerialError::QueueTooSmall { queue, max, needed } => {
                 write!(f, "virtio-serial queue {queue} holds {max} entries, this driver needs {needed}")
             }
             SerialError::Virtio(e) => write!(f, "virtio-serial: {e}"),
-            SerialError::NoSuchPort(name) => write!(
-                f,
-                "no virtio-serial port named `{name}`: start the image with `--link {name}=SOCKET`"
-            ),
+            SerialError::NoSuchPort(name) => {
+                write!(f, "no virtio-serial port named `{name}`: start the image with `--link {name}=SOCKET`")
+            }
             SerialError::Timeout => f.write_str("virtio-serial: timed out"),
         }
     }
@@ -124,7 +123,9 @@ struct DataPath {
     /// token (descriptor head) → receive buffer slot
     rx_slot_of_token: Vec<Option<usize>>,
     /// filled buffers not yet consumed: (slot, offset, end)
-    rx_ready: VecDeque<(usize, usize, usize)>,
+    /// filled buffers not yet consumed: (slot, offset, end, number of the
+    /// host connection that sent them)
+    rx_ready: VecDeque<(usize, usize, usize, u64)>,
     tx_buffers: Vec<Box<[u8]>>,
     tx_free: Vec<usize>,
     /// token → (slot, length)
@@ -135,6 +136,8 @@ struct Port {
     name: Option<String>,
     added: bool,
     host_connected: bool,
+    /// How many times a host process connected to the port.
+    connections: u64,
     opened: bool,
     queues: Option<(DataQueue, DataQueue)>,
     data: Option<DataPath>,
@@ -154,17 +157,10 @@ fn rx_queue_index(port: u32) -> u16 {
     if port == 0 { 0 } else { (2 + 2 * port) as u16 }
 }
 
-fn new_queue<const N: usize>(
-    transport: &mut PciTransport,
-    index: u16,
-) -> Result<VirtQueue<SscHal, N>, SerialError> {
+fn new_queue<const N: usize>(transport: &mut PciTransport, index: u16) -> Result<VirtQueue<SscHal, N>, SerialError> {
     let max = transport.max_queue_size(index);
     if max < N as u32 {
-        return Err(SerialError::QueueTooSmall {
-            queue: index,
-            max,
-            needed: N,
-        });
+        return Err(SerialError::QueueTooSmall { queue: index, max, needed: N });
     }
     Ok(VirtQueue::new(transport, index, false, false)?)
 }
@@ -182,14 +178,12 @@ impl VirtioSerial {
         let mut ports = Vec::with_capacity(max_ports as usize);
         for id in 0..max_ports {
             let rx = Box::new(new_queue::<DATA_QUEUE>(&mut transport, rx_queue_index(id))?);
-            let tx = Box::new(new_queue::<DATA_QUEUE>(
-                &mut transport,
-                rx_queue_index(id) + 1,
-            )?);
+            let tx = Box::new(new_queue::<DATA_QUEUE>(&mut transport, rx_queue_index(id) + 1)?);
             ports.push(Port {
                 name: None,
                 added: false,
                 host_connected: false,
+                connections: 0,
                 opened: false,
                 queues: Some((rx, tx)),
                 data: None,
@@ -202,9 +196,7 @@ impl VirtioSerial {
             transport,
             control_rx,
             control_tx,
-            control_buffers: (0..CONTROL_QUEUE)
-                .map(|_| vec![0u8; CONTROL_BUFFER].into_boxed_slice())
-                .collect(),
+            control_buffers: (0..CONTROL_QUEUE).map(|_| vec![0u8; CONTROL_BUFFER].into_boxed_slice()).collect(),
             control_slot_of_token: vec![None; CONTROL_QUEUE],
             ports,
         };
@@ -230,8 +222,7 @@ impl VirtioSerial {
         msg[0..4].copy_from_slice(&id.to_le_bytes());
         msg[4..6].copy_from_slice(&event.to_le_bytes());
         msg[6..8].copy_from_slice(&value.to_le_bytes());
-        self.control_tx
-            .add_notify_wait_pop(&[&msg], &mut [], &mut self.transport)?;
+        self.control_tx.add_notify_wait_pop(&[&msg], &mut [], &mut self.transport)?;
         Ok(())
     }
 
@@ -250,10 +241,7 @@ impl VirtioSerial {
                 let id = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
                 let event = u16::from_le_bytes([msg[4], msg[5]]);
                 let value = u16::from_le_bytes([msg[6], msg[7]]);
-                let name = msg[8..]
-                    .split(|&b| b == 0)
-                    .next()
-                    .map(|n| String::from_utf8_lossy(n).into_owned());
+                let name = msg[8..].split(|&b| b == 0).next().map(|n| String::from_utf8_lossy(n).into_owned());
                 self.handle_control(id, event, value, name)?;
             }
             self.post_control_buffer(slot)?;
@@ -265,13 +253,7 @@ impl VirtioSerial {
         Ok(())
     }
 
-    fn handle_control(
-        &mut self,
-        id: u32,
-        event: u16,
-        value: u16,
-        name: Option<String>,
-    ) -> Result<(), SerialError> {
+    fn handle_control(&mut self, id: u32, event: u16, value: u16, name: Option<String>) -> Result<(), SerialError> {
         let Some(port) = self.ports.get_mut(id as usize) else {
             log::warn!(target: "vserial", "control event {event} for port {id} beyond max_ports; ignored");
             return Ok(());
@@ -286,7 +268,12 @@ impl VirtioSerial {
                 port.host_connected = false;
             }
             PORT_NAME => port.name = name,
-            PORT_OPEN => port.host_connected = value == 1,
+            PORT_OPEN => {
+                if value == 1 && !port.host_connected {
+                    port.connections += 1;
+                }
+                port.host_connected = value == 1;
+            }
             CONSOLE_PORT => {
                 log::debug!(target: "vserial", "port {id} is a console port (virtconsole); not used by images");
             }
@@ -297,11 +284,7 @@ impl VirtioSerial {
 
     /// Names of the ports the device has announced so far.
     pub fn port_names(&self) -> Vec<String> {
-        self.ports
-            .iter()
-            .filter(|p| p.added)
-            .filter_map(|p| p.name.clone())
-            .collect()
+        self.ports.iter().filter(|p| p.added).filter_map(|p| p.name.clone()).collect()
     }
 
     /// Opens the port called `name`, waiting up to `timeout` for the device
@@ -310,11 +293,7 @@ impl VirtioSerial {
         let start = Instant::now();
         let id = loop {
             self.poll_control()?;
-            if let Some(i) = self
-                .ports
-                .iter()
-                .position(|p| p.added && p.name.as_deref() == Some(name))
-            {
+            if let Some(i) = self.ports.iter().position(|p| p.added && p.name.as_deref() == Some(name)) {
                 break i;
             }
             if start.elapsed() > timeout {
@@ -330,14 +309,10 @@ impl VirtioSerial {
         let mut data = DataPath {
             rx,
             tx,
-            rx_buffers: (0..RX_BUFFERS)
-                .map(|_| vec![0u8; RX_BUFFER].into_boxed_slice())
-                .collect(),
+            rx_buffers: (0..RX_BUFFERS).map(|_| vec![0u8; RX_BUFFER].into_boxed_slice()).collect(),
             rx_slot_of_token: vec![None; DATA_QUEUE],
             rx_ready: VecDeque::new(),
-            tx_buffers: (0..TX_BUFFERS)
-                .map(|_| vec![0u8; TX_BUFFER].into_boxed_slice())
-                .collect(),
+            tx_buffers: (0..TX_BUFFERS).map(|_| vec![0u8; TX_BUFFER].into_boxed_slice()).collect(),
             tx_free: (0..TX_BUFFERS).rev().collect(),
             tx_in_flight: vec![None; DATA_QUEUE],
         };
@@ -357,15 +332,23 @@ impl VirtioSerial {
         self.ports[port.0 as usize].host_connected
     }
 
+    /// How many times a host process has connected to the port: a change
+    /// means a new peer (and a new session for stateful protocols).
+    pub fn connections(&mut self, port: PortId) -> u64 {
+        let _ = self.poll_control();
+        self.ports[port.0 as usize].connections
+    }
+
     /// Moves completed receive and transmit buffers; handles control
     /// messages.
     pub fn poll(&mut self) -> Result<(), SerialError> {
         self.poll_control()?;
         for id in 0..self.ports.len() {
+            let connection = self.ports[id].connections;
             let Some(data) = self.ports[id].data.as_mut() else {
                 continue;
             };
-            data.reap_rx()?;
+            data.reap_rx(connection)?;
             data.reap_tx()?;
         }
         Ok(())
@@ -379,7 +362,7 @@ impl VirtioSerial {
         let mut n = 0;
         let mut reposted = false;
         while n < buf.len() {
-            let Some((slot, off, end)) = data.rx_ready.front_mut() else {
+            let Some((slot, off, end, _)) = data.rx_ready.front_mut() else {
                 break;
             };
             let take = (*end - *off).min(buf.len() - n);
@@ -399,13 +382,43 @@ impl VirtioSerial {
         Ok(n)
     }
 
+    /// Like [`VirtioSerial::read`], for protocols with a session per host
+    /// connection: returns only bytes that arrived on connection number
+    /// `connection` (see [`VirtioSerial::connections`]), drops bytes left
+    /// over from earlier connections, and leaves a later connection's bytes
+    /// for its own session.
+    pub fn read_connection(&mut self, port: PortId, connection: u64, buf: &mut [u8]) -> Result<usize, SerialError> {
+        self.poll()?;
+        let rxq = rx_queue_index(port.0);
+        let data = self.data(port);
+        let mut n = 0;
+        let mut reposted = false;
+        while n < buf.len() {
+            let Some((slot, off, end, from)) = data.rx_ready.front_mut() else { break };
+            if *from > connection {
+                break;
+            }
+            let take = if *from < connection { *end - *off } else { (*end - *off).min(buf.len() - n) };
+            if *from == connection {
+                buf[n..n + take].copy_from_slice(&data.rx_buffers[*slot][*off..*off + take]);
+                n += take;
+            }
+            *off += take;
+            if *off == *end {
+                let slot = *slot;
+                data.rx_ready.pop_front();
+                data.post_rx(slot)?;
+                reposted = true;
+            }
+        }
+        if reposted && data.rx.should_notify() {
+            self.transport.notify(rxq);
+        }
+        Ok(n)
+    }
+
     /// Fills `buf` completely, waiting up to `timeout` (forever if `None`).
-    pub fn read_exact(
-        &mut self,
-        port: PortId,
-        buf: &mut [u8],
-        timeout: Option<Duration>,
-    ) -> Result<(), SerialError> {
+    pub fn read_exact(&mut self, port: PortId, buf: &mut [u8], timeout: Option<Duration>) -> Result<(), SerialError> {
         let start = Instant::now();
         let mut got = 0;
         while got < buf.len() {
@@ -458,6 +471,37 @@ impl VirtioSerial {
         Ok(())
     }
 
+    /// Queues as much of `bytes` as free transmit buffers hold, without
+    /// waiting; returns how many bytes were taken (0 while the host is not
+    /// connected or every buffer is in flight). For protocols whose peer
+    /// may stop reading while it still writes (NBD clients pipeline), so
+    /// the image keeps reading instead of blocking on a write.
+    pub fn try_write(&mut self, port: PortId, bytes: &[u8]) -> Result<usize, SerialError> {
+        let txq = rx_queue_index(port.0) + 1;
+        if !self.host_connected(port) {
+            return Ok(0);
+        }
+        let mut taken = 0;
+        let data = self.data(port);
+        data.reap_tx()?;
+        let mut queued = false;
+        for chunk in bytes.chunks(TX_BUFFER) {
+            let Some(slot) = data.tx_free.pop() else { break };
+            data.tx_buffers[slot][..chunk.len()].copy_from_slice(chunk);
+            let buf: &[u8] = &data.tx_buffers[slot][..chunk.len()];
+            // SAFETY: the buffer is owned by `data` and not touched until
+            // `reap_tx` pops this token.
+            let token = unsafe { data.tx.add(&[buf], &mut [])? };
+            data.tx_in_flight[token as usize] = Some((slot, chunk.len()));
+            taken += chunk.len();
+            queued = true;
+        }
+        if queued && data.tx.should_notify() {
+            self.transport.notify(txq);
+        }
+        Ok(taken)
+    }
+
     /// Waits until the device has taken every transmitted buffer.
     pub fn flush(&mut self, port: PortId) -> Result<(), SerialError> {
         loop {
@@ -471,10 +515,7 @@ impl VirtioSerial {
     }
 
     fn data(&mut self, port: PortId) -> &mut DataPath {
-        self.ports[port.0 as usize]
-            .data
-            .as_mut()
-            .expect("PortId only exists for opened ports")
+        self.ports[port.0 as usize].data.as_mut().expect("PortId only exists for opened ports")
     }
 }
 
@@ -488,7 +529,7 @@ impl DataPath {
         Ok(())
     }
 
-    fn reap_rx(&mut self) -> Result<(), SerialError> {
+    fn reap_rx(&mut self, connection: u64) -> Result<(), SerialError> {
         while let Some(token) = self.rx.peek_used() {
             let slot = self.rx_slot_of_token[token as usize]
                 .take()
@@ -496,7 +537,7 @@ impl DataPath {
             let buf: &mut [u8] = &mut self.rx_buffers[slot];
             // SAFETY: `buf` is the buffer posted with this token.
             let len = unsafe { self.rx.pop_used(token, &[], &mut [buf])? } as usize;
-            self.rx_ready.push_back((slot, 0, len.min(RX_BUFFER)));
+            self.rx_ready.push_back((slot, 0, len.min(RX_BUFFER), connection));
         }
         Ok(())
     }

@@ -34,11 +34,7 @@ pub struct OutOfWindow {
 
 impl core::fmt::Display for OutOfWindow {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(
-            f,
-            "access at {:#x}+{} is outside the {}-byte memory window",
-            self.offset, self.len, self.window
-        )
+        write!(f, "access at {:#x}+{} is outside the {}-byte memory window", self.offset, self.len, self.window)
     }
 }
 
@@ -52,12 +48,8 @@ impl MemoryWindow {
             return Err("ivshmem BAR2 is not assigned");
         }
         crate::pci::enable(root, f.address);
-        map_identity(address, size, Caching::WriteBack)
-            .map_err(|_| "cannot map the ivshmem BAR")?;
-        Ok(MemoryWindow {
-            base: address,
-            len: size,
-        })
+        map_identity(address, size, Caching::WriteBack).map_err(|_| "cannot map the ivshmem BAR")?;
+        Ok(MemoryWindow { base: address, len: size })
     }
 
     /// Size in bytes.
@@ -72,11 +64,7 @@ impl MemoryWindow {
     fn check(&self, offset: u64, len: usize) -> Result<*mut u8, OutOfWindow> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.len => Ok((self.base + offset) as *mut u8),
-            _ => Err(OutOfWindow {
-                offset,
-                len,
-                window: self.len,
-            }),
+            _ => Err(OutOfWindow { offset, len, window: self.len }),
         }
     }
 

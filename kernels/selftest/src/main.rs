@@ -29,10 +29,11 @@ use alloc::vec::Vec;
 use core::time::Duration;
 
 use runtime::clock::Instant;
+use runtime::control::ControlLink;
 use runtime::log::{info, warn};
 use runtime::vserial::{PortId, VirtioSerial};
 use runtime::{Boot, ImageResult, bail};
-use ssc_abi::{Body, Envelope, FrameDecoder};
+use ssc_abi::{Body, Envelope};
 
 runtime::entry!(main);
 
@@ -84,6 +85,11 @@ fn main(mut boot: Boot) -> ImageResult {
     let mut disks = boot.platform.block_devices()?;
     let mut serial = boot.platform.serial()?;
     let mut windows = boot.platform.memory_windows()?;
+    // Hello first: the builder knows the image speaks the ABI (and can ask it
+    // to stop) before it is ready.
+    let mut ctl = serial
+        .as_mut()
+        .and_then(|s| ControlLink::open(s, "selftest", env!("CARGO_PKG_VERSION"), Duration::from_millis(500)).ok());
     runtime::ready("selftest");
     match boot.arg("selftest.fail") {
         Some("panic") => panic!("deliberate panic (selftest.fail=panic)"),
@@ -103,17 +109,12 @@ fn main(mut boot: Boot) -> ImageResult {
     check_shim(&mut t)?;
     check_crypto(&mut t)?;
 
-    let mut ctl = match serial
-        .as_mut()
-        .map(|s| (s.open("ctl", Duration::from_millis(500)), s))
-    {
-        Some((Ok(port), s)) => {
-            let mut ctl = ControlPort {
-                port,
-                dec: FrameDecoder::new(),
-                pending: Vec::new(),
-            };
-            check_control(&mut t, s, &mut ctl)?;
+    let mut ctl = match (serial.as_mut(), ctl.take()) {
+        (Some(s), Some(mut ctl)) => {
+            if !check_control(&mut t, s, &mut ctl)? {
+                info!(target: "selftest", "Shutdown received during the checks; stopping");
+                return Ok(());
+            }
             Some(ctl)
         }
         _ => {
@@ -132,10 +133,7 @@ fn main(mut boot: Boot) -> ImageResult {
     match serial.as_mut() {
         Some(s) => match s.open("echo", Duration::from_millis(500)) {
             Ok(port) => check_echo(&mut t, s, port)?,
-            Err(_) => t.skip(
-                "virtio-serial echo",
-                "no `echo` link (ssc run --link echo=SOCKET)",
-            ),
+            Err(_) => t.skip("virtio-serial echo", "no `echo` link (ssc run --link echo=SOCKET)"),
         },
         None => t.skip("virtio-serial echo", "no virtio-serial device"),
     }
@@ -149,67 +147,24 @@ fn main(mut boot: Boot) -> ImageResult {
     Ok(())
 }
 
-/// The image's end of the control link: bytes read from the port wait in
-/// `pending` until the decoder, which holds one frame at a time, takes them.
-struct ControlPort {
-    port: PortId,
-    dec: FrameDecoder,
-    pending: Vec<u8>,
-}
-
-impl ControlPort {
-    fn next_payload(
-        &mut self,
-        s: &mut VirtioSerial,
-        timeout: Option<Duration>,
-    ) -> Result<Vec<u8>, runtime::ImageError> {
-        let start = Instant::now();
-        let mut buf = [0u8; 512];
-        loop {
-            let used = self.dec.feed(&self.pending);
-            self.pending.drain(..used);
-            if let Some(p) = self.dec.next_payload()? {
-                return Ok(p);
-            }
-            if timeout.is_some_and(|t| start.elapsed() > t) {
-                bail!(
-                    "control link: nothing from the builder within {:?}",
-                    timeout.unwrap_or_default()
-                );
-            }
-            let n = s.read(self.port, &mut buf)?;
-            self.pending.extend_from_slice(&buf[..n]);
-        }
-    }
-}
-
-fn serve_until_shutdown(s: &mut VirtioSerial, ctl: &mut ControlPort) -> ImageResult {
+fn serve_until_shutdown(s: &mut VirtioSerial, ctl: &mut ControlLink) -> ImageResult {
     info!(target: "selftest", "holding: serving the control link until Shutdown");
     loop {
-        let payload = ctl.next_payload(s, None)?;
-        let port = ctl.port;
+        let payload = ctl.next(s, None)?;
         let env = Envelope::decode(&payload)?;
         match env.body {
-            Body::Ping { payload } => send(
-                s,
-                port,
-                &Envelope::new(env.request_id, Body::Pong { payload }),
-            )?,
+            Body::Ping { payload } => ctl.send(s, &Envelope::new(env.request_id, Body::Pong { payload }))?,
             Body::Shutdown => {
                 info!(target: "selftest", "Shutdown received; stopping");
                 return Ok(());
             }
             other => {
                 let msg = alloc::format!("selftest does not serve {other:?}");
-                send(
+                ctl.send(
                     s,
-                    port,
                     &Envelope::new(
                         env.request_id,
-                        Body::Error {
-                            code: ssc_abi::ErrorCode::Unsupported,
-                            message: &msg,
-                        },
+                        Body::Error { code: ssc_abi::ErrorCode::Unsupported, message: &msg },
                     ),
                 )?
             }
@@ -248,27 +203,17 @@ fn check_heap(t: &mut Tally, heap_bytes: usize) -> ImageResult {
     for i in 0..len / 8 {
         big.push((i as u64).wrapping_mul(0x9e37_79b9));
     }
-    if big
-        .iter()
-        .enumerate()
-        .any(|(i, &v)| v != (i as u64).wrapping_mul(0x9e37_79b9))
-    {
+    if big.iter().enumerate().any(|(i, &v)| v != (i as u64).wrapping_mul(0x9e37_79b9)) {
         bail!("heap: a {len}-byte buffer did not read back what was written");
     }
     drop(big);
-    let small: Vec<alloc::boxed::Box<[u8; 24]>> = (0..10_000)
-        .map(|i| alloc::boxed::Box::new([i as u8; 24]))
-        .collect();
+    let small: Vec<alloc::boxed::Box<[u8; 24]>> = (0..10_000).map(|i| alloc::boxed::Box::new([i as u8; 24])).collect();
     if small.iter().enumerate().any(|(i, b)| b[23] != i as u8) {
         bail!("heap: small allocations overlap");
     }
     t.pass(
         "heap",
-        format_args!(
-            "{} MiB heap, {} MiB buffer and 10000 small boxes verified",
-            heap_bytes / MIB,
-            len / MIB
-        ),
+        format_args!("{} MiB heap, {} MiB buffer and 10000 small boxes verified", heap_bytes / MIB, len / MIB),
     );
     Ok(())
 }
@@ -276,18 +221,14 @@ fn check_heap(t: &mut Tally, heap_bytes: usize) -> ImageResult {
 fn check_rng(t: &mut Tally) -> ImageResult {
     let mut a = vec![0u8; 4096];
     let mut b = vec![0u8; 4096];
-    getrandom::getrandom(&mut a)
-        .map_err(|e| runtime::ImageError(alloc::format!("getrandom: {e}")))?;
+    getrandom::getrandom(&mut a).map_err(|e| runtime::ImageError(alloc::format!("getrandom: {e}")))?;
     runtime::rng::fill(&mut b)?;
     let ones: u32 = a.iter().map(|x| x.count_ones()).sum();
     // 32768 bits: mean 16384, sigma 90; 10 sigma is a broken source.
     if a == b || !(15_484..=17_284).contains(&ones) {
         bail!("rng: output looks non-random ({ones} one-bits of 32768)");
     }
-    t.pass(
-        "rng",
-        format_args!("getrandom() through the syscall shim, {ones}/32768 one-bits"),
-    );
+    t.pass("rng", format_args!("getrandom() through the syscall shim, {ones}/32768 one-bits"));
     Ok(())
 }
 
@@ -308,11 +249,7 @@ fn check_clock(t: &mut Tally) -> ImageResult {
     }
     t.pass(
         "clock",
-        format_args!(
-            "monotonic, TSC {} MHz, 5 ms wait measured {:?}",
-            runtime::clock::tsc_hz() / 1_000_000,
-            e
-        ),
+        format_args!("monotonic, TSC {} MHz, 5 ms wait measured {:?}", runtime::clock::tsc_hz() / 1_000_000, e),
     );
     Ok(())
 }
@@ -321,35 +258,18 @@ fn check_shim(t: &mut Tally) -> ImageResult {
     // Overlapping moves of every small length/offset through core's
     // `copy_within` (→ memmove) and copies (→ memcpy), SSE-width included.
     let base: Vec<u8> = (0..512u32).map(|i| (i * 31 + 7) as u8).collect();
-    for (from, to) in [
-        (0usize, 1usize),
-        (1, 0),
-        (3, 40),
-        (40, 3),
-        (16, 48),
-        (48, 16),
-    ] {
+    for (from, to) in [(0usize, 1usize), (1, 0), (3, 40), (40, 3), (16, 48), (48, 16)] {
         for n in [1usize, 15, 16, 17, 32, 33, 100, 300] {
             let mut v = base.clone();
             v.copy_within(from..from + n, to);
-            let expect: Vec<u8> = (0..512)
-                .map(|i| {
-                    if i >= to && i < to + n {
-                        base[from + i - to]
-                    } else {
-                        base[i]
-                    }
-                })
-                .collect();
+            let expect: Vec<u8> =
+                (0..512).map(|i| if i >= to && i < to + n { base[from + i - to] } else { base[i] }).collect();
             if v != expect {
                 bail!("memmove from {from} to {to} len {n} is wrong");
             }
         }
     }
-    t.pass(
-        "c-shim",
-        format_args!("memcpy/memmove/memset/memcmp verified on overlapping SSE-width copies"),
-    );
+    t.pass("c-shim", format_args!("memcpy/memmove/memset/memcmp verified on overlapping SSE-width copies"));
     Ok(())
 }
 
@@ -364,35 +284,23 @@ fn check_crypto(t: &mut Tally) -> ImageResult {
 
     let d = digest(&SHA256, b"abc");
     if hex(d.as_ref()) != "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad" {
-        bail!(
-            "SHA-256(\"abc\") known answer is wrong: {}",
-            hex(d.as_ref())
-        );
+        bail!("SHA-256(\"abc\") known answer is wrong: {}", hex(d.as_ref()));
     }
     // NIST GCM test case 14: K = 0^256, IV = 0^96, P = 0^128.
-    let key = LessSafeKey::new(
-        UnboundKey::new(&AES_256_GCM, &[0; 32])
-            .map_err(|_| runtime::ImageError("aes key".into()))?,
-    );
+    let key =
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[0; 32]).map_err(|_| runtime::ImageError("aes key".into()))?);
     let mut block = vec![0u8; 16];
-    key.seal_in_place_append_tag(
-        Nonce::assume_unique_for_key([0; 12]),
-        Aad::empty(),
-        &mut block,
-    )
-    .map_err(|_| runtime::ImageError("aes-gcm seal failed".into()))?;
+    key.seal_in_place_append_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut block)
+        .map_err(|_| runtime::ImageError("aes-gcm seal failed".into()))?;
     if hex(&block) != "cea7403d4d606b6e074ec5d3baf39d18d0d1c8a799996bf0265b98b5d48ab919" {
         bail!("AES-256-GCM known answer is wrong: {}", hex(&block));
     }
 
     let rng = SystemRandom::new();
     let mut raw_key = [0u8; 32];
-    rng.fill(&mut raw_key)
-        .map_err(|_| runtime::ImageError("SystemRandom failed".into()))?;
-    let key = LessSafeKey::new(
-        UnboundKey::new(&AES_256_GCM, &raw_key)
-            .map_err(|_| runtime::ImageError("aes key".into()))?,
-    );
+    rng.fill(&mut raw_key).map_err(|_| runtime::ImageError("SystemRandom failed".into()))?;
+    let key =
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &raw_key).map_err(|_| runtime::ImageError("aes key".into()))?);
     let plain: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8).collect();
 
     let start = Instant::now();
@@ -404,31 +312,16 @@ fn check_crypto(t: &mut Tally) -> ImageResult {
 
     let mut buf = plain.clone();
     let start = Instant::now();
-    key.seal_in_place_append_tag(
-        Nonce::assume_unique_for_key([7; 12]),
-        Aad::from(b"ssc"),
-        &mut buf,
-    )
-    .map_err(|_| runtime::ImageError("aes-gcm seal failed".into()))?;
+    key.seal_in_place_append_tag(Nonce::assume_unique_for_key([7; 12]), Aad::from(b"ssc"), &mut buf)
+        .map_err(|_| runtime::ImageError("aes-gcm seal failed".into()))?;
     let seal_rate = mib_s(plain.len(), start.elapsed());
     let mut tampered = buf.clone();
     tampered[1234] ^= 1;
-    if key
-        .open_in_place(
-            Nonce::assume_unique_for_key([7; 12]),
-            Aad::from(b"ssc"),
-            &mut tampered,
-        )
-        .is_ok()
-    {
+    if key.open_in_place(Nonce::assume_unique_for_key([7; 12]), Aad::from(b"ssc"), &mut tampered).is_ok() {
         bail!("AES-256-GCM accepted a tampered ciphertext");
     }
     let opened = key
-        .open_in_place(
-            Nonce::assume_unique_for_key([7; 12]),
-            Aad::from(b"ssc"),
-            &mut buf,
-        )
+        .open_in_place(Nonce::assume_unique_for_key([7; 12]), Aad::from(b"ssc"), &mut buf)
         .map_err(|_| runtime::ImageError("AES-256-GCM could not open its own ciphertext".into()))?;
     if opened != &plain[..] {
         bail!("AES-256-GCM round trip changed the data");
@@ -440,53 +333,21 @@ fn check_crypto(t: &mut Tally) -> ImageResult {
     Ok(())
 }
 
-fn send(s: &mut VirtioSerial, port: PortId, env: &Envelope) -> ImageResult {
-    let frame = env.to_frame()?;
-    s.write_all(port, &frame)?;
-    Ok(())
-}
-
-fn check_control(t: &mut Tally, s: &mut VirtioSerial, ctl: &mut ControlPort) -> ImageResult {
-    let port = ctl.port;
-    send(
-        s,
-        port,
-        &Envelope::new(
-            0,
-            Body::Hello {
-                image: "selftest",
-                version: env!("CARGO_PKG_VERSION"),
-            },
-        ),
-    )?;
+/// Sends Ready and answers the builder's Ping; `Ok(false)` if the builder
+/// asked the image to stop instead.
+fn check_control(t: &mut Tally, s: &mut VirtioSerial, ctl: &mut ControlLink) -> Result<bool, runtime::ImageError> {
     let boot_us = runtime::clock::since_boot().as_micros() as u64;
-    send(
-        s,
-        port,
-        &Envelope::new(
-            0,
-            Body::Ready {
-                image: "selftest",
-                boot_us,
-            },
-        ),
-    )?;
-    let payload = ctl.next_payload(s, Some(Duration::from_secs(30)))?;
+    ctl.send(s, &Envelope::new(0, Body::Ready { image: "selftest", boot_us }))?;
+    let payload = ctl.next(s, Some(Duration::from_secs(30)))?;
     let env = Envelope::decode(&payload)?;
     match env.body {
         Body::Ping { payload } => {
-            send(
-                s,
-                port,
-                &Envelope::new(env.request_id, Body::Pong { payload }),
-            )?;
-            s.flush(port)?;
-            t.pass(
-                "control link",
-                format_args!("Hello/Ready sent, Ping of {} bytes answered", payload.len()),
-            );
-            Ok(())
+            ctl.send(s, &Envelope::new(env.request_id, Body::Pong { payload }))?;
+            ctl.flush(s)?;
+            t.pass("control link", format_args!("Hello/Ready sent, Ping of {} bytes answered", payload.len()));
+            Ok(true)
         }
+        Body::Shutdown => Ok(false),
         other => bail!("control link: expected the builder's Ping, got {other:?}"),
     }
 }
@@ -494,10 +355,7 @@ fn check_control(t: &mut Tally, s: &mut VirtioSerial, ctl: &mut ControlPort) -> 
 fn check_disk(t: &mut Tally, d: &mut runtime::blk::BlockDevice) -> ImageResult {
     let need = PATTERN_OFFSET + PATTERN_LEN as u64;
     if d.capacity() < need {
-        bail!(
-            "virtio-blk: disk has {} bytes, the self-test needs {need}",
-            d.capacity()
-        );
+        bail!("virtio-blk: disk has {} bytes, the self-test needs {need}", d.capacity());
     }
     let mut sector = [0u8; 512];
     d.read_at(0, &mut sector)?;
@@ -520,15 +378,8 @@ fn check_disk(t: &mut Tally, d: &mut runtime::blk::BlockDevice) -> ImageResult {
     d.read_at(PATTERN_OFFSET, &mut back)?;
     let read_rate = mib_s(PATTERN_LEN, start.elapsed());
     if back != data {
-        let at = back
-            .iter()
-            .zip(&data)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
-        bail!(
-            "virtio-blk: read-back differs at byte {}",
-            PATTERN_OFFSET + at as u64
-        );
+        let at = back.iter().zip(&data).position(|(a, b)| a != b).unwrap_or(0);
+        bail!("virtio-blk: read-back differs at byte {}", PATTERN_OFFSET + at as u64);
     }
     t.pass(
         "virtio-blk",
@@ -540,11 +391,7 @@ fn check_disk(t: &mut Tally, d: &mut runtime::blk::BlockDevice) -> ImageResult {
 fn check_echo(t: &mut Tally, s: &mut VirtioSerial, port: PortId) -> ImageResult {
     let mut len = [0u8; 8];
     s.read_exact(port, &mut len, Some(Duration::from_secs(60)))
-        .map_err(|e| {
-            runtime::ImageError(alloc::format!(
-                "echo: no length header from the host within 60 s: {e}"
-            ))
-        })?;
+        .map_err(|e| runtime::ImageError(alloc::format!("echo: no length header from the host within 60 s: {e}")))?;
     let total = u64::from_le_bytes(len) as usize;
     let mut buf = vec![0u8; 64 * 1024];
     let mut done = 0;
@@ -560,10 +407,7 @@ fn check_echo(t: &mut Tally, s: &mut VirtioSerial, port: PortId) -> ImageResult 
     s.flush(port)?;
     t.pass(
         "virtio-serial echo",
-        format_args!(
-            "{total} bytes echoed losslessly, {:.1} MiB/s each way",
-            mib_s(total, start.elapsed())
-        ),
+        format_args!("{total} bytes echoed losslessly, {:.1} MiB/s each way", mib_s(total, start.elapsed())),
     );
     Ok(())
 }

@@ -6,20 +6,11 @@ use std::vec::Vec;
 
 fn volume(read_only: bool) -> CryptVolume<MemDevice> {
     let x = Xts::new(&[3; 64]).unwrap();
-    CryptVolume::new(
-        MemDevice::new(1 << 20),
-        Cipher::XtsPlain64(x.into()),
-        Layout::PLAIN_512,
-        read_only,
-    )
-    .unwrap()
+    CryptVolume::new(MemDevice::new(1 << 20), Cipher::XtsPlain64(x.into()), Layout::PLAIN_512, read_only).unwrap()
 }
 
 fn server() -> Server {
-    Server::new(Export {
-        name: "vol".into(),
-        description: "test volume".into(),
-    })
+    Server::new(Export { name: "vol".into(), description: "test volume".into() })
 }
 
 fn opt(option: u32, data: &[u8]) -> Vec<u8> {
@@ -84,11 +75,7 @@ fn replies(mut b: &[u8], reads: &[(u64, usize)]) -> Vec<(u32, u64, Vec<u8>)> {
     while !b.is_empty() {
         assert_eq!(be32(b), SIMPLE_REPLY_MAGIC);
         let (err, handle) = (be32(&b[4..]), be64(&b[8..]));
-        let n = if err == 0 {
-            reads.iter().find(|r| r.0 == handle).map_or(0, |r| r.1)
-        } else {
-            0
-        };
+        let n = if err == 0 { reads.iter().find(|r| r.0 == handle).map_or(0, |r| r.1) } else { 0 };
         out.push((err, handle, b[16..16 + n].to_vec()));
         b = &b[16 + n..];
     }
@@ -101,11 +88,7 @@ fn go_reports_size_flags_and_block_sizes() {
     let mut s = server();
     s.take_output();
     s.receive(&1u32.to_be_bytes(), &mut vol).unwrap();
-    s.receive(
-        &go("vol", &[INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION]),
-        &mut vol,
-    )
-    .unwrap();
+    s.receive(&go("vol", &[INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION]), &mut vol).unwrap();
     let r = option_replies(&s.take_output());
     assert_eq!(r[0].1, REP_INFO);
     assert_eq!(be16(&r[0].2), INFO_EXPORT);
@@ -113,10 +96,7 @@ fn go_reports_size_flags_and_block_sizes() {
     let flags = be16(&r[0].2[10..]);
     assert!(flags & TF_SEND_FLUSH != 0 && flags & TF_READ_ONLY == 0);
     assert_eq!(&r[1].2[..2], &INFO_BLOCK_SIZE.to_be_bytes());
-    assert_eq!(
-        (be32(&r[1].2[2..]), be32(&r[1].2[6..]), be32(&r[1].2[10..])),
-        (1, 4096, MAX_REQUEST)
-    );
+    assert_eq!((be32(&r[1].2[2..]), be32(&r[1].2[6..]), be32(&r[1].2[10..])), (1, 4096, MAX_REQUEST));
     assert_eq!(&r[2].2[2..], b"vol");
     assert_eq!(&r[3].2[2..], b"test volume");
     assert_eq!(r[4].1, REP_ACK);
@@ -161,10 +141,7 @@ fn old_style_export_name_enters_transmission_with_or_without_zeroes() {
     let mut vol = volume(false);
     let mut s = server();
     s.receive(&1u32.to_be_bytes(), &mut vol).unwrap();
-    assert_eq!(
-        s.receive(&opt(OPT_EXPORT_NAME, b"nope"), &mut vol),
-        Err(ProtocolError::UnknownExport("nope".into()))
-    );
+    assert_eq!(s.receive(&opt(OPT_EXPORT_NAME, b"nope"), &mut vol), Err(ProtocolError::UnknownExport("nope".into())));
 }
 
 #[test]
@@ -197,13 +174,11 @@ fn errors_follow_the_spec_and_the_connection_survives() {
     let mut vol = volume(false);
     let mut s = connected(&mut vol);
     let size = 1u64 << 20;
-    s.receive(&req(CMD_READ, 0, 1, size - 1, 2), &mut vol)
-        .unwrap();
+    s.receive(&req(CMD_READ, 0, 1, size - 1, 2), &mut vol).unwrap();
     let mut w = req(CMD_WRITE, 0, 2, size - 1, 2);
     w.extend_from_slice(&[1, 2]);
     s.receive(&w, &mut vol).unwrap();
-    s.receive(&req(CMD_READ, 0, 3, 0, MAX_REQUEST + 1), &mut vol)
-        .unwrap();
+    s.receive(&req(CMD_READ, 0, 3, 0, MAX_REQUEST + 1), &mut vol).unwrap();
     s.receive(&req(42, 0, 4, 0, 0), &mut vol).unwrap();
     // An oversized write: refused, its payload skipped, next request fine.
     let mut big = req(CMD_WRITE, 0, 5, 0, MAX_REQUEST + 10);
@@ -212,17 +187,7 @@ fn errors_follow_the_spec_and_the_connection_survives() {
     s.receive(&req(CMD_READ, 0, 6, 0, 8), &mut vol).unwrap();
     let r = replies(&s.take_output(), &[(6, 8)]);
     let got: Vec<(u32, u64)> = r.iter().map(|x| (x.0, x.1)).collect();
-    assert_eq!(
-        got,
-        [
-            (EINVAL, 1),
-            (ENOSPC, 2),
-            (EINVAL, 3),
-            (EINVAL, 4),
-            (EINVAL, 5),
-            (0, 6)
-        ]
-    );
+    assert_eq!(got, [(EINVAL, 1), (ENOSPC, 2), (EINVAL, 3), (EINVAL, 4), (EINVAL, 5), (0, 6)]);
     assert!(s.closed().is_none());
 }
 
@@ -234,8 +199,7 @@ fn read_only_exports_refuse_writes_trims_and_zeroes() {
     w.push(9);
     s.receive(&w, &mut vol).unwrap();
     s.receive(&req(CMD_TRIM, 0, 2, 0, 512), &mut vol).unwrap();
-    s.receive(&req(CMD_WRITE_ZEROES, 0, 3, 0, 512), &mut vol)
-        .unwrap();
+    s.receive(&req(CMD_WRITE_ZEROES, 0, 3, 0, 512), &mut vol).unwrap();
     let r = replies(&s.take_output(), &[]);
     assert!(r.iter().all(|x| x.0 == EPERM), "{r:?}");
 }
@@ -247,20 +211,14 @@ fn write_zeroes_zeroes_and_disc_closes() {
     let mut w = req(CMD_WRITE, 0, 1, 0, 600);
     w.extend(std::iter::repeat_n(0xee, 600));
     s.receive(&w, &mut vol).unwrap();
-    s.receive(&req(CMD_WRITE_ZEROES, 0, 2, 10, 500), &mut vol)
-        .unwrap();
+    s.receive(&req(CMD_WRITE_ZEROES, 0, 2, 10, 500), &mut vol).unwrap();
     s.receive(&req(CMD_READ, 0, 3, 0, 600), &mut vol).unwrap();
     let r = replies(&s.take_output(), &[(3, 600)]);
     let d = &r[2].2;
     assert!(
-        d[..10].iter().all(|&b| b == 0xee)
-            && d[10..510].iter().all(|&b| b == 0)
-            && d[510..].iter().all(|&b| b == 0xee)
+        d[..10].iter().all(|&b| b == 0xee) && d[10..510].iter().all(|&b| b == 0) && d[510..].iter().all(|&b| b == 0xee)
     );
-    assert_eq!(
-        s.receive(&req(CMD_DISC, 0, 4, 0, 0), &mut vol),
-        Err(ProtocolError::ClientClosed)
-    );
+    assert_eq!(s.receive(&req(CMD_DISC, 0, 4, 0, 0), &mut vol), Err(ProtocolError::ClientClosed));
     assert_eq!(s.closed(), Some(&ProtocolError::ClientClosed));
 }
 
@@ -270,29 +228,17 @@ fn bad_magic_and_bad_client_flags_close_the_connection() {
     let mut s = connected(&mut vol);
     let mut bad = req(CMD_READ, 0, 1, 0, 1);
     bad[0] ^= 0xff;
-    assert!(matches!(
-        s.receive(&bad, &mut vol),
-        Err(ProtocolError::BadRequestMagic(_))
-    ));
+    assert!(matches!(s.receive(&bad, &mut vol), Err(ProtocolError::BadRequestMagic(_))));
     let mut s = server();
-    assert_eq!(
-        s.receive(&0x80u32.to_be_bytes(), &mut vol),
-        Err(ProtocolError::UnknownClientFlags(0x80))
-    );
+    assert_eq!(s.receive(&0x80u32.to_be_bytes(), &mut vol), Err(ProtocolError::UnknownClientFlags(0x80)));
     let mut s = server();
-    assert_eq!(
-        s.receive(&0u32.to_be_bytes(), &mut vol),
-        Err(ProtocolError::NotFixedNewstyle)
-    );
+    assert_eq!(s.receive(&0u32.to_be_bytes(), &mut vol), Err(ProtocolError::NotFixedNewstyle));
     let mut s = server();
     s.receive(&1u32.to_be_bytes(), &mut vol).unwrap();
     let mut huge = IHAVEOPT.to_be_bytes().to_vec();
     huge.extend_from_slice(&OPT_GO.to_be_bytes());
     huge.extend_from_slice(&(MAX_OPTION + 1).to_be_bytes());
-    assert_eq!(
-        s.receive(&huge, &mut vol),
-        Err(ProtocolError::OptionTooLarge(MAX_OPTION + 1))
-    );
+    assert_eq!(s.receive(&huge, &mut vol), Err(ProtocolError::OptionTooLarge(MAX_OPTION + 1)));
 }
 
 proptest! {

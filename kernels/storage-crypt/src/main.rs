@@ -1,0 +1,235 @@
+//! The storage encryption service domain.
+//!
+//! Upstream: an NBD server on the virtio-serial link `nbd` (the client VM's
+//! QEMU, `qemu-io`, `nbdinfo`… connect to its socket). Downstream: its own
+//! virtio-blk disk, the provider's volume, which only ever receives
+//! ciphertext. The key and the data-segment parameters arrive on the control
+//! link (`ConfigureVolume`); until then nothing is served. One NBD client at
+//! a time; a new connection on the socket starts a new NBD session.
+//!
+//! The key is never logged; the log names the cipher, sector size and size.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::string::ToString;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::time::Duration;
+
+use runtime::control::ControlLink;
+use runtime::log::{info, warn};
+use runtime::vserial::{PortId, VirtioSerial};
+use runtime::{Boot, ImageResult, bail};
+use sd_storage_crypt::nbd::{Export, ProtocolError, Server};
+use sd_storage_crypt::volume::{BlockDevice, Cipher, CryptVolume, IoError, Layout};
+use sd_storage_crypt::xts::Xts;
+use ssc_abi::{Body, Envelope, ErrorCode, VolumeConfig};
+
+runtime::entry!(main);
+
+const IMAGE: &str = "storage-crypt";
+/// Name of the upstream link.
+const NBD_PORT: &str = "nbd";
+
+/// The provider's volume: the runtime's virtio-blk disk.
+struct Disk(runtime::blk::BlockDevice);
+
+impl BlockDevice for Disk {
+    fn size(&self) -> u64 {
+        self.0.capacity()
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.0.read_at(offset, buf).map_err(|e| {
+            warn!(target: IMAGE, "downstream read failed: {e}");
+            IoError::Io
+        })
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        self.0.write_at(offset, data).map_err(|e| {
+            warn!(target: IMAGE, "downstream write failed: {e}");
+            IoError::Io
+        })
+    }
+
+    fn flush(&mut self) -> Result<(), IoError> {
+        self.0.flush().map_err(|e| {
+            warn!(target: IMAGE, "downstream flush failed: {e}");
+            IoError::Io
+        })
+    }
+}
+
+/// The configured volume and the NBD session on the upstream link.
+struct Service {
+    volume: CryptVolume<Disk>,
+    export: Export,
+    session: Option<(u64, Server)>,
+    /// Replies not yet taken by the link, and how much of them was sent.
+    out: Vec<u8>,
+    sent: usize,
+}
+
+/// While more replies than this wait to be sent, no new requests are read.
+const MAX_PENDING_OUT: usize = 64 << 20;
+
+/// Builds the volume from a `ConfigureVolume`; the disk is only taken when
+/// everything checks out, so a refused configuration can be retried.
+fn open_volume(
+    disk: &mut Option<Disk>,
+    cfg: &VolumeConfig,
+) -> Result<(CryptVolume<Disk>, Export), (ErrorCode, alloc::string::String)> {
+    let Some(device_size) = disk.as_ref().map(Disk::size) else {
+        return Err((ErrorCode::Denied, "the volume is already configured".into()));
+    };
+    let cipher = match cfg.cipher {
+        "aes-xts-plain64" => {
+            Cipher::XtsPlain64(Xts::new(cfg.key).map_err(|e| (ErrorCode::Malformed, e.to_string()))?.into())
+        }
+        "null" if cfg.key.is_empty() => Cipher::Null,
+        "null" => return Err((ErrorCode::Malformed, "the null cipher takes no key".into())),
+        other => {
+            return Err((
+                ErrorCode::Unsupported,
+                alloc::format!("cipher `{other}` is not supported (aes-xts-plain64, null)"),
+            ));
+        }
+    };
+    let layout = Layout {
+        sector_size: cfg.sector_size,
+        data_offset: cfg.data_offset,
+        iv_offset: cfg.iv_offset,
+        large_iv: cfg.large_iv,
+    };
+    layout.check(device_size).map_err(|e| (ErrorCode::Malformed, e.to_string()))?;
+    let disk = disk.take().expect("checked above");
+    let volume = CryptVolume::new(disk, cipher, layout, cfg.read_only).expect("layout checked");
+    let export = Export { name: cfg.export.into(), description: alloc::format!("{} volume", cfg.cipher) };
+    Ok((volume, export))
+}
+
+fn main(mut boot: Boot) -> ImageResult {
+    let mut disks = boot.platform.block_devices()?;
+    if disks.is_empty() {
+        bail!("storage-crypt needs its downstream volume: start it with --disk FILE");
+    }
+    let mut disk = Some(Disk(disks.remove(0)));
+    let Some(mut serial) = boot.platform.serial()? else {
+        bail!("storage-crypt needs virtio-serial links (ctl, nbd)");
+    };
+    let mut ctl = ControlLink::open(&mut serial, IMAGE, env!("CARGO_PKG_VERSION"), Duration::from_secs(2))?;
+    let nbd = serial
+        .open(NBD_PORT, Duration::from_secs(2))
+        .map_err(|e| runtime::ImageError(alloc::format!("upstream link: {e}")))?;
+    ctl.ready(&mut serial, IMAGE)?;
+    info!(target: IMAGE, "downstream volume {} MiB; waiting for ConfigureVolume on the control link", disk.as_ref().map_or(0, |d| d.size() >> 20));
+
+    let mut service: Option<Service> = None;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        while let Some(payload) = ctl.poll(&mut serial)? {
+            let env = match Envelope::decode(&payload) {
+                Ok(env) => env,
+                Err(e) => {
+                    let msg = e.to_string();
+                    ctl.send(
+                        &mut serial,
+                        &Envelope::new(0, Body::Error { code: ErrorCode::Malformed, message: &msg }),
+                    )?;
+                    continue;
+                }
+            };
+            let id = env.request_id;
+            let reply = match env.body {
+                Body::Ping { payload } => {
+                    ctl.send(&mut serial, &Envelope::new(id, Body::Pong { payload }))?;
+                    continue;
+                }
+                Body::Shutdown => {
+                    if let Some(s) = service.as_mut() {
+                        let _ = s.volume.flush();
+                    }
+                    info!(target: IMAGE, "Shutdown: volume flushed, stopping");
+                    return Ok(());
+                }
+                Body::ConfigureVolume(cfg) => match open_volume(&mut disk, &cfg) {
+                    Ok((volume, export)) => {
+                        info!(
+                            target: IMAGE,
+                            "volume configured: export `{}`, {}, {}-byte sectors, {} MiB{}",
+                            export.name,
+                            cfg.cipher,
+                            cfg.sector_size,
+                            volume.size() >> 20,
+                            if cfg.read_only { ", read-only" } else { "" }
+                        );
+                        service = Some(Service { volume, export, session: None, out: Vec::new(), sent: 0 });
+                        Ok(())
+                    }
+                    Err((code, msg)) => {
+                        warn!(target: IMAGE, "ConfigureVolume refused: {msg}");
+                        Err((code, msg))
+                    }
+                },
+                other => Err((ErrorCode::Unsupported, alloc::format!("{IMAGE} does not serve {other:?}"))),
+            };
+            match reply {
+                Ok(()) => ctl.send(&mut serial, &Envelope::new(id, Body::Ack))?,
+                Err((code, message)) => {
+                    ctl.send(&mut serial, &Envelope::new(id, Body::Error { code, message: &message }))?
+                }
+            }
+        }
+        if let Some(s) = service.as_mut() {
+            serve_nbd(&mut serial, nbd, s, &mut buf)?;
+        }
+    }
+}
+
+/// Moves bytes between the upstream link and the NBD session. Never blocks
+/// on a write: NBD clients pipeline requests and may not read replies while
+/// they are still sending, so replies queue in `out` and requests keep being
+/// read while that queue stays under [`MAX_PENDING_OUT`].
+fn serve_nbd(serial: &mut VirtioSerial, port: PortId, s: &mut Service, buf: &mut [u8]) -> ImageResult {
+    let connected = serial.host_connected(port);
+    let epoch = serial.connections(port);
+    let stale = s.session.as_ref().is_some_and(|(e, _)| *e != epoch);
+    if (!connected || stale) && s.session.is_some() {
+        let (_, old) = s.session.take().expect("checked");
+        let st = old.stats();
+        let _ = s.volume.flush();
+        s.out.clear();
+        s.sent = 0;
+        info!(target: IMAGE, "NBD client gone: {} reads, {} writes, {} errors", st.reads, st.writes, st.errors);
+    }
+    if connected && s.session.is_none() {
+        let mut server = Server::new(s.export.clone());
+        s.out.extend_from_slice(&server.take_output());
+        s.session = Some((epoch, server));
+    }
+    let Some((connection, server)) = s.session.as_mut() else { return Ok(()) };
+    if s.sent < s.out.len() {
+        s.sent += serial.try_write(port, &s.out[s.sent..])?;
+        if s.sent == s.out.len() {
+            s.out.clear();
+            s.sent = 0;
+        }
+    }
+    if s.out.len() - s.sent > MAX_PENDING_OUT {
+        return Ok(());
+    }
+    let n = serial.read_connection(port, *connection, buf)?;
+    if n == 0 || server.closed().is_some() {
+        return Ok(());
+    }
+    match server.receive(&buf[..n], &mut s.volume) {
+        Ok(()) => {}
+        Err(ProtocolError::ClientClosed) => info!(target: IMAGE, "NBD client disconnected cleanly"),
+        Err(e) => warn!(target: IMAGE, "NBD session closed: {e}"),
+    }
+    s.out.extend_from_slice(&server.take_output());
+    Ok(())
+}
