@@ -356,30 +356,7 @@ impl VirtioSerial {
 
     /// Copies received bytes into `buf` without waiting; returns how many.
     pub fn read(&mut self, port: PortId, buf: &mut [u8]) -> Result<usize, SerialError> {
-        self.poll()?;
-        let rxq = rx_queue_index(port.0);
-        let data = self.data(port);
-        let mut n = 0;
-        let mut reposted = false;
-        while n < buf.len() {
-            let Some((slot, off, end, _)) = data.rx_ready.front_mut() else {
-                break;
-            };
-            let take = (*end - *off).min(buf.len() - n);
-            buf[n..n + take].copy_from_slice(&data.rx_buffers[*slot][*off..*off + take]);
-            *off += take;
-            n += take;
-            if *off == *end {
-                let slot = *slot;
-                data.rx_ready.pop_front();
-                data.post_rx(slot)?;
-                reposted = true;
-            }
-        }
-        if reposted && data.rx.should_notify() {
-            self.transport.notify(rxq);
-        }
-        Ok(n)
+        self.read_from(port, None, buf)
     }
 
     /// Like [`VirtioSerial::read`], for protocols with a session per host
@@ -388,6 +365,10 @@ impl VirtioSerial {
     /// over from earlier connections, and leaves a later connection's bytes
     /// for its own session.
     pub fn read_connection(&mut self, port: PortId, connection: u64, buf: &mut [u8]) -> Result<usize, SerialError> {
+        self.read_from(port, Some(connection), buf)
+    }
+
+    fn read_from(&mut self, port: PortId, connection: Option<u64>, buf: &mut [u8]) -> Result<usize, SerialError> {
         self.poll()?;
         let rxq = rx_queue_index(port.0);
         let data = self.data(port);
@@ -395,11 +376,12 @@ impl VirtioSerial {
         let mut reposted = false;
         while n < buf.len() {
             let Some((slot, off, end, from)) = data.rx_ready.front_mut() else { break };
-            if *from > connection {
+            let wanted = connection.is_none_or(|c| *from == c);
+            if connection.is_some_and(|c| *from > c) {
                 break;
             }
-            let take = if *from < connection { *end - *off } else { (*end - *off).min(buf.len() - n) };
-            if *from == connection {
+            let take = if wanted { (*end - *off).min(buf.len() - n) } else { *end - *off };
+            if wanted {
                 buf[n..n + take].copy_from_slice(&data.rx_buffers[*slot][*off..*off + take]);
                 n += take;
             }
