@@ -4,10 +4,11 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SSC := target/debug/ssc
 IMAGES_DIR := kernels/target/x86_64-unknown-linux-gnu/release
-DEB_PACKAGES := qemu-system-x86 qemu-utils swtpm swtpm-tools util-linux python3 libnbd-bin
+DEB_PACKAGES := qemu-system-x86 qemu-utils swtpm swtpm-tools util-linux python3 libnbd-bin \
+	fio kmod busybox-static cpio
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps images ssc catalog demo test test-host test-qemu lint fmt bench fuzz clean
+.PHONY: all deps images ssc catalog client demo test test-host test-qemu lint fmt bench fuzz clean
 
 all: catalog
 
@@ -36,12 +37,16 @@ catalog: images ssc
 	$(SSC) catalog build --key build/publisher.pk8 --out build/catalog
 	$(SSC) catalog verify build/catalog --trust build/publisher.pub
 
+## client: the Linux client VM from Debian packages (cached in build/client)
+client: deps
+	bash scripts/build-client.sh build/client
+
 ## demo: install, build, boot the self-test through the builder, show the catalog refusing tampering
 demo: deps catalog
 	bash scripts/demo.sh
 
 ## test: every test: host unit tests, runtime unit tests, QEMU boots, lint
-test: deps catalog lint test-host test-qemu
+test: deps catalog client lint test-host test-qemu
 
 test-host:
 	cd kernels && $(CARGO) test -p ssc-runtime

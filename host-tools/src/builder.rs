@@ -107,6 +107,14 @@ fn window_size(w: &WindowSpec) -> Result<u64> {
     Ok(len)
 }
 
+/// A disk served over NBD (by a storage SD's upstream link): QEMU's own NBD
+/// client attaches it as a plain virtio-blk device of the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdDisk {
+    pub socket: PathBuf,
+    pub export: String,
+}
+
 /// Everything the builder needs to start one domain.
 #[derive(Clone, Debug)]
 pub struct DomainSpec {
@@ -117,6 +125,10 @@ pub struct DomainSpec {
     pub links: Vec<LinkSpec>,
     /// Memory windows, in PCI order.
     pub windows: Vec<WindowSpec>,
+    /// Disks served over NBD, after `disks` in PCI order.
+    pub nbd_disks: Vec<NbdDisk>,
+    /// An initramfs (Linux clients).
+    pub initrd: Option<PathBuf>,
     /// Extra kernel command line (`-append`), e.g. `ssc.log=debug`.
     pub append: String,
     pub machine: Machine,
@@ -132,6 +144,8 @@ impl DomainSpec {
             disks: vec![],
             links: vec![],
             windows: vec![],
+            nbd_disks: vec![],
+            initrd: None,
             append: String::new(),
             machine: Machine::Q35,
             firmware: Firmware::Auto,
@@ -163,6 +177,17 @@ pub fn qemu_args(spec: &DomainSpec, accel: Accel, run_dir: &Path) -> Vec<OsStrin
         a.extend(["-drive".into(), format!("file={},format=raw,if=none,id=disk{i}", opt_path(d))]);
         a.extend(["-device".into(), format!("virtio-blk-pci,drive=disk{i}")]);
     }
+    for (i, d) in spec.nbd_disks.iter().enumerate() {
+        a.extend([
+            "-blockdev".into(),
+            format!(
+                "driver=nbd,server.type=unix,server.path={},export={},node-name=nbd{i}",
+                opt_path(&d.socket),
+                d.export.replace(',', ",,")
+            ),
+        ]);
+        a.extend(["-device".into(), format!("virtio-blk-pci,drive=nbd{i}")]);
+    }
     for (i, w) in spec.windows.iter().enumerate() {
         let size = window_size(w).map(|b| b >> 10).unwrap_or(0);
         let ro = if w.writable { "" } else { ",readonly=on" };
@@ -182,6 +207,9 @@ pub fn qemu_args(spec: &DomainSpec, accel: Accel, run_dir: &Path) -> Vec<OsStrin
         a.extend(["-device".into(), format!("virtserialport,bus=vser0.0,chardev=port{i},name={name}")]);
     }
     a.extend(["-kernel".into(), opt_path(&spec.image)]);
+    if let Some(initrd) = &spec.initrd {
+        a.extend(["-initrd".into(), opt_path(initrd)]);
+    }
     if !spec.append.is_empty() {
         a.extend(["-append".into(), spec.append.clone()]);
     }
@@ -197,9 +225,13 @@ fn control_socket(run_dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Checks that `path` is an image QEMU can boot by PVH: a 64-bit x86-64
-/// `EXEC` ELF with a `XEN_ELFNOTE_PHYS32_ENTRY` note, not truncated.
+/// `EXEC` ELF with a `XEN_ELFNOTE_PHYS32_ENTRY` note, not truncated. A Linux
+/// bzImage (a client VM's kernel) is accepted too.
 pub fn check_image(path: &Path) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
+    if bytes.get(0x202..0x206) == Some(b"HdrS") {
+        return Ok(());
+    }
     let fail =
         |why: &str| anyhow!("{} is not a bootable SSC image: {why}; rebuild it with `make images`", path.display());
     if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use qemu_tests::ssc::builder::{Domain, DomainSpec, LinkSpec, LogEcho, RunDir};
+use qemu_tests::ssc::builder::{Domain, DomainSpec, LinkSpec, LogEcho, NbdDisk, RunDir};
 use qemu_tests::*;
 use sd_storage_crypt::xts::Xts;
 use ssc_abi::{Body, VolumeConfig};
@@ -23,6 +23,12 @@ struct Sd {
 fn boot(dir: &Path, size: u64) -> Sd {
     let volume = dir.join("volume.img");
     std::fs::File::create(&volume).unwrap().set_len(size).unwrap();
+    boot_on(dir, &volume)
+}
+
+/// Boots storage-crypt on an existing volume file.
+fn boot_on(dir: &Path, volume: &Path) -> Sd {
+    let volume = volume.to_path_buf();
     let socket = dir.join("nbd.sock");
     let run_dir = RunDir::create().unwrap();
     let mut spec = DomainSpec::new("storage-crypt", &image("storage-crypt"));
@@ -150,4 +156,56 @@ fn a_garbage_speaking_client_does_not_stop_the_next_one() {
     std::thread::sleep(Duration::from_millis(300));
     qemu_io(&sd, &["write -P 9 4096 4096", "read -P 9 4096 4096"]);
     assert!(sd.domain.log().iter().any(|l| l.contains("NBD session closed: client sent unknown handshake flags")));
+}
+
+/// Boots the Linux client with `job` and the SD's export as its disk
+/// (/dev/vda); returns the client's console.
+fn run_client(sd: &Sd, dir: &Path, job: &str) -> Vec<String> {
+    let (kernel, _) = client_kernel();
+    let run_dir = RunDir::create().unwrap();
+    let mut spec = DomainSpec::new("client", &kernel);
+    spec.initrd = Some(client_initrd(dir, job));
+    spec.append = "console=ttyS0 quiet".into();
+    spec.mem_mib = 512;
+    spec.nbd_disks.push(NbdDisk { socket: sd.socket.clone(), export: "vol".into() });
+    let mut client = Domain::launch(&spec, accel(), &run_dir, LogEcho::Stdout("[client] ".into())).unwrap();
+    client.wait_ready(Duration::from_secs(120)).unwrap();
+    let exit = client.wait_exit(Some(Duration::from_secs(600))).unwrap();
+    let log = client.log();
+    assert!(log.iter().any(|l| l == "client: job passed"), "the client's job failed ({exit}):\n{}", log.join("\n"));
+    log
+}
+
+const MARKER: &str = "SSC-PLAINTEXT-MARKER-7f3a9c";
+
+#[test]
+fn a_linux_client_runs_fio_verify_through_the_sd_and_again_after_a_chain_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = noise(64, 1234);
+    let mut sd = boot(tmp.path(), 64 * MIB as u64);
+    configure(&mut sd, xts_config(&key)).unwrap();
+    let fio = "fio --name=verify --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16 --bs=4k \
+               --size=16M --verify=crc32c --verify_fatal=1";
+    run_client(
+        &sd,
+        tmp.path(),
+        &format!(
+            "{fio} --rw=randwrite --do_verify=1
+             printf '{MARKER}' > /tmp/m; dd if=/tmp/m of=/dev/vda bs=512 seek=65536 conv=sync,notrunc; sync"
+        ),
+    );
+    let file = std::fs::read(&sd.volume).unwrap();
+    assert!(!file.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()), "the client's marker is in the volume file");
+    let mut sector = file[65536 * 512..65537 * 512].to_vec();
+    Xts::new(&key).unwrap().decrypt_sector(65536, &mut sector);
+    assert!(sector.starts_with(MARKER.as_bytes()), "the marker did not land encrypted at sector 65536");
+
+    // Restart the chain: a new SD on the same volume, the same key, and a
+    // client that only verifies what the first one wrote.
+    assert_eq!(sd.domain.shutdown(Duration::from_secs(30)).unwrap(), qemu_tests::ssc::qemu::ImageExit::Success);
+    let volume = sd.volume.clone();
+    drop(sd);
+    let mut sd = boot_on(tmp.path(), &volume);
+    configure(&mut sd, xts_config(&key)).unwrap();
+    run_client(&sd, tmp.path(), &format!("{fio} --rw=randwrite --verify_only"));
 }

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Builds the test client VM from Debian packages only: the kernel of
+# linux-image-cloud-amd64, and an initramfs of busybox-static, fio (with the
+# shared libraries it links) and the kernel modules the tests need, with
+# modules.dep from kmod's depmod. Cached: rebuilt only when a package
+# version changes.
+#
+# Output in $1 (default build/client): vmlinuz, initrd.cpio.gz, STAMP.
+# The init script loads the modules, prints `ssc: ready image=client`,
+# runs /job.sh if a second initramfs archive provides one (the tests append
+# it), prints `client: job passed` or `client: job failed (exit N)` and powers
+# off. (The Debian cloud kernel has no /dev/port, so isa-debug-exit is out of
+# reach from a shell; the console line is the verdict.)
+set -euo pipefail
+out=${1:-build/client}
+need() { command -v "$1" >/dev/null || { echo "build-client: $1 missing: run \`make deps\`" >&2; exit 1; }; }
+need busybox; need fio; need depmod; need cpio
+
+kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+[ -n "$kpkg" ] || { echo "build-client: linux-image-cloud-amd64 unknown to apt: run \`apt-get update\`" >&2; exit 1; }
+kver=${kpkg#linux-image-}
+stamp="$kpkg $(apt-cache policy "$kpkg" | awk '/Candidate/ {print $2}') fio=$(dpkg-query -W -f='${Version}' fio) busybox=$(dpkg-query -W -f='${Version}' busybox-static)"
+if [ -f "$out/STAMP" ] && [ "$(cat "$out/STAMP")" = "$stamp" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.cpio.gz" ]; then
+    echo "build-client: up to date in $out ($kpkg)"
+    exit 0
+fi
+echo "build-client: building from $kpkg, fio, busybox-static"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+(cd "$work" && apt-get download -q "$kpkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+dpkg-deb -x "$work"/"$kpkg"_*.deb "$work/kernel"
+
+root="$work/root"
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,mnt,etc,usr/bin,lib/modules/"$kver"}
+cp "$(command -v busybox)" "$root/bin/busybox"
+
+# The modules and everything they depend on, in load order.
+mods="virtio_pci virtio_blk virtio_console dm_crypt xts aesni_intel"
+depmod -b "$work/kernel" "$kver"
+: > "$root/etc/modules.order"
+for ko in $(modprobe -a -d "$work/kernel" -S "$kver" --show-depends $mods | awk '$1 == "insmod" {print $2}'); do
+    rel=${ko#"$work/kernel"}
+    if ! grep -qx "$rel" "$root/etc/modules.order"; then
+        mkdir -p "$root$(dirname "$rel")"
+        cp "$ko" "$root$rel"
+        echo "$rel" >> "$root/etc/modules.order"
+    fi
+done
+
+# fio and the shared libraries it links.
+cp "$(command -v fio)" "$root/usr/bin/fio"
+for lib in $(ldd "$(command -v fio)" | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do
+    cp --parents -L "$lib" "$root"
+done
+
+cat > "$root/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+while read -r m; do insmod "$m" 2>/dev/null || echo "client: insmod $m failed"; done < /etc/modules.order
+echo "client: ssc: ready image=client boot_us=0"
+if [ -x /job.sh ]; then
+    if /job.sh; then echo "client: job passed"; else echo "client: job failed (exit $?)"; fi
+    poweroff -f
+fi
+exec sh
+INIT
+chmod +x "$root/init"
+mkdir -p "$out"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1 > "$work/initrd.cpio.gz")
+# Zero-pad to 4 bytes: an archive appended later (a test's /job.sh) must
+# start 4-byte aligned; the kernel skips the zeros between archives.
+size=$(stat -c %s "$work/initrd.cpio.gz")
+truncate -s $(( (size + 3) / 4 * 4 )) "$work/initrd.cpio.gz"
+cp "$work/kernel/boot/vmlinuz-$kver" "$out/vmlinuz"
+mv "$work/initrd.cpio.gz" "$out/initrd.cpio.gz"
+echo "$stamp" > "$out/STAMP"
+echo "build-client: $out/vmlinuz, $out/initrd.cpio.gz ($(du -h "$out/initrd.cpio.gz" | cut -f1))"
