@@ -66,9 +66,10 @@ fmt:
 	$(CARGO) fmt --all
 	cd kernels && $(CARGO) fmt --all
 
-## bench: boot-time table (median of 20 boots per combination)
+## bench: boot-time table (median of 20 boots per combination) and the storage core natively
 bench: deps catalog
 	$(SSC) bench boot --catalog build/catalog --trust build/publisher.pub --runs 20
+	$(CARGO) run --release -q -p host-tools --bin ssc -- bench storage-core
 
 ## fuzz: run the ABI decoder fuzz target for 60 s (cargo-fuzz; stable via RUSTC_BOOTSTRAP)
 fuzz:

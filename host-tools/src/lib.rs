@@ -8,11 +8,12 @@
 //! * [`qmp`]: a small QMP client;
 //! * [`catalog`]: signed image manifests (SHA-384, Ed25519);
 //! * [`doctor`]: what this machine has and how to install what it lacks;
-//! * [`bench`]: boot-time benchmarks.
+//! * [`bench`]: boot-time benchmarks; [`bench_storage`]: the storage core.
 //!
 //! The `ssc` binary (src/main.rs) is a thin clap front end over these.
 
 pub mod bench;
+pub mod bench_storage;
 pub mod builder;
 pub mod catalog;
 pub mod doctor;

@@ -136,6 +136,12 @@ enum CatalogCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// The storage SD's core natively: aes-xts-plain64 beside `openssl speed`
+    /// in the same run, and NBD requests/s over memory. Build with --release.
+    StorageCore {
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot time of every catalog image (median of --runs boots) per
     /// accelerator, machine type and firmware.
     Boot {
@@ -233,6 +239,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if missing { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         Cmd::Catalog(c) => catalog_cmd(c),
+        Cmd::Bench(BenchCmd::StorageCore { json }) => {
+            if cfg!(debug_assertions) {
+                eprintln!("ssc: warning: this ssc is a debug build; core figures are meaningless (use `make bench`)");
+            }
+            let rows = ssc::bench_storage::run()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", ssc::bench_storage::render(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Bench(BenchCmd::Boot { catalog: dir, trust, runs, json }) => {
             let trusted = catalog::load_trusted(&trust)?;
             let images = catalog::verify(&dir, &trusted)?;

@@ -1,12 +1,16 @@
 //! AES-256-XTS with the `plain64` IV: the tweak of sector `n` is `n` as a
 //! 128-bit little-endian number, encrypted with the second key half. Blocks
-//! are processed in batches of [`BATCH`] so AES-NI's pipeline stays full.
+//! are processed in batches of [`BATCH`] so the AES-NI/VAES pipelines stay full.
 
 use aes::Aes256;
 use aes::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 
-/// Blocks handed to the cipher at once.
-pub const BATCH: usize = 16;
+/// Blocks handed to the cipher at once: a whole 4 KiB sector. The `aes`
+/// crate's VAES-512 backend works on 64 blocks at a time (VAES-256: 30,
+/// AES-NI: 8) and handles shorter runs one block at a time, so small batches
+/// leave most of the speed unused (measured: 16-block batches ran at a third
+/// of OpenSSL's aes-256-xts on a VAES CPU).
+pub const BATCH: usize = 256;
 
 /// The key is not 64 bytes (two AES-256 keys).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,8 +36,23 @@ impl core::fmt::Debug for Xts {
 }
 
 /// Multiplies a tweak by α in GF(2^128) (IEEE 1619, little-endian).
+#[cfg(test)]
 fn mul_alpha(t: u128) -> u128 {
     (t << 1) ^ (0x87 * (t >> 127))
+}
+
+/// Multiplies a tweak by α^k, 0 ≤ k < 8: a shift by k and the reduction of
+/// the k bits shifted out (carry-less multiples of 0x87).
+fn mul_alpha_pow(t: u128, k: u32) -> u128 {
+    if k == 0 {
+        return t;
+    }
+    let out = t >> (128 - k);
+    let mut reduce = 0u128;
+    for i in 0..k {
+        reduce ^= (0x87 << i) * ((out >> i) & 1);
+    }
+    (t << k) ^ reduce
 }
 
 fn xor(block: &mut [u8; 16], t: u128) {
@@ -61,10 +80,16 @@ impl Xts {
         assert!(rest.is_empty(), "XTS sectors are whole 16-byte blocks");
         let mut tweaks = [0u128; BATCH];
         for group in blocks.chunks_mut(BATCH) {
-            for (block, t) in group.iter_mut().zip(tweaks.iter_mut()) {
-                *t = tweak;
-                xor(block, tweak);
-                tweak = mul_alpha(tweak);
+            // Eight lanes from one base (T·α^0 … T·α^7), so the tweak
+            // computation pipelines instead of forming one long chain.
+            for lanes in tweaks[..group.len()].chunks_mut(8) {
+                for (k, t) in lanes.iter_mut().enumerate() {
+                    *t = mul_alpha_pow(tweak, k as u32);
+                }
+                tweak = mul_alpha_pow(mul_alpha_pow(tweak, 7), 1);
+            }
+            for (block, t) in group.iter_mut().zip(tweaks.iter()) {
+                xor(block, *t);
             }
             let arrays = Array::cast_slice_from_core_mut(group);
             if encrypt {
@@ -113,6 +138,19 @@ mod tests {
         let mut data: Vec<u8> = (0..512).map(|i| i as u8).collect();
         Xts::new(&key).unwrap().encrypt_sector(0xff, &mut data);
         assert_eq!(&data[..32], &unhex("1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b")[..]);
+    }
+
+    #[test]
+    fn alpha_powers_match_repeated_doubling() {
+        let mut t = 0x8000_0000_0000_0000_0000_0000_0000_00ffu128 ^ 0x1234_5678_9abc_def0;
+        for _ in 0..100 {
+            let mut slow = t;
+            for k in 0..8 {
+                assert_eq!(mul_alpha_pow(t, k), slow, "k = {k}");
+                slow = mul_alpha(slow);
+            }
+            t = t.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835) | (1 << 127);
+        }
     }
 
     #[test]
