@@ -17,6 +17,7 @@ pub mod bench_storage;
 pub mod builder;
 pub mod catalog;
 pub mod doctor;
+pub mod luks;
 pub mod qemu;
 pub mod qmp;
 

@@ -209,3 +209,74 @@ fn a_linux_client_runs_fio_verify_through_the_sd_and_again_after_a_chain_restart
     configure(&mut sd, xts_config(&key)).unwrap();
     run_client(&sd, tmp.path(), &format!("{fio} --rw=randwrite --verify_only"));
 }
+
+/// A LUKS1 volume made by QEMU's own luks driver (aes-256-xts-plain64,
+/// sha256; a short PBKDF2 time to keep the test fast).
+fn qemu_luks_volume(dir: &Path, size: &str) -> PathBuf {
+    let vol = dir.join("volume.luks");
+    let (ok, out) = peer(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "luks",
+            "--object",
+            "secret,id=sec0,data=correct horse",
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            vol.to_str().unwrap(),
+            size,
+        ],
+        T,
+    );
+    assert!(ok, "qemu-img create -f luks: {out}");
+    vol
+}
+
+fn qemu_io_luks(vol: &Path, commands: &[&str]) -> (bool, String) {
+    let opts = format!("driver=luks,key-secret=sec0,file.filename={}", vol.display());
+    let mut args = vec!["--object", "secret,id=sec0,data=correct horse", "--image-opts", opts.as_str()];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    peer("qemu-io", &args, T)
+}
+
+#[test]
+fn luks1_volumes_interoperate_with_qemus_luks_driver_both_ways() {
+    use qemu_tests::ssc::luks;
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = qemu_luks_volume(tmp.path(), "32M");
+    // QEMU writes first, through its own LUKS driver.
+    let (ok, out) = qemu_io_luks(&vol, &["write -P 0x3c 1M 2M"]);
+    assert!(ok && !out.contains("fail"), "{out}");
+    let wrong = luks::unlock(&vol, b"Tr0ub4dor&3").unwrap_err().to_string();
+    assert!(wrong.contains("wrong passphrase"), "{wrong}");
+    let unlocked = luks::unlock(&vol, b"correct horse").unwrap();
+    assert!(unlocked.data_offset > 0 && unlocked.key.len() == 64, "{unlocked:?}");
+
+    let mut sd = boot_on(tmp.path(), &vol);
+    configure(&mut sd, VolumeConfig { data_offset: unlocked.data_offset, ..xts_config(&unlocked.key) }).unwrap();
+    // The SD reads what QEMU's LUKS driver wrote, and writes its own.
+    qemu_io(&sd, &["read -P 0x3c 1M 2M", "write -P 0xc3 8M 1M", "flush"]);
+    assert_eq!(sd.domain.shutdown(Duration::from_secs(30)).unwrap(), qemu_tests::ssc::qemu::ImageExit::Success);
+    drop(sd);
+    // QEMU's LUKS driver reads what the SD wrote, header untouched.
+    let (ok, out) = qemu_io_luks(&vol, &["read -P 0xc3 8M 1M", "read -P 0x3c 1M 2M"]);
+    assert!(ok && !out.contains("fail") && !out.contains("Pattern verification"), "{out}");
+}
+
+#[test]
+fn a_truncated_or_foreign_luks_header_is_refused_by_name() {
+    use qemu_tests::ssc::luks;
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain.img");
+    std::fs::write(&plain, vec![0u8; 4096]).unwrap();
+    assert!(luks::unlock(&plain, b"x").unwrap_err().to_string().contains("not a LUKS volume"));
+    let vol = qemu_luks_volume(tmp.path(), "8M");
+    let bytes = std::fs::read(&vol).unwrap();
+    let cut = tmp.path().join("cut.luks");
+    std::fs::write(&cut, &bytes[..8192]).unwrap();
+    let e = luks::unlock(&cut, b"correct horse").unwrap_err().to_string();
+    assert!(e.contains("truncated"), "{e}");
+}
