@@ -42,7 +42,7 @@ client: deps
 	bash scripts/build-client.sh build/client
 
 ## demo: install, build, boot the self-test through the builder, show the catalog refusing tampering
-demo: deps catalog
+demo: deps catalog client
 	bash scripts/demo.sh
 
 ## test: every test: host unit tests, runtime unit tests, QEMU boots, lint

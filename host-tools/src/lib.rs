@@ -16,6 +16,7 @@ pub mod bench;
 pub mod bench_storage;
 pub mod builder;
 pub mod catalog;
+pub mod chain;
 pub mod doctor;
 pub mod luks;
 pub mod qemu;

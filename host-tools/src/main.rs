@@ -76,6 +76,26 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
+    /// Start a chain file: its service domains from the catalog (verified,
+    /// neighbours checked), their keys, then the Linux client on them.
+    ///
+    /// With --job the client runs that shell script at boot (its disks are
+    /// /dev/vda, /dev/vdb, …), and `ssc up` exits with its verdict after
+    /// stopping the chain; without it the chain runs until Ctrl-C.
+    Up {
+        chain: PathBuf,
+        /// A shell script for the client to run (then it powers off).
+        #[arg(long)]
+        job: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+        accel: AccelChoice,
+        /// Check the chain file and the catalog, start nothing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Tenant volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
     /// Report QEMU, KVM usability, swtpm and the rest, with install commands.
     Doctor {
         /// An image to probe KVM with (default: a built selftest image).
@@ -90,6 +110,20 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a raw volume file and a fresh 512-bit aes-xts-plain64 key
+    /// (hex, mode 0600). The key stays with the tenant: `ssc up` hands it to
+    /// the storage SD, never to the provider.
+    Create {
+        volume: PathBuf,
+        #[arg(long)]
+        size: String,
+        #[arg(long)]
+        key_out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -226,6 +260,52 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ExitCode::from(1)
                 }
             })
+        }
+        Cmd::Up { chain, job, accel, check } => {
+            let plan = ssc::chain::plan(&chain)?;
+            for (i, d) in plan.disks.iter().enumerate() {
+                let m = &d.sd.manifest.image;
+                eprintln!("ssc up: disk {i}: client → {} {} (verified) → {}", m.name, m.version, d.volume.display());
+            }
+            if check {
+                eprintln!("ssc up: {} checks out", chain.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let probe = plan.disks[0].sd.path.clone();
+            let (accel, why) = qemu::resolve_accel(accel, Some(&probe))?;
+            eprintln!("ssc: accelerator {accel} ({why})");
+            let tmp = RunDir::create()?;
+            let initrd = match &job {
+                Some(j) => {
+                    let script = std::fs::read_to_string(j).with_context(|| format!("reading job {}", j.display()))?;
+                    let out = tmp.path().join("initrd-job");
+                    ssc::chain::initrd_with_job(&plan.initrd, &script, &out)?;
+                    Some(out)
+                }
+                None => None,
+            };
+            let running = ssc::chain::up(&plan, accel, true, initrd.as_deref())?;
+            let (exit, log) = running.wait(None)?;
+            let passed = log.iter().any(|l| l == "client: job passed");
+            match exit {
+                ImageExit::Qemu { status: 0 } => eprintln!("ssc up: client powered off"),
+                other => eprintln!("ssc up: client stopped: {other}"),
+            }
+            if job.is_some() {
+                eprintln!("ssc up: job {}", if passed { "passed" } else { "FAILED" });
+            }
+            Ok(if job.is_none() || passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Cmd::Volume(VolumeCmd::Create { volume, size, key_out }) => {
+            let bytes = ssc::chain::parse_size(&size)?;
+            ssc::chain::create_volume(&volume, bytes, &key_out)?;
+            println!(
+                "volume {} ({} MiB), key in {} (keep it: it never goes to the provider)",
+                volume.display(),
+                bytes >> 20,
+                key_out.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Doctor { image, json } => {
             let image = image.or_else(default_probe_image);

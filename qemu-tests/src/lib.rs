@@ -103,47 +103,12 @@ pub fn client_kernel() -> (PathBuf, PathBuf) {
     (k, i)
 }
 
-/// One file of a cpio `newc` archive.
-fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], ino: u32) {
-    let header = format!(
-        "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-        0,
-        0,
-        1,
-        0,
-        data.len(),
-        0,
-        0,
-        0,
-        0,
-        name.len() + 1,
-        0
-    );
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-    out.extend_from_slice(data);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-}
-
-/// The client's initramfs with `/job.sh` appended as a second archive: the
-/// client runs it at boot and prints `client: job passed|failed`.
+/// The client's initramfs with `/job.sh` appended (see
+/// `ssc::chain::initrd_with_job`).
 pub fn client_initrd(dir: &Path, job: &str) -> PathBuf {
     let (_, base) = client_kernel();
-    let mut data = std::fs::read(base).unwrap();
-    assert!(
-        data.len().is_multiple_of(4),
-        "the base initramfs must be 4-byte aligned (scripts/build-client.sh pads it)"
-    );
-    newc_entry(&mut data, "job.sh", 0o100755, format!("#!/bin/sh\nset -e\n{job}\n").as_bytes(), 1);
-    newc_entry(&mut data, "TRAILER!!!", 0, b"", 0);
     let p = dir.join("initrd-job");
-    std::fs::write(&p, data).unwrap();
+    ssc::chain::initrd_with_job(&base, job, &p).unwrap();
     p
 }
 

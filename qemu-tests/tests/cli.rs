@@ -235,3 +235,63 @@ fn forcing_kvm_either_works_or_fails_fast_naming_the_fix() {
         ),
     }
 }
+
+#[test]
+fn ssc_up_composes_a_chain_from_the_catalog_and_runs_a_client_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, key) = catalog_args();
+    let (kernel, initrd) = client_kernel();
+    let vol = tmp.path().join("vol.img");
+    let keyfile = tmp.path().join("vol.key");
+    let r = run_ssc(
+        &["volume", "create", vol.to_str().unwrap(), "--size", "32M", "--key-out", keyfile.to_str().unwrap()],
+        T,
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    let chain = tmp.path().join("chain.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &chain,
+            format!(
+                "[catalog]\npath = \"{dir}\"\ntrust = [\"{key}\"]\n\n[client]\nkernel = \"{}\"\ninitrd = \"{}\"\n\n[[disk]]\nvolume = \"vol.img\"\nkey = \"vol.key\"\nchain = [{extra}]\n",
+                kernel.display(),
+                initrd.display()
+            ),
+        )
+        .unwrap()
+    };
+    write("\"storage-crypt\"");
+    let job = tmp.path().join("job.sh");
+    std::fs::write(&job, "printf 'TENANT-MARKER-41c2' > /tmp/m\ndd if=/tmp/m of=/dev/vda bs=512 conv=sync\nsync\ndd if=/dev/vda bs=512 count=1 | grep -q TENANT-MARKER-41c2\n").unwrap();
+    let r = run_ssc(&["up", chain.to_str().unwrap(), "--job", job.to_str().unwrap()], T);
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    for want in ["storage-crypt 0.1.0 (verified)", "keyed", "client ready", "job passed", "stopped cleanly"] {
+        assert!(r.stderr().contains(want), "missing `{want}`:\n{}", r.all());
+    }
+    let file = std::fs::read(&vol).unwrap();
+    assert!(!file.windows(18).any(|w| w == b"TENANT-MARKER-41c2"), "plaintext reached the provider's volume");
+
+    // A failing job fails `ssc up`.
+    std::fs::write(&job, "false\n").unwrap();
+    let r = run_ssc(&["up", chain.to_str().unwrap(), "--job", job.to_str().unwrap()], T);
+    assert_eq!(r.code(), Some(1), "{}", r.all());
+
+    // Unknown images and misfits are refused before anything starts, naming the line.
+    write("\"storage-crypt-typo\"");
+    let r = run_ssc(&["up", chain.to_str().unwrap()], T);
+    assert!(
+        r.code() == Some(1) && r.stderr().contains("chain.toml:12") && r.stderr().contains("no image"),
+        "{}",
+        r.all()
+    );
+    write("\"selftest\"");
+    let r = run_ssc(&["up", chain.to_str().unwrap()], T);
+    assert!(
+        r.code() == Some(1)
+            && r.stderr().contains("chain.toml:12")
+            && r.stderr().contains("does not offer a block device"),
+        "{}",
+        r.all()
+    );
+    assert!(!r.stdout().contains("PVH boot"), "something booted for a refused chain");
+}

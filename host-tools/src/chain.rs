@@ -1,0 +1,374 @@
+//! Chain files and `ssc up`: a tenant composes its client VM's disks from
+//! catalog images.
+//!
+//! ```toml
+//! [catalog]
+//! path = "build/catalog"
+//! trust = ["build/publisher.pub"]
+//!
+//! [client]                      # all optional
+//! kernel = "build/client/vmlinuz"
+//! initrd = "build/client/initrd.cpio.gz"
+//! memory = 512
+//! append = "console=ttyS0 quiet"
+//!
+//! [[disk]]
+//! volume = "volume.img"         # the provider's volume file
+//! key = "volume.key"            # tenant key file (hex, 64 bytes) — or:
+//! # luks_passphrase = "pass.txt" # the volume is LUKS1; unlock on the tenant side
+//! chain = ["storage-crypt"]     # service domains in this disk's path
+//! ```
+//!
+//! Before anything starts, every image must be in the catalog with a valid
+//! signature from a trusted publisher, and neighbours must fit: the client
+//! needs `block`, each SD must offer `block` upstream, and the last one needs
+//! `block` downstream (the volume). Errors point at the line of the chain
+//! file. Relative paths are relative to the chain file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Deserialize;
+use ssc_abi::{Body, VolumeConfig};
+use toml::Spanned;
+
+use crate::builder::{Domain, DomainSpec, LinkSpec, LogEcho, MetaDomain, NbdDisk};
+use crate::catalog::{self, VerifiedImage};
+use crate::qemu::{Accel, ImageExit};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogRef {
+    path: PathBuf,
+    trust: Vec<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientSection {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    memory: Option<u32>,
+    append: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskSection {
+    volume: Spanned<PathBuf>,
+    key: Option<PathBuf>,
+    luks_passphrase: Option<PathBuf>,
+    chain: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChainFile {
+    catalog: CatalogRef,
+    #[serde(default)]
+    client: ClientSection,
+    disk: Vec<DiskSection>,
+}
+
+/// The tenant-side secret of one disk.
+enum Secret {
+    Key(Vec<u8>),
+    LuksPassphrase(Vec<u8>),
+}
+
+/// One disk of the plan.
+pub struct PlannedDisk {
+    pub volume: PathBuf,
+    pub sd: VerifiedImage,
+    secret_kind: &'static str,
+    secret: Secret,
+}
+
+/// A checked chain file, ready to start.
+pub struct Plan {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub memory: u32,
+    pub append: String,
+    pub disks: Vec<PlannedDisk>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Reads a key file: 128 hex digits (whitespace ignored).
+pub fn read_key(path: &Path) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading key file {}", path.display()))?;
+    let hex: String = text.split_whitespace().collect();
+    let key = catalog::unhex(&hex).with_context(|| format!("key file {} is not hex", path.display()))?;
+    if key.len() != 64 {
+        bail!("key file {} holds {} bytes; aes-xts-plain64 needs 64", path.display(), key.len());
+    }
+    Ok(key)
+}
+
+/// Parses and checks a chain file. Nothing is started.
+pub fn plan(path: &Path) -> Result<Plan> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading chain file {}", path.display()))?;
+    let name = path.display().to_string();
+    let file: ChainFile = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|s| format!(":{}", line_of(&text, s.start))).unwrap_or_default();
+        anyhow!("{name}{line}: {}", e.message())
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let at = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+    let trusted = catalog::load_trusted(&file.catalog.trust.iter().map(|p| at(p)).collect::<Vec<_>>())?;
+    let catalog_dir = at(&file.catalog.path);
+    if file.disk.is_empty() {
+        bail!("{name}: no [[disk]]: a chain needs at least one disk");
+    }
+    let mut disks = vec![];
+    for d in file.disk {
+        let line = |off: usize| format!("{name}:{}", line_of(&text, off));
+        let entries = d.chain.get_ref();
+        if entries.is_empty() {
+            bail!(
+                "{}: empty chain: name the service domains in this disk's path, e.g. [\"storage-crypt\"]",
+                line(d.chain.span().start)
+            );
+        }
+        if entries.len() > 1 {
+            bail!(
+                "{}: chains of more than one storage SD are not supported yet (an SD's downstream is its own disk)",
+                line(entries[1].span().start)
+            );
+        }
+        let entry = &entries[0];
+        let sd = catalog::find(&catalog_dir, &trusted, entry.get_ref())
+            .map_err(|e| anyhow!("{}: `{}`: {e:#}", line(entry.span().start), entry.get_ref()))?;
+        let m = &sd.manifest.image;
+        if !m.offers.iter().any(|o| o == "block") {
+            bail!(
+                "{}: `{}` does not offer a block device upstream (offers: {:?}); the client needs one",
+                line(entry.span().start),
+                m.name,
+                m.offers
+            );
+        }
+        if !m.needs.iter().any(|n| n == "block") || !m.links.iter().any(|l| l == "nbd") {
+            bail!(
+                "{}: `{}` does not take a volume downstream and serve NBD upstream",
+                line(entry.span().start),
+                m.name
+            );
+        }
+        let volume = at(d.volume.get_ref());
+        if !volume.is_file() {
+            bail!(
+                "{}: volume {} does not exist (make one with `ssc volume create`)",
+                line(d.volume.span().start),
+                volume.display()
+            );
+        }
+        let (secret_kind, secret) = match (d.key, d.luks_passphrase) {
+            (Some(k), None) => ("key", Secret::Key(read_key(&at(&k))?)),
+            (None, Some(p)) => {
+                let pass = std::fs::read(at(&p)).with_context(|| format!("reading passphrase file {}", p.display()))?;
+                let pass = pass.strip_suffix(b"\n").map(<[u8]>::to_vec).unwrap_or(pass);
+                ("luks", Secret::LuksPassphrase(pass))
+            }
+            _ => bail!("{}: give exactly one of `key` or `luks_passphrase`", line(d.volume.span().start)),
+        };
+        disks.push(PlannedDisk { volume, sd, secret_kind, secret });
+    }
+    let client_dir = Path::new("build/client");
+    let c = file.client;
+    let kernel = c.kernel.map(|p| at(&p)).unwrap_or_else(|| client_dir.join("vmlinuz"));
+    let initrd = c.initrd.map(|p| at(&p)).unwrap_or_else(|| client_dir.join("initrd.cpio.gz"));
+    for p in [&kernel, &initrd] {
+        if !p.is_file() {
+            bail!("client file {} is missing: build the client with `make client`", p.display());
+        }
+    }
+    Ok(Plan {
+        kernel,
+        initrd,
+        memory: c.memory.unwrap_or(512),
+        append: c.append.unwrap_or_else(|| "console=ttyS0 quiet".into()),
+        disks,
+    })
+}
+
+/// The running chain: SDs first, then the client.
+pub struct Running {
+    pub sds: MetaDomain,
+    pub client: Domain,
+    /// Holds the NBD sockets; dropped after the domains.
+    _scratch: crate::builder::RunDir,
+}
+
+/// Starts the plan: each disk's SD, its key, then the client on their NBD
+/// links. Progress goes to stderr.
+pub fn up(plan: &Plan, accel: Accel, echo: bool, initrd_override: Option<&Path>) -> Result<Running> {
+    let mut specs = vec![];
+    let mut sockets = vec![];
+    let scratch = crate::builder::RunDir::create()?;
+    for (i, d) in plan.disks.iter().enumerate() {
+        let mut spec = DomainSpec::new(&format!("{}-{i}", d.sd.manifest.image.name), &d.sd.path);
+        spec.disks.push(d.volume.clone());
+        let socket = scratch.path().join(format!("disk{i}.nbd"));
+        spec.links.push(LinkSpec { name: "nbd".into(), socket: socket.clone() });
+        sockets.push(socket);
+        specs.push(spec);
+    }
+    eprintln!("ssc up: starting {} service domain(s)", specs.len());
+    let mut sds = MetaDomain::launch(&specs, accel, echo, Duration::from_secs(60))?;
+    for (i, d) in plan.disks.iter().enumerate() {
+        let (key, data_offset) = match &d.secret {
+            Secret::Key(k) => (k.clone(), 0),
+            Secret::LuksPassphrase(p) => {
+                let u = crate::luks::unlock(&d.volume, p)?;
+                eprintln!("ssc up: disk {i}: LUKS1 keyslot {} unlocked on the tenant side", u.slot);
+                (u.key, u.data_offset)
+            }
+        };
+        let cfg = VolumeConfig {
+            export: "vol",
+            cipher: "aes-xts-plain64",
+            key: &key,
+            sector_size: 512,
+            data_offset,
+            iv_offset: 0,
+            large_iv: false,
+            read_only: false,
+        };
+        let name = specs[i].name.clone();
+        let dom = sds.domain(&name).expect("started");
+        dom.control()
+            .ok_or_else(|| anyhow!("{name} has no control link"))?
+            .request(Body::ConfigureVolume(cfg), Duration::from_secs(30))
+            .with_context(|| {
+                format!("provisioning the key of disk {i} ({} from {})", d.secret_kind, d.volume.display())
+            })?;
+        eprintln!("ssc up: disk {i}: {} keyed, volume {}", name, d.volume.display());
+    }
+    let mut client = DomainSpec::new("client", &plan.kernel);
+    client.initrd = Some(initrd_override.map(Path::to_path_buf).unwrap_or_else(|| plan.initrd.clone()));
+    client.mem_mib = plan.memory;
+    client.append = plan.append.clone();
+    client.nbd_disks = sockets.iter().map(|s| NbdDisk { socket: s.clone(), export: "vol".into() }).collect();
+    let log = if echo { LogEcho::Stdout("[client] ".into()) } else { LogEcho::Quiet };
+    let mut client = Domain::launch(&client, accel, &scratch, log)?;
+    client.wait_ready(Duration::from_secs(180))?;
+    eprintln!("ssc up: client ready with {} disk(s) (/dev/vda…)", plan.disks.len());
+    Ok(Running { sds, client, _scratch: scratch })
+}
+
+impl Running {
+    /// Waits for the client to finish (or Ctrl-C), then stops the SDs.
+    pub fn wait(mut self, timeout: Option<Duration>) -> Result<(ImageExit, Vec<String>)> {
+        let exit = self.client.wait_exit(timeout);
+        let log = self.client.log();
+        let verdicts = self.sds.shutdown(Duration::from_secs(30));
+        for (name, v) in verdicts {
+            match v {
+                Ok(ImageExit::Success) => eprintln!("ssc up: {name} stopped cleanly"),
+                Ok(other) => eprintln!("ssc up: {name}: {other}"),
+                Err(e) => eprintln!("ssc up: {name}: {e:#}"),
+            }
+        }
+        Ok((exit?, log))
+    }
+}
+
+/// One file of a cpio `newc` archive.
+fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], ino: u32) {
+    let fields = [ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, 0, 0, name.len() as u32 + 1, 0];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08x}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    out.resize(out.len().next_multiple_of(4), 0);
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+/// The client's initramfs with `/job.sh` appended as a second archive: the
+/// client runs it at boot (`set -e`), prints `client: job passed|failed`
+/// and powers off. Written to `out`.
+pub fn initrd_with_job(base: &Path, job: &str, out: &Path) -> Result<()> {
+    let mut data = std::fs::read(base).with_context(|| format!("reading {}", base.display()))?;
+    if !data.len().is_multiple_of(4) {
+        bail!("{} is not 4-byte aligned; rebuild it with `make client`", base.display());
+    }
+    newc_entry(&mut data, "job.sh", 0o100755, format!("#!/bin/sh\nset -e\n{job}\n").as_bytes(), 1);
+    newc_entry(&mut data, "TRAILER!!!", 0, b"", 0);
+    std::fs::write(out, data).with_context(|| format!("writing {}", out.display()))
+}
+
+/// Parses sizes like `64M`, `1G`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let (num, mult) = match s.trim().char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| anyhow!("`{s}` is not a size (e.g. 512M, 4G)"))?;
+    n.checked_mul(mult).ok_or_else(|| anyhow!("`{s}` is too large"))
+}
+
+/// `ssc volume create`: a raw volume file and a fresh 512-bit key (hex, mode
+/// 0600) that stays with the tenant.
+pub fn create_volume(volume: &Path, size: u64, key_out: &Path) -> Result<()> {
+    use ring::rand::SecureRandom;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 64];
+    ring::rand::SystemRandom::new().fill(&mut key).map_err(|_| anyhow!("no randomness for the key"))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(key_out)
+        .with_context(|| format!("creating key file {} (it must not exist yet)", key_out.display()))?;
+    writeln!(f, "{}", catalog::hex(&key))?;
+    let v = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(volume)
+        .with_context(|| format!("creating volume {} (it must not exist yet)", volume.display()))?;
+    v.set_len(size)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_point_at_the_line_of_the_chain_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("chain.toml");
+        std::fs::write(&p, "[catalog]\npath = \"c\"\ntrust = []\n\n[[disk]]\nvolume = 3\n").unwrap();
+        let e = plan(&p).err().expect("refused").to_string();
+        assert!(e.contains("chain.toml:6"), "{e}");
+        std::fs::write(&p, "[catalog]\npath = \"c\"\ntrust = []\n[[disk]]\nvolume = \"v\"\nkey = \"k\"\nchain = []\n")
+            .unwrap();
+        let e = plan(&p).err().expect("refused").to_string();
+        assert!(e.contains("chain.toml:7") && e.contains("empty chain"), "{e}");
+        std::fs::write(&p, "[catalog]\npath = \"c\"\ntrust = []\nbogus = 1\n").unwrap();
+        assert!(plan(&p).err().expect("refused").to_string().contains("chain.toml:4"));
+    }
+
+    #[test]
+    fn created_volumes_have_a_private_64_byte_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (v, k) = (dir.path().join("v.img"), dir.path().join("v.key"));
+        create_volume(&v, 1 << 20, &k).unwrap();
+        assert_eq!(std::fs::metadata(&v).unwrap().len(), 1 << 20);
+        assert_eq!(std::fs::metadata(&k).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(read_key(&k).unwrap().len(), 64);
+        assert!(create_volume(&v, 1 << 20, &dir.path().join("k2")).is_err(), "an existing volume is never overwritten");
+    }
+}
