@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test client VM from Debian packages only: the kernel of
-# linux-image-cloud-amd64, and an initramfs of busybox-static, fio (with the
-# shared libraries it links) and the kernel modules the tests need, with
+# linux-image-cloud-amd64, and an initramfs of busybox-static, fio and
+# cryptsetup (with the shared libraries they link) and the kernel modules the
+# tests need, with
 # modules.dep from kmod's depmod. Cached: rebuilt only when a package
 # version changes.
 #
@@ -14,12 +15,12 @@
 set -euo pipefail
 out=${1:-build/client}
 need() { command -v "$1" >/dev/null || { echo "build-client: $1 missing: run \`make deps\`" >&2; exit 1; }; }
-need busybox; need fio; need depmod; need cpio
+need busybox; need fio; need cryptsetup; need depmod; need cpio
 
 kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
 [ -n "$kpkg" ] || { echo "build-client: linux-image-cloud-amd64 unknown to apt: run \`apt-get update\`" >&2; exit 1; }
 kver=${kpkg#linux-image-}
-stamp="$kpkg $(apt-cache policy "$kpkg" | awk '/Candidate/ {print $2}') fio=$(dpkg-query -W -f='${Version}' fio) busybox=$(dpkg-query -W -f='${Version}' busybox-static)"
+stamp="$kpkg $(apt-cache policy "$kpkg" | awk '/Candidate/ {print $2}') fio=$(dpkg-query -W -f='${Version}' fio) busybox=$(dpkg-query -W -f='${Version}' busybox-static) cryptsetup=$(dpkg-query -W -f='${Version}' cryptsetup-bin)"
 if [ -f "$out/STAMP" ] && [ "$(cat "$out/STAMP")" = "$stamp" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.cpio.gz" ]; then
     echo "build-client: up to date in $out ($kpkg)"
     exit 0
@@ -47,11 +48,14 @@ for ko in $(modprobe -a -d "$work/kernel" -S "$kver" --show-depends $mods | awk 
     fi
 done
 
-# fio and the shared libraries it links.
-cp "$(command -v fio)" "$root/usr/bin/fio"
-for lib in $(ldd "$(command -v fio)" | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do
-    cp --parents -L "$lib" "$root"
+# fio, cryptsetup and the shared libraries they link.
+for bin in fio cryptsetup; do
+    cp "$(command -v $bin)" "$root/usr/bin/$bin"
+    for lib in $(ldd "$(command -v $bin)" | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do
+        cp --parents -L -n "$lib" "$root"
+    done
 done
+mkdir -p "$root/run/cryptsetup"
 
 cat > "$root/init" <<'INIT'
 #!/bin/busybox sh

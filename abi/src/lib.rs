@@ -87,7 +87,8 @@ pub struct VolumeConfig<'a> {
     pub data_offset: u64,
     /// Added to sector numbers to form IVs.
     pub iv_offset: u64,
-    /// IVs count sector_size units (LUKS2 with 4096-byte sectors).
+    /// IVs count sector_size units (dm-crypt `iv_large_sectors`; LUKS1 and
+    /// LUKS2 do not use it, even with 4096-byte sectors).
     pub large_iv: bool,
     pub read_only: bool,
 }

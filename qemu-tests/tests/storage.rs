@@ -161,13 +161,18 @@ fn a_garbage_speaking_client_does_not_stop_the_next_one() {
 /// Boots the Linux client with `job` and the SD's export as its disk
 /// (/dev/vda); returns the client's console.
 fn run_client(sd: &Sd, dir: &Path, job: &str) -> Vec<String> {
+    run_client_on(dir, job, |spec| spec.nbd_disks.push(NbdDisk { socket: sd.socket.clone(), export: "vol".into() }))
+}
+
+/// Boots the Linux client with `job` and the disks `attach` adds.
+fn run_client_on(dir: &Path, job: &str, attach: impl FnOnce(&mut DomainSpec)) -> Vec<String> {
     let (kernel, _) = client_kernel();
     let run_dir = RunDir::create().unwrap();
     let mut spec = DomainSpec::new("client", &kernel);
     spec.initrd = Some(client_initrd(dir, job));
     spec.append = "console=ttyS0 quiet".into();
     spec.mem_mib = 512;
-    spec.nbd_disks.push(NbdDisk { socket: sd.socket.clone(), export: "vol".into() });
+    attach(&mut spec);
     let mut client = Domain::launch(&spec, accel(), &run_dir, LogEcho::Stdout("[client] ".into())).unwrap();
     client.wait_ready(Duration::from_secs(120)).unwrap();
     let exit = client.wait_exit(Some(Duration::from_secs(600))).unwrap();
@@ -279,4 +284,90 @@ fn a_truncated_or_foreign_luks_header_is_refused_by_name() {
     std::fs::write(&cut, &bytes[..8192]).unwrap();
     let e = luks::unlock(&cut, b"correct horse").unwrap_err().to_string();
     assert!(e.contains("truncated"), "{e}");
+}
+
+/// A LUKS2 volume with 4096-byte sectors, formatted by cryptsetup; returns
+/// its volume key and data offset as `luksDump --dump-volume-key` reports.
+fn cryptsetup_luks2_4096(dir: &Path) -> (PathBuf, Vec<u8>, u64) {
+    let vol = dir.join("luks2.img");
+    std::fs::File::create(&vol).unwrap().set_len(64 * MIB as u64).unwrap();
+    let pass = dir.join("pass");
+    std::fs::write(&pass, "open sesame").unwrap();
+    let (v, p) = (vol.to_str().unwrap(), pass.to_str().unwrap());
+    let (ok, out) = peer(
+        "cryptsetup",
+        &["luksFormat", "--type", "luks2", "--sector-size", "4096", "--batch-mode", "--pbkdf", "pbkdf2"]
+            .into_iter()
+            .chain(["--pbkdf-force-iterations", "1000", "--key-file", p, v])
+            .collect::<Vec<_>>(),
+        T,
+    );
+    assert!(ok, "cryptsetup luksFormat: {out}");
+    let (ok, dump) = peer("cryptsetup", &["luksDump", "--dump-volume-key", "--batch-mode", "--key-file", p, v], T);
+    assert!(ok, "cryptsetup luksDump: {dump}");
+    let mut key = vec![];
+    let mut in_key = false;
+    for line in dump.lines() {
+        let body = match line.split_once("MK dump:").or_else(|| line.split_once("Volume key:")) {
+            Some((_, rest)) => {
+                in_key = true;
+                rest
+            }
+            None if in_key => line,
+            None => continue,
+        };
+        let bytes: Vec<u8> = body.split_whitespace().filter_map(|h| u8::from_str_radix(h, 16).ok()).collect();
+        if bytes.is_empty() {
+            in_key = false;
+        }
+        key.extend(bytes);
+    }
+    assert_eq!(key.len(), 64, "volume key from luksDump:\n{dump}");
+    let (ok, layout) = peer("cryptsetup", &["luksDump", v], T);
+    assert!(ok, "cryptsetup luksDump: {layout}");
+    let offset = layout
+        .lines()
+        .find_map(|l| {
+            l.trim().strip_prefix("offset:").and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok())
+        })
+        .expect("data segment offset in luksDump");
+    (vol, key, offset)
+}
+
+fn fio_region(name: &str, offset: &str, extra: &str) -> String {
+    format!(
+        "fio --name={name} --filename=$DEV --direct=1 --ioengine=libaio --iodepth=8 --bs=4k --offset={offset} \\
+         --size=8M --rw=randwrite --randseed=7 --verify=crc32c --verify_fatal=1 {extra}"
+    )
+}
+
+#[test]
+fn luks2_with_4096_byte_sectors_interoperates_with_dm_crypt_in_the_client() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (vol, key, offset) = cryptsetup_luks2_4096(tmp.path());
+    let cfg = |key| VolumeConfig { sector_size: 4096, data_offset: offset, large_iv: false, ..xts_config(key) };
+
+    // 1. Region A written through the SD.
+    let mut sd = boot_on(tmp.path(), &vol);
+    configure(&mut sd, cfg(&key)).unwrap();
+    run_client(&sd, tmp.path(), &format!("DEV=/dev/vda\n{}", fio_region("a", "0", "--do_verify=1")));
+    assert_eq!(sd.domain.shutdown(Duration::from_secs(30)).unwrap(), qemu_tests::ssc::qemu::ImageExit::Success);
+    drop(sd);
+
+    // 2. The kernel's dm-crypt, opened by cryptsetup in a client on the raw
+    //    volume: region A verifies, region B is written.
+    let job = format!(
+        "echo -n 'open sesame' > /tmp/pass\n\
+         DM_DISABLE_UDEV=1 cryptsetup open --disable-locks --key-file /tmp/pass /dev/vda sec\n\
+         DEV=/dev/mapper/sec\n{}\n{}\n\
+         DM_DISABLE_UDEV=1 cryptsetup close --disable-locks sec",
+        fio_region("a", "0", "--verify_only"),
+        fio_region("b", "16M", "--do_verify=1")
+    );
+    run_client_on(tmp.path(), &job, |spec| spec.disks.push(vol.clone()));
+
+    // 3. Region B (written by dm-crypt) verifies through the SD.
+    let mut sd = boot_on(tmp.path(), &vol);
+    configure(&mut sd, cfg(&key)).unwrap();
+    run_client(&sd, tmp.path(), &format!("DEV=/dev/vda\n{}", fio_region("b", "16M", "--verify_only")));
 }

@@ -54,8 +54,10 @@ pub struct Layout {
     pub data_offset: u64,
     /// Added to the sector number to form the IV.
     pub iv_offset: u64,
-    /// IVs count `sector_size` units (LUKS2 with 4096-byte sectors) instead
-    /// of 512-byte units.
+    /// IVs count `sector_size` units instead of 512-byte units (dm-crypt's
+    /// `iv_large_sectors`, cryptsetup plain mode's `--iv-large-sectors`).
+    /// LUKS1 and LUKS2 — even with 4096-byte sectors — count 512-byte units:
+    /// measured against the kernel's dm-crypt in `qemu-tests`.
     pub large_iv: bool,
 }
 
