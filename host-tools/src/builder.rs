@@ -129,6 +129,9 @@ pub struct DomainSpec {
     pub nbd_disks: Vec<NbdDisk>,
     /// An initramfs (Linux clients).
     pub initrd: Option<PathBuf>,
+    /// Extra QEMU arguments, appended last (benchmark baselines such as
+    /// QEMU's own LUKS driver).
+    pub extra_args: Vec<String>,
     /// Extra kernel command line (`-append`), e.g. `ssc.log=debug`.
     pub append: String,
     pub machine: Machine,
@@ -146,6 +149,7 @@ impl DomainSpec {
             windows: vec![],
             nbd_disks: vec![],
             initrd: None,
+            extra_args: vec![],
             append: String::new(),
             machine: Machine::Q35,
             firmware: Firmware::Auto,
@@ -210,6 +214,7 @@ pub fn qemu_args(spec: &DomainSpec, accel: Accel, run_dir: &Path) -> Vec<OsStrin
     if let Some(initrd) = &spec.initrd {
         a.extend(["-initrd".into(), opt_path(initrd)]);
     }
+    a.extend(spec.extra_args.iter().cloned());
     if !spec.append.is_empty() {
         a.extend(["-append".into(), spec.append.clone()]);
     }

@@ -170,6 +170,24 @@ enum CatalogCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// fio in the Linux client over a raw file, the storage SD (null cipher
+    /// and aes-xts-plain64) and QEMU's own LUKS, in one invocation.
+    Storage {
+        #[arg(long)]
+        catalog: PathBuf,
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        /// Volume size (MiB) per path.
+        #[arg(long, default_value_t = 512)]
+        size_mib: u64,
+        /// Seconds per fio job.
+        #[arg(long, default_value_t = 10)]
+        runtime: u32,
+        #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+        accel: AccelChoice,
+        #[arg(long)]
+        json: bool,
+    },
     /// The storage SD's core natively: aes-xts-plain64 beside `openssl speed`
     /// in the same run, and NBD requests/s over memory. Build with --release.
     StorageCore {
@@ -319,6 +337,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if missing { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         Cmd::Catalog(c) => catalog_cmd(c),
+        Cmd::Bench(BenchCmd::Storage { catalog: dir, trust, size_mib, runtime, accel, json }) => {
+            let sd = catalog::find(&dir, &catalog::load_trusted(&trust)?, "storage-crypt")?;
+            let (kernel, initrd) =
+                (PathBuf::from("build/client/vmlinuz"), PathBuf::from("build/client/initrd.cpio.gz"));
+            if !kernel.is_file() || !initrd.is_file() {
+                bail!("no client VM in build/client: run `make client`");
+            }
+            let (accel, why) = qemu::resolve_accel(accel, Some(&sd.path))?;
+            eprintln!("ssc: accelerator {accel} ({why})");
+            let cells = ssc::bench_storage_e2e::run(&sd, &kernel, &initrd, accel, size_mib, runtime)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&cells)?);
+            } else {
+                print!("{}", ssc::bench_storage_e2e::render(&cells, accel));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Bench(BenchCmd::StorageCore { json }) => {
             if cfg!(debug_assertions) {
                 eprintln!("ssc: warning: this ssc is a debug build; core figures are meaningless (use `make bench`)");

@@ -295,3 +295,15 @@ fn ssc_up_composes_a_chain_from_the_catalog_and_runs_a_client_job() {
     );
     assert!(!r.stdout().contains("PVH boot"), "something booted for a refused chain");
 }
+
+#[test]
+fn bench_storage_measures_all_four_paths_in_one_invocation() {
+    let (dir, key) = catalog_args();
+    let r = run_ssc(&["bench", "storage", "--catalog", &dir, "--trust", &key, "--size-mib", "64", "--runtime", "1"], T);
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    let out = r.stdout();
+    for want in ["Accelerator:", "| 4k-randread |", "| 1m-write |", "IOPS", "MiB/s"] {
+        assert!(out.contains(want), "missing `{want}`:\n{}", r.all());
+    }
+    assert!(!out.contains("| - |"), "a path produced no figure:\n{out}");
+}

@@ -46,8 +46,8 @@ pub const DATA_QUEUE: usize = 128;
 pub const CONTROL_QUEUE: usize = 32;
 const RX_BUFFER: usize = 4096;
 const RX_BUFFERS: usize = 64;
-const TX_BUFFER: usize = 16 * 1024;
-const TX_BUFFERS: usize = 32;
+const TX_BUFFER: usize = 64 * 1024;
+const TX_BUFFERS: usize = 64;
 const CONTROL_BUFFER: usize = 256;
 const MAX_PORTS: u32 = 32;
 
