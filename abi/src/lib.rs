@@ -91,6 +91,9 @@ pub struct VolumeConfig<'a> {
     /// LUKS2 do not use it, even with 4096-byte sectors).
     pub large_iv: bool,
     pub read_only: bool,
+    /// The volume starts with a native header (sector 0): the SD checks the
+    /// key against it and takes the layout from it, refusing a wrong key.
+    pub native_header: bool,
 }
 
 impl core::fmt::Debug for VolumeConfig<'_> {
@@ -105,6 +108,7 @@ impl core::fmt::Debug for VolumeConfig<'_> {
             .field("iv_offset", &self.iv_offset)
             .field("large_iv", &self.large_iv)
             .field("read_only", &self.read_only)
+            .field("native_header", &self.native_header)
             .finish()
     }
 }

@@ -147,6 +147,7 @@ fn volume_config_round_trips_and_its_debug_hides_the_key() {
         iv_offset: 0,
         large_iv: true,
         read_only: false,
+        native_header: true,
     };
     let frame = Envelope::new(9, Body::ConfigureVolume(cfg.clone())).to_frame().unwrap();
     let env = Envelope::decode(&frame[PREFIX..]).unwrap();

@@ -141,6 +141,7 @@ pub fn run(
             iv_offset: 0,
             large_iv: false,
             read_only: false,
+            native_header: false,
         };
         sd_dom
             .control()

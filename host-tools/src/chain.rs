@@ -59,6 +59,9 @@ struct DiskSection {
     volume: Spanned<PathBuf>,
     key: Option<PathBuf>,
     luks_passphrase: Option<PathBuf>,
+    /// `native` (default: the volume has `ssc volume create`'s header, so a
+    /// wrong key is refused) or `raw` (plain aes-xts-plain64 from byte 0).
+    format: Option<Spanned<String>>,
     chain: Spanned<Vec<Spanned<String>>>,
 }
 
@@ -73,7 +76,8 @@ struct ChainFile {
 
 /// The tenant-side secret of one disk.
 enum Secret {
-    Key(Vec<u8>),
+    /// A raw key; `true` when the volume has a native header.
+    Key(Vec<u8>, bool),
     LuksPassphrase(Vec<u8>),
 }
 
@@ -168,7 +172,14 @@ pub fn plan(path: &Path) -> Result<Plan> {
             );
         }
         let (secret_kind, secret) = match (d.key, d.luks_passphrase) {
-            (Some(k), None) => ("key", Secret::Key(read_key(&at(&k))?)),
+            (Some(k), None) => {
+                let native = match d.format.as_ref().map(|f| (f.get_ref().as_str(), f.span().start)) {
+                    None | Some(("native", _)) => true,
+                    Some(("raw", _)) => false,
+                    Some((other, at)) => bail!("{}: format `{other}` is not `native` or `raw`", line(at)),
+                };
+                ("key", Secret::Key(read_key(&at(&k))?, native))
+            }
             (None, Some(p)) => {
                 let pass = std::fs::read(at(&p)).with_context(|| format!("reading passphrase file {}", p.display()))?;
                 let pass = pass.strip_suffix(b"\n").map(<[u8]>::to_vec).unwrap_or(pass);
@@ -221,12 +232,12 @@ pub fn up(plan: &Plan, accel: Accel, echo: bool, initrd_override: Option<&Path>)
     eprintln!("ssc up: starting {} service domain(s)", specs.len());
     let mut sds = MetaDomain::launch(&specs, accel, echo, Duration::from_secs(60))?;
     for (i, d) in plan.disks.iter().enumerate() {
-        let (key, data_offset) = match &d.secret {
-            Secret::Key(k) => (k.clone(), 0),
+        let (key, data_offset, native_header) = match &d.secret {
+            Secret::Key(k, native) => (k.clone(), 0, *native),
             Secret::LuksPassphrase(p) => {
                 let u = crate::luks::unlock(&d.volume, p)?;
                 eprintln!("ssc up: disk {i}: LUKS1 keyslot {} unlocked on the tenant side", u.slot);
-                (u.key, u.data_offset)
+                (u.key, u.data_offset, false)
             }
         };
         let cfg = VolumeConfig {
@@ -238,6 +249,7 @@ pub fn up(plan: &Plan, accel: Accel, echo: bool, initrd_override: Option<&Path>)
             iv_offset: 0,
             large_iv: false,
             read_only: false,
+            native_header,
         };
         let name = specs[i].name.clone();
         let dom = sds.domain(&name).expect("started");
@@ -317,9 +329,11 @@ pub fn parse_size(s: &str) -> Result<u64> {
     n.checked_mul(mult).ok_or_else(|| anyhow!("`{s}` is too large"))
 }
 
-/// `ssc volume create`: a raw volume file and a fresh 512-bit key (hex, mode
-/// 0600) that stays with the tenant.
-pub fn create_volume(volume: &Path, size: u64, key_out: &Path) -> Result<()> {
+/// `ssc volume create`: a volume file and a fresh 512-bit key (hex, mode
+/// 0600) that stays with the tenant. `native` writes the volume header
+/// (layout and a key check, see `sd_storage_crypt::header`) so the SD can
+/// refuse a wrong key; the data then starts at 1 MiB.
+pub fn create_volume(volume: &Path, size: u64, key_out: &Path, native: bool) -> Result<()> {
     use ring::rand::SecureRandom;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -338,6 +352,17 @@ pub fn create_volume(volume: &Path, size: u64, key_out: &Path) -> Result<()> {
         .open(volume)
         .with_context(|| format!("creating volume {} (it must not exist yet)", volume.display()))?;
     v.set_len(size)?;
+    if native {
+        use sd_storage_crypt::header::{DEFAULT_DATA_OFFSET, VolumeHeader};
+        if size <= DEFAULT_DATA_OFFSET {
+            bail!("a native volume needs more than {} bytes (header and data)", DEFAULT_DATA_OFFSET);
+        }
+        let (mut salt, mut id) = ([0u8; 32], [0u8; 16]);
+        let rng = ring::rand::SystemRandom::new();
+        rng.fill(&mut salt).and_then(|_| rng.fill(&mut id)).map_err(|_| anyhow!("no randomness for the header"))?;
+        let header = VolumeHeader::new(&key, 512, DEFAULT_DATA_OFFSET, salt, id);
+        std::os::unix::fs::FileExt::write_all_at(&v, &header.encode(), 0)?;
+    }
     Ok(())
 }
 
@@ -365,10 +390,15 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let (v, k) = (dir.path().join("v.img"), dir.path().join("v.key"));
-        create_volume(&v, 1 << 20, &k).unwrap();
-        assert_eq!(std::fs::metadata(&v).unwrap().len(), 1 << 20);
+        create_volume(&v, 2 << 20, &k, true).unwrap();
+        assert_eq!(std::fs::metadata(&v).unwrap().len(), 2 << 20);
+        let header = sd_storage_crypt::header::VolumeHeader::decode(&std::fs::read(&v).unwrap()[..512]).unwrap();
+        header.verify_key(&read_key(&k).unwrap()).unwrap();
         assert_eq!(std::fs::metadata(&k).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(read_key(&k).unwrap().len(), 64);
-        assert!(create_volume(&v, 1 << 20, &dir.path().join("k2")).is_err(), "an existing volume is never overwritten");
+        assert!(
+            create_volume(&v, 2 << 20, &dir.path().join("k2"), true).is_err(),
+            "an existing volume is never overwritten"
+        );
     }
 }

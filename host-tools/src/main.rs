@@ -123,6 +123,10 @@ enum VolumeCmd {
         size: String,
         #[arg(long)]
         key_out: PathBuf,
+        /// `native`: a header that lets the SD refuse a wrong key (data
+        /// from 1 MiB); `raw`: plain aes-xts-plain64 from byte 0.
+        #[arg(long, default_value = "native", value_parser = ["native", "raw"])]
+        format: String,
     },
 }
 
@@ -314,9 +318,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if job.is_none() || passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Cmd::Volume(VolumeCmd::Create { volume, size, key_out }) => {
+        Cmd::Volume(VolumeCmd::Create { volume, size, key_out, format }) => {
             let bytes = ssc::chain::parse_size(&size)?;
-            ssc::chain::create_volume(&volume, bytes, &key_out)?;
+            ssc::chain::create_volume(&volume, bytes, &key_out, format == "native")?;
             println!(
                 "volume {} ({} MiB), key in {} (keep it: it never goes to the provider)",
                 volume.display(),

@@ -271,6 +271,16 @@ fn ssc_up_composes_a_chain_from_the_catalog_and_runs_a_client_job() {
     let file = std::fs::read(&vol).unwrap();
     assert!(!file.windows(18).any(|w| w == b"TENANT-MARKER-41c2"), "plaintext reached the provider's volume");
 
+    // The wrong key is refused by the SD at open; nothing is read or written.
+    let right_key = std::fs::read(&keyfile).unwrap();
+    let before = std::fs::read(&vol).unwrap();
+    std::fs::write(&keyfile, format!("{}\n", "ab".repeat(64))).unwrap();
+    let r = run_ssc(&["up", chain.to_str().unwrap(), "--job", job.to_str().unwrap()], T);
+    assert!(r.code() == Some(1) && r.stderr().contains("wrong key"), "{}", r.all());
+    assert!(!r.stdout().contains("client: ssc: ready"), "the client started on a wrongly keyed volume:\n{}", r.all());
+    assert!(std::fs::read(&vol).unwrap() == before, "a refused open changed the volume");
+    std::fs::write(&keyfile, right_key).unwrap();
+
     // A failing job fails `ssc up`.
     std::fs::write(&job, "false\n").unwrap();
     let r = run_ssc(&["up", chain.to_str().unwrap(), "--job", job.to_str().unwrap()], T);

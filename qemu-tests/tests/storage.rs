@@ -49,6 +49,7 @@ fn xts_config(key: &[u8]) -> VolumeConfig<'_> {
         iv_offset: 0,
         large_iv: false,
         read_only: false,
+        native_header: false,
     }
 }
 

@@ -23,6 +23,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod header;
 pub mod nbd;
 pub mod volume;
 pub mod xts;

@@ -22,6 +22,7 @@ use runtime::control::ControlLink;
 use runtime::log::{info, warn};
 use runtime::vserial::{PortId, VirtioSerial};
 use runtime::{Boot, ImageResult, bail};
+use sd_storage_crypt::header::{HEADER_LEN, VolumeHeader};
 use sd_storage_crypt::nbd::{Export, ProtocolError, Server};
 use sd_storage_crypt::volume::{BlockDevice, Cipher, CryptVolume, IoError, Layout};
 use sd_storage_crypt::xts::Xts;
@@ -98,12 +99,23 @@ fn open_volume(
             ));
         }
     };
-    let layout = Layout {
+    let mut layout = Layout {
         sector_size: cfg.sector_size,
         data_offset: cfg.data_offset,
         iv_offset: cfg.iv_offset,
         large_iv: cfg.large_iv,
     };
+    if cfg.native_header {
+        // The key is checked against the volume's own header before anything
+        // is served: a wrong key is refused, never read as garbage.
+        let mut sector0 = [0u8; HEADER_LEN];
+        let d = disk.as_mut().expect("checked above");
+        d.read_at(0, &mut sector0).map_err(|_| (ErrorCode::Internal, "cannot read the volume header".to_string()))?;
+        let header = VolumeHeader::decode(&sector0).map_err(|e| (ErrorCode::Malformed, e.to_string()))?;
+        header.verify_key(cfg.key).map_err(|e| (ErrorCode::Denied, e.to_string()))?;
+        layout.sector_size = header.sector_size;
+        layout.data_offset = header.data_offset;
+    }
     layout.check(device_size).map_err(|e| (ErrorCode::Malformed, e.to_string()))?;
     let disk = disk.take().expect("checked above");
     let volume = CryptVolume::new(disk, cipher, layout, cfg.read_only).expect("layout checked");
