@@ -372,3 +372,59 @@ fn luks2_with_4096_byte_sectors_interoperates_with_dm_crypt_in_the_client() {
     configure(&mut sd, cfg(&key)).unwrap();
     run_client(&sd, tmp.path(), &format!("DEV=/dev/vda\n{}", fio_region("b", "16M", "--verify_only")));
 }
+
+#[test]
+fn killing_the_sd_mid_write_gives_io_errors_and_loses_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = noise(64, 77);
+    let mut sd = boot(tmp.path(), 32 * MIB as u64);
+    configure(&mut sd, xts_config(&key)).unwrap();
+    // Each chunk is acknowledged only after dd's fsync returned (virtio-blk
+    // flush → NBD FLUSH → the SD flushes its disk).
+    let writer = "i=0
+        while [ $i -lt 4000 ]; do
+          yes \"chunk-$i\" | head -c 4096 > /tmp/c
+          if dd if=/tmp/c of=/dev/vda bs=4096 seek=$i conv=fsync 2>/dev/null; then echo \"acked $i\"; else echo \"io error at $i\"; exit 0; fi
+          i=$((i+1))
+        done
+        echo 'the SD was never killed'; exit 1";
+    let (kernel, _) = client_kernel();
+    let run_dir = RunDir::create().unwrap();
+    let mut spec = DomainSpec::new("client", &kernel);
+    spec.initrd = Some(client_initrd(tmp.path(), writer));
+    spec.append = "console=ttyS0 quiet".into();
+    spec.mem_mib = 512;
+    spec.nbd_disks.push(NbdDisk { socket: sd.socket.clone(), export: "vol".into() });
+    let mut client = Domain::launch(&spec, accel(), &run_dir, LogEcho::Quiet).unwrap();
+    client.wait_ready(Duration::from_secs(120)).unwrap();
+    let start = std::time::Instant::now();
+    while !client.log().iter().any(|l| l == "acked 40") {
+        assert!(start.elapsed() < Duration::from_secs(300), "the client never got going:\n{}", client.log().join("\n"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sd.domain.kill();
+    client.wait_exit(Some(Duration::from_secs(120))).unwrap();
+    let log = client.log();
+    assert!(log.iter().any(|l| l.starts_with("io error at")), "the client saw no I/O error:\n{}", log.join("\n"));
+    let last = log.iter().filter_map(|l| l.strip_prefix("acked ")).filter_map(|n| n.parse::<u32>().ok()).max().unwrap();
+    drop(sd);
+
+    // Restart the SD on the same volume: every acknowledged chunk is there.
+    let volume = tmp.path().join("volume.img");
+    let _ = std::fs::remove_file(tmp.path().join("nbd.sock"));
+    let mut sd = boot_on(tmp.path(), &volume);
+    configure(&mut sd, xts_config(&key)).unwrap();
+    let checker = format!(
+        "i=0; bad=0
+         while [ $i -le {last} ]; do
+           yes \"chunk-$i\" | head -c 4096 > /tmp/c
+           dd if=/dev/vda of=/tmp/r bs=4096 skip=$i count=1 2>/dev/null
+           cmp -s /tmp/c /tmp/r || {{ echo \"lost chunk $i\"; bad=1; }}
+           i=$((i+1))
+         done
+         echo \"checked chunks 0..={last}\"
+         [ $bad = 0 ]"
+    );
+    let log = run_client(&sd, tmp.path(), &checker);
+    assert!(log.iter().any(|l| l == &format!("checked chunks 0..={last}")), "{}", log.join("\n"));
+}
