@@ -13,12 +13,20 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 all: catalog
 
 ## deps: install Debian packages and rustup components that are missing
+# Two passes: installing one package can remove another (on the project's
+# machines, qemu-system-x86 7.2 replaces the image's backported qemu-utils
+# 10.0, taking qemu-img away), so the list is checked again afterwards.
 deps:
-	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
+	@for pass in 1 2; do \
+		missing=""; for p in $(DEB_PACKAGES); do \
+			dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+		done; \
+		[ -z "$$missing" ] && break; \
 		echo "installing:$$missing"; \
-		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
-	fi
+		[ $$pass = 1 ] && $(SUDO) apt-get update -q; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing || exit 1; \
+	done
+	@command -v qemu-img >/dev/null || { echo "deps: qemu-img still missing after install" >&2; exit 1; }
 	@rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 	@rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 
@@ -71,10 +79,12 @@ bench: deps catalog
 	$(SSC) bench boot --catalog build/catalog --trust build/publisher.pub --runs 20
 	$(CARGO) run --release -q -p host-tools --bin ssc -- bench storage-core
 
-## fuzz: run the ABI decoder fuzz target for 60 s (cargo-fuzz; stable via RUSTC_BOOTSTRAP)
+## fuzz: every fuzz target for 60 s each (cargo-fuzz; stable via RUSTC_BOOTSTRAP)
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd abi && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode -- -max_total_time=60
+	cd sd-storage-crypt && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run nbd_server -- -max_total_time=60
+	cd sd-storage-crypt && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run volume_header -- -max_total_time=60
 
 clean:
 	$(CARGO) clean

@@ -24,6 +24,12 @@ use sha2::Digest;
 
 const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 const SLOT_ACTIVE: u32 = 0x00ac_71f3;
+/// The header comes from the provider's volume, so it is untrusted: bounds
+/// that keep a hostile header from making the tenant tool allocate
+/// gigabytes or run PBKDF2 for hours (cryptsetup writes 4000 stripes and
+/// iteration counts in the low millions).
+const MAX_STRIPES: usize = 65_536;
+const MAX_ITERATIONS: u32 = 100_000_000;
 
 /// What the storage SD needs to serve a LUKS1 volume's data segment.
 #[derive(Clone, PartialEq, Eq)]
@@ -129,6 +135,9 @@ pub fn unlock(path: &Path, passphrase: &[u8]) -> Result<Unlocked> {
         bail!("{name} has a {}-bit volume key; the storage SD serves AES-256-XTS (512-bit keys)", key_bytes * 8);
     }
     let (mk_digest, mk_salt, mk_iter) = (&file[112..132], &file[132..164], be32(&file, 164));
+    if mk_iter == 0 || mk_iter > MAX_ITERATIONS {
+        bail!("{name}: master-key digest iteration count {mk_iter} is implausible; refusing this header");
+    }
     for slot in 0..8 {
         let s = 208 + slot * 48;
         if be32(&file, s) != SLOT_ACTIVE {
@@ -136,6 +145,11 @@ pub fn unlock(path: &Path, passphrase: &[u8]) -> Result<Unlocked> {
         }
         let (iterations, salt) = (be32(&file, s + 4), &file[s + 8..s + 40]);
         let (material_at, stripes) = (be32(&file, s + 40) as usize * 512, be32(&file, s + 44) as usize);
+        if stripes == 0 || stripes > MAX_STRIPES || iterations == 0 || iterations > MAX_ITERATIONS {
+            bail!(
+                "{name}: keyslot {slot} has implausible parameters ({stripes} stripes, {iterations} iterations); refusing this header"
+            );
+        }
         let len = key_bytes * stripes;
         let Some(material) = file.get(material_at..material_at + len.next_multiple_of(512)) else {
             bail!("{name}: keyslot {slot} points past the end of the file (truncated header?)");
@@ -155,4 +169,58 @@ pub fn unlock(path: &Path, passphrase: &[u8]) -> Result<Unlocked> {
         }
     }
     bail!("wrong passphrase for {name}: no keyslot opens with it")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A LUKS1 header with one active slot whose fields come from the test.
+    fn header(iter: u32, stripes: u32, material_sector: u32, mk_iter: u32, tail: &[u8]) -> Vec<u8> {
+        let mut h = vec![0u8; 592];
+        h[..6].copy_from_slice(MAGIC);
+        h[6..8].copy_from_slice(&1u16.to_be_bytes());
+        h[8..11].copy_from_slice(b"aes");
+        h[40..51].copy_from_slice(b"xts-plain64");
+        h[72..78].copy_from_slice(b"sha256");
+        h[104..108].copy_from_slice(&4096u32.to_be_bytes());
+        h[108..112].copy_from_slice(&64u32.to_be_bytes());
+        h[164..168].copy_from_slice(&mk_iter.to_be_bytes());
+        h[208..212].copy_from_slice(&SLOT_ACTIVE.to_be_bytes());
+        h[212..216].copy_from_slice(&iter.to_be_bytes());
+        h[248..252].copy_from_slice(&material_sector.to_be_bytes());
+        h[252..256].copy_from_slice(&stripes.to_be_bytes());
+        h.extend_from_slice(tail);
+        h
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn hostile_headers_are_refused_without_panics_or_stalls(
+            iter in prop_oneof![Just(0u32), Just(u32::MAX), 1u32..50],
+            stripes in prop_oneof![Just(0u32), Just(u32::MAX), 1u32..8],
+            sector in prop_oneof![Just(u32::MAX), 0u32..4],
+            mk_iter in prop_oneof![Just(0u32), Just(u32::MAX), 1u32..50],
+            tail in proptest::collection::vec(any::<u8>(), 0..4096),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("h");
+            std::fs::write(&p, header(iter, stripes, sector, mk_iter, &tail)).unwrap();
+            let start = std::time::Instant::now();
+            prop_assert!(unlock(&p, b"pass").is_err());
+            prop_assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        }
+    }
+
+    #[test]
+    fn zero_stripes_and_huge_counts_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h");
+        std::fs::write(&p, header(10, 0, 1, 10, &[0; 1024])).unwrap();
+        assert!(unlock(&p, b"x").unwrap_err().to_string().contains("implausible"));
+        std::fs::write(&p, header(10, 4000, 1, u32::MAX, &[0; 1024])).unwrap();
+        assert!(unlock(&p, b"x").unwrap_err().to_string().contains("implausible"));
+    }
 }
