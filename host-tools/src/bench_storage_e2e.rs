@@ -156,15 +156,7 @@ pub fn run(
 
     eprintln!("bench storage: qemu-luks");
     let luks = dir.join("qemu.luks");
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-f", "luks", "--object", "secret,id=s0,data=bench", "-o", "key-secret=s0,iter-time=10"])
-        .arg(&luks)
-        .arg(format!("{size_mib}M"))
-        .output()
-        .context("running qemu-img (install qemu-utils)")?;
-    if !out.status.success() {
-        bail!("qemu-img create -f luks: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    crate::luks::qemu_img_create(&luks, &format!("{size_mib}M"), "bench", 10)?;
     let log = client_fio(kernel, initrd, dir, accel, &job, |s| {
         s.extra_args.extend([
             "-object".into(),

@@ -171,6 +171,33 @@ pub fn unlock(path: &Path, passphrase: &[u8]) -> Result<Unlocked> {
     bail!("wrong passphrase for {name}: no keyslot opens with it")
 }
 
+/// Creates a LUKS1 volume with QEMU's own tool (`qemu-img create -f luks`:
+/// aes-256-xts-plain64, sha256) — the baseline and interop peer. A short
+/// `iter_time_ms` keeps tests fast; QEMU's PBKDF2 calibration then sometimes
+/// fails under load ("Unable to get accurate CPU usage"), so that failure is
+/// retried.
+pub fn qemu_img_create(path: &Path, size: &str, passphrase: &str, iter_time_ms: u32) -> Result<()> {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-f", "luks", "--object", &format!("secret,id=sec0,data={passphrase}")])
+            .args(["-o", &format!("key-secret=sec0,iter-time={iter_time_ms}")])
+            .arg(path)
+            .arg(size)
+            .output()
+            .context("running qemu-img (install qemu-utils: `make deps`)")?;
+        if out.status.success() {
+            return Ok(());
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !last.contains("accurate CPU usage") {
+            break;
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    bail!("qemu-img create -f luks {}: {}", path.display(), last.trim())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -220,22 +220,7 @@ fn a_linux_client_runs_fio_verify_through_the_sd_and_again_after_a_chain_restart
 /// sha256; a short PBKDF2 time to keep the test fast).
 fn qemu_luks_volume(dir: &Path, size: &str) -> PathBuf {
     let vol = dir.join("volume.luks");
-    let (ok, out) = peer(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "luks",
-            "--object",
-            "secret,id=sec0,data=correct horse",
-            "-o",
-            "key-secret=sec0,iter-time=10",
-            vol.to_str().unwrap(),
-            size,
-        ],
-        T,
-    );
-    assert!(ok, "qemu-img create -f luks: {out}");
+    qemu_tests::ssc::luks::qemu_img_create(&vol, size, "correct horse", 10).unwrap();
     vol
 }
 
