@@ -18,6 +18,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::time::Duration;
 
+use runtime::clock::Instant;
 use runtime::control::ControlLink;
 use runtime::log::{info, warn};
 use runtime::vserial::{PortId, VirtioSerial};
@@ -72,6 +73,10 @@ struct Service {
     /// Replies not yet taken by the link, and how much of them was sent.
     out: Vec<u8>,
     sent: usize,
+    /// Time this session spent serving requests (disk and crypto included)
+    /// and handing replies to the link, for the log.
+    serving: Duration,
+    sending: Duration,
 }
 
 /// While more replies than this wait to be sent, no new requests are read.
@@ -178,7 +183,15 @@ fn main(mut boot: Boot) -> ImageResult {
                             volume.size() >> 20,
                             if cfg.read_only { ", read-only" } else { "" }
                         );
-                        service = Some(Service { volume, export, session: None, out: Vec::new(), sent: 0 });
+                        service = Some(Service {
+                            volume,
+                            export,
+                            session: None,
+                            out: Vec::new(),
+                            sent: 0,
+                            serving: Duration::ZERO,
+                            sending: Duration::ZERO,
+                        });
                         Ok(())
                     }
                     Err((code, msg)) => {
@@ -215,7 +228,19 @@ fn serve_nbd(serial: &mut VirtioSerial, port: PortId, s: &mut Service, buf: &mut
         let _ = s.volume.flush();
         s.out.clear();
         s.sent = 0;
-        info!(target: IMAGE, "NBD client gone: {} reads, {} writes, {} errors", st.reads, st.writes, st.errors);
+        info!(
+            target: IMAGE,
+            "NBD client gone: {} reads ({} MiB), {} writes ({} MiB), {} errors; serving {} ms, sending {} ms",
+            st.reads,
+            st.bytes_read >> 20,
+            st.writes,
+            st.bytes_written >> 20,
+            st.errors,
+            s.serving.as_millis(),
+            s.sending.as_millis()
+        );
+        s.serving = Duration::ZERO;
+        s.sending = Duration::ZERO;
     }
     if connected && s.session.is_none() {
         let mut server = Server::new(s.export.clone());
@@ -224,7 +249,9 @@ fn serve_nbd(serial: &mut VirtioSerial, port: PortId, s: &mut Service, buf: &mut
     }
     let Some((connection, server)) = s.session.as_mut() else { return Ok(()) };
     if s.sent < s.out.len() {
+        let t = Instant::now();
         s.sent += serial.try_write(port, &s.out[s.sent..])?;
+        s.sending += t.elapsed();
         if s.sent == s.out.len() {
             s.out.clear();
             s.sent = 0;
@@ -237,7 +264,10 @@ fn serve_nbd(serial: &mut VirtioSerial, port: PortId, s: &mut Service, buf: &mut
     if n == 0 || server.closed().is_some() {
         return Ok(());
     }
-    match server.receive(&buf[..n], &mut s.volume) {
+    let t = Instant::now();
+    let served = server.receive(&buf[..n], &mut s.volume);
+    s.serving += t.elapsed();
+    match served {
         Ok(()) => {}
         Err(ProtocolError::ClientClosed) => info!(target: IMAGE, "NBD client disconnected cleanly"),
         Err(e) => warn!(target: IMAGE, "NBD session closed: {e}"),
