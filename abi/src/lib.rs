@@ -96,6 +96,24 @@ pub struct VolumeConfig<'a> {
     pub native_header: bool,
 }
 
+impl<'a> VolumeConfig<'a> {
+    /// `aes-xts-plain64` with `key`, 512-byte sectors, data from byte 0,
+    /// read-write, no native header: adjust fields from here.
+    pub fn xts_plain64(export: &'a str, key: &'a [u8]) -> Self {
+        VolumeConfig {
+            export,
+            cipher: "aes-xts-plain64",
+            key,
+            sector_size: 512,
+            data_offset: 0,
+            iv_offset: 0,
+            large_iv: false,
+            read_only: false,
+            native_header: false,
+        }
+    }
+}
+
 impl core::fmt::Debug for VolumeConfig<'_> {
     /// Everything but the key.
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {

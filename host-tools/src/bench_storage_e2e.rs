@@ -132,16 +132,9 @@ pub fn run(
         spec.links.push(LinkSpec { name: "nbd".into(), socket: socket.clone() });
         let mut sd_dom = Domain::launch(&spec, accel, &tmp, LogEcho::Quiet)?;
         sd_dom.wait_ready(Duration::from_secs(60))?;
-        let cfg = VolumeConfig {
-            export: "vol",
-            cipher,
-            key: if cipher == "null" { &[] } else { &key },
-            sector_size: 512,
-            data_offset: 0,
-            iv_offset: 0,
-            large_iv: false,
-            read_only: false,
-            native_header: false,
+        let cfg = match cipher {
+            "null" => VolumeConfig { cipher, ..VolumeConfig::xts_plain64("vol", &[]) },
+            _ => VolumeConfig::xts_plain64("vol", &key),
         };
         sd_dom
             .control()

@@ -240,17 +240,7 @@ pub fn up(plan: &Plan, accel: Accel, echo: bool, initrd_override: Option<&Path>)
                 (u.key, u.data_offset, false)
             }
         };
-        let cfg = VolumeConfig {
-            export: "vol",
-            cipher: "aes-xts-plain64",
-            key: &key,
-            sector_size: 512,
-            data_offset,
-            iv_offset: 0,
-            large_iv: false,
-            read_only: false,
-            native_header,
-        };
+        let cfg = VolumeConfig { data_offset, native_header, ..VolumeConfig::xts_plain64("vol", &key) };
         let name = specs[i].name.clone();
         let dom = sds.domain(&name).expect("started");
         dom.control()

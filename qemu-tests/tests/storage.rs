@@ -40,17 +40,7 @@ fn boot_on(dir: &Path, volume: &Path) -> Sd {
 }
 
 fn xts_config(key: &[u8]) -> VolumeConfig<'_> {
-    VolumeConfig {
-        export: "vol",
-        cipher: "aes-xts-plain64",
-        key,
-        sector_size: 512,
-        data_offset: 0,
-        iv_offset: 0,
-        large_iv: false,
-        read_only: false,
-        native_header: false,
-    }
+    VolumeConfig::xts_plain64("vol", key)
 }
 
 fn configure(sd: &mut Sd, cfg: VolumeConfig<'_>) -> anyhow::Result<()> {
