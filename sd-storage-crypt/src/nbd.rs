@@ -18,7 +18,6 @@
 //!   the connection closes ([`ProtocolError`]), as the spec allows.
 
 use alloc::string::String;
-use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::volume::{BlockDevice, CryptVolume, IoError};
@@ -486,14 +485,19 @@ impl Server {
                     self.reply(handle, EINVAL, None);
                     return Ok(true);
                 }
-                let mut buf = vec![0u8; len as usize];
-                match backend.read(offset, &mut buf) {
+                // The data is read straight into the reply, after its header.
+                let at = self.output.len();
+                self.reply(handle, 0, None);
+                self.output.resize(at + 16 + len as usize, 0);
+                match backend.read(offset, &mut self.output[at + 16..]) {
                     Ok(()) => {
                         self.stats.reads += 1;
                         self.stats.bytes_read += u64::from(len);
-                        self.reply(handle, 0, Some(&buf));
                     }
-                    Err(e) => self.result(handle, Err(e), EINVAL),
+                    Err(e) => {
+                        self.output.truncate(at);
+                        self.result(handle, Err(e), EINVAL);
+                    }
                 }
             }
             CMD_WRITE => {

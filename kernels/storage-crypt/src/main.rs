@@ -214,6 +214,17 @@ fn main(mut boot: Boot) -> ImageResult {
     }
 }
 
+/// Queues replies; takes the buffer over instead of copying it when nothing
+/// is pending (a read reply can be megabytes).
+fn append_output(pending: &mut Vec<u8>, sent: &mut usize, out: Vec<u8>) {
+    if pending.is_empty() {
+        *pending = out;
+        *sent = 0;
+    } else {
+        pending.extend_from_slice(&out);
+    }
+}
+
 /// Moves bytes between the upstream link and the NBD session. Never blocks
 /// on a write: NBD clients pipeline requests and may not read replies while
 /// they are still sending, so replies queue in `out` and requests keep being
@@ -244,7 +255,7 @@ fn serve_nbd(serial: &mut VirtioSerial, port: PortId, s: &mut Service, buf: &mut
     }
     if connected && s.session.is_none() {
         let mut server = Server::new(s.export.clone());
-        s.out.extend_from_slice(&server.take_output());
+        append_output(&mut s.out, &mut s.sent, server.take_output());
         s.session = Some((epoch, server));
     }
     let Some((connection, server)) = s.session.as_mut() else { return Ok(()) };
@@ -272,6 +283,6 @@ fn serve_nbd(serial: &mut VirtioSerial, port: PortId, s: &mut Service, buf: &mut
         Err(ProtocolError::ClientClosed) => info!(target: IMAGE, "NBD client disconnected cleanly"),
         Err(e) => warn!(target: IMAGE, "NBD session closed: {e}"),
     }
-    s.out.extend_from_slice(&server.take_output());
+    append_output(&mut s.out, &mut s.sent, server.take_output());
     Ok(())
 }
