@@ -41,23 +41,46 @@ pub fn selftest_image() -> PathBuf {
 /// Runs a host tool (a real peer: qemu-io, nbdinfo, …), killed after
 /// `timeout`; returns (success, stdout + stderr).
 pub fn peer(program: &str, args: &[&str], timeout: Duration) -> (bool, String) {
-    let mut child = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let (out, _) = run_with_timeout(cmd, timeout, &format!("{program} not found: run `make deps`"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Runs `cmd` with piped output, killed after `timeout`; returns its output
+/// and whether it was killed. The pipes are drained while it runs, so a
+/// chatty child never blocks on a full pipe.
+fn run_with_timeout(mut cmd: Command, timeout: Duration, spawn_error: &str) -> (Output, bool) {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("{program} not found ({e}): run `make deps`"));
+        .unwrap_or_else(|e| panic!("{spawn_error} ({e})"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
     let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > timeout {
+    let mut killed = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if !killed && start.elapsed() > timeout {
             let _ = child.kill();
+            killed = true;
         }
         std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
+    };
+    let out = Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() };
+    (out, killed)
 }
 
 /// The catalog folder and the trusted publisher key file.
@@ -233,29 +256,14 @@ impl CliResult {
 /// Runs `ssc ARGS` with `SSC_ACCEL` set to the harness's accelerator (unless
 /// ARGS choose one with `--accel`), killed after `timeout`.
 pub fn run_ssc(args: &[&str], timeout: Duration) -> CliResult {
-    let mut child = Command::new(ssc_bin())
-        .args(args)
+    let mut cmd = Command::new(ssc_bin());
+    cmd.args(args)
         .current_dir(repo())
-        .env("SSC_ACCEL", if args.contains(&"--accel") { "auto".to_string() } else { accel().to_string() })
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning ssc");
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "ssc {args:?} still running after {timeout:?}; killed\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    CliResult { output: child.wait_with_output().unwrap() }
+        .env("SSC_ACCEL", if args.contains(&"--accel") { "auto".to_string() } else { accel().to_string() });
+    let (output, killed) = run_with_timeout(cmd, timeout, "spawning ssc");
+    let result = CliResult { output };
+    assert!(!killed, "ssc {args:?} still running after {timeout:?}; killed\n{}", result.all());
+    result
 }
 
 /// Whether any process's command line contains `needle`.

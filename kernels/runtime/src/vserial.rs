@@ -419,7 +419,6 @@ impl VirtioSerial {
     /// Sends all of `bytes`. Waits for the host to connect, then for free
     /// transmit buffers: never drops data.
     pub fn write_all(&mut self, port: PortId, bytes: &[u8]) -> Result<(), SerialError> {
-        let txq = rx_queue_index(port.0) + 1;
         let mut warned = false;
         while !self.host_connected(port) {
             if !warned {
@@ -428,24 +427,13 @@ impl VirtioSerial {
             }
             core::hint::spin_loop();
         }
-        for chunk in bytes.chunks(TX_BUFFER) {
-            loop {
-                let data = self.data(port);
-                data.reap_tx()?;
-                if let Some(slot) = data.tx_free.pop() {
-                    data.tx_buffers[slot][..chunk.len()].copy_from_slice(chunk);
-                    let buf: &[u8] = &data.tx_buffers[slot][..chunk.len()];
-                    // SAFETY: the buffer is owned by `data` and not touched
-                    // until `reap_tx` pops this token.
-                    let token = unsafe { data.tx.add(&[buf], &mut [])? };
-                    data.tx_in_flight[token as usize] = Some((slot, chunk.len()));
-                    if data.tx.should_notify() {
-                        self.transport.notify(txq);
-                    }
-                    break;
-                }
-                // All buffers in flight: the host is slow. Keep control
-                // messages moving while we wait.
+        let mut sent = 0;
+        while sent < bytes.len() {
+            let n = self.try_write(port, &bytes[sent..])?;
+            sent += n;
+            if n == 0 {
+                // All buffers in flight (the host is slow) or the host went
+                // away: keep control messages moving while we wait.
                 self.poll_control()?;
                 core::hint::spin_loop();
             }

@@ -71,9 +71,9 @@ impl MemoryWindow {
     /// Copies `buf.len()` bytes at `offset` out of the window.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), OutOfWindow> {
         let src = self.check(offset, buf.len())?;
-        // SAFETY: `check` keeps the range inside the BAR, which `new` mapped;
-        // the other domain may change the bytes concurrently, which a byte
+        // The other domain may change the bytes concurrently, which a byte
         // copy tolerates (callers treat window contents as untrusted).
+        // SAFETY: `check` keeps the range inside the BAR, which `new` mapped.
         unsafe { core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
