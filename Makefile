@@ -85,6 +85,7 @@ fuzz:
 	cd abi && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode -- -max_total_time=60
 	cd sd-storage-crypt && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run nbd_server -- -max_total_time=60
 	cd sd-storage-crypt && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run volume_header -- -max_total_time=60
+	cd sd-storage-crypt && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run auth_volume -- -max_total_time=60
 
 clean:
 	$(CARGO) clean

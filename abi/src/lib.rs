@@ -29,7 +29,7 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 /// The ABI version this crate speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest payload accepted or produced, in bytes.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Bytes of the length prefix.
@@ -70,6 +70,13 @@ pub enum Body<'a> {
     ConfigureVolume(VolumeConfig<'a>),
     /// A request succeeded (reply to e.g. `ConfigureVolume`).
     Ack,
+    /// Storage SD → tenant side, unsolicited (request id 0): an
+    /// authenticated volume's header is durable at this generation. The
+    /// tenant keeps the latest and passes it as `min_generation` next time.
+    VolumeCommitted { generation: u64 },
+    /// Storage SD → tenant side, unsolicited: a sector failed
+    /// authentication (tampered with, or torn by a crash); the read got EIO.
+    IntegrityFailure { sector: u64 },
 }
 
 /// Parameters of an encrypted volume (dm-crypt/LUKS data-segment terms).
@@ -77,9 +84,11 @@ pub enum Body<'a> {
 pub struct VolumeConfig<'a> {
     /// NBD export name.
     pub export: &'a str,
-    /// `aes-xts-plain64`, or `null` (pass-through baseline).
+    /// `aes-xts-plain64`, `aes-256-gcm` (the authenticated mode; the
+    /// volume's own header gives the layout), or `null` (pass-through
+    /// baseline).
     pub cipher: &'a str,
-    /// 64 bytes for aes-xts-plain64, empty for null.
+    /// 64 bytes for aes-xts-plain64 and aes-256-gcm, empty for null.
     pub key: &'a [u8],
     /// 512 or 4096.
     pub sector_size: u32,
@@ -94,6 +103,10 @@ pub struct VolumeConfig<'a> {
     /// The volume starts with a native header (sector 0): the SD checks the
     /// key against it and takes the layout from it, refusing a wrong key.
     pub native_header: bool,
+    /// Authenticated mode: the oldest generation the tenant accepts (the
+    /// latest it saw in `VolumeCommitted`); an older volume is refused as
+    /// rolled back.
+    pub min_generation: u64,
 }
 
 impl<'a> VolumeConfig<'a> {
@@ -110,6 +123,19 @@ impl<'a> VolumeConfig<'a> {
             large_iv: false,
             read_only: false,
             native_header: false,
+            min_generation: 0,
+        }
+    }
+
+    /// The authenticated mode with `key`; the tenant last saw generation
+    /// `min_generation`.
+    pub fn authenticated(export: &'a str, key: &'a [u8], min_generation: u64) -> Self {
+        VolumeConfig {
+            cipher: "aes-256-gcm",
+            sector_size: 4096,
+            native_header: true,
+            min_generation,
+            ..VolumeConfig::xts_plain64(export, key)
         }
     }
 }
@@ -127,6 +153,7 @@ impl core::fmt::Debug for VolumeConfig<'_> {
             .field("large_iv", &self.large_iv)
             .field("read_only", &self.read_only)
             .field("native_header", &self.native_header)
+            .field("min_generation", &self.min_generation)
             .finish()
     }
 }

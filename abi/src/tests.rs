@@ -106,8 +106,8 @@ fn trailing_garbage_and_truncation_are_malformed() {
 
 #[test]
 fn a_seq_claiming_four_gigabytes_allocates_nothing_big() {
-    // version 1, request id 0, Ping, then a varint length of ~4 GiB with no data.
-    let payload = [1u8, 0, 2, 0xff, 0xff, 0xff, 0xff, 0x0f];
+    // This version, request id 0, Ping, then a varint length of ~4 GiB with no data.
+    let payload = [VERSION as u8, 0, 2, 0xff, 0xff, 0xff, 0xff, 0x0f];
     assert_eq!(Envelope::decode(&payload), Err(FrameError::Malformed));
 }
 
@@ -130,9 +130,9 @@ fn zero_length_payload_is_a_complete_but_malformed_frame() {
 #[test]
 fn overlong_varints_are_not_a_second_encoding() {
     // Found by the fuzzer: variant 5 (Shutdown) written as 0x85 0x00.
-    assert_eq!(Envelope::decode(&[1, 0, 5]).unwrap().body, Body::Shutdown);
-    assert_eq!(Envelope::decode(&[1, 0, 0x85, 0]), Err(FrameError::Malformed));
-    assert_eq!(Envelope::decode(&[0x81, 0, 0, 5]), Err(FrameError::Malformed), "overlong version");
+    assert_eq!(Envelope::decode(&[VERSION as u8, 0, 5]).unwrap().body, Body::Shutdown);
+    assert_eq!(Envelope::decode(&[VERSION as u8, 0, 0x85, 0]), Err(FrameError::Malformed));
+    assert_eq!(Envelope::decode(&[0x80 | VERSION as u8, 0, 0, 5]), Err(FrameError::Malformed), "overlong version");
 }
 
 #[test]
@@ -148,6 +148,7 @@ fn volume_config_round_trips_and_its_debug_hides_the_key() {
         large_iv: true,
         read_only: false,
         native_header: true,
+        min_generation: 7,
     };
     let frame = Envelope::new(9, Body::ConfigureVolume(cfg.clone())).to_frame().unwrap();
     let env = Envelope::decode(&frame[PREFIX..]).unwrap();

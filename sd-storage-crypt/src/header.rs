@@ -29,6 +29,13 @@ pub const HEADER_LEN: usize = 512;
 pub const DEFAULT_DATA_OFFSET: u64 = 1 << 20;
 const CHECK_LABEL: &[u8] = b"ssc-volume-key-check-v1";
 
+/// The header version in sector 0 (1: [`VolumeHeader`], 2: an
+/// authenticated volume, see [`crate::auth`]), if it has our magic.
+pub fn version(sector0: &[u8]) -> Option<u32> {
+    (sector0.len() >= 12 && &sector0[0..8] == MAGIC)
+        .then(|| u32::from_be_bytes(sector0[8..12].try_into().expect("4 bytes")))
+}
+
 /// A parsed header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeHeader {
@@ -63,7 +70,7 @@ impl core::fmt::Display for HeaderError {
     }
 }
 
-fn key_check(key: &[u8], salt: &[u8; 32]) -> hmac::Hmac<Sha256> {
+pub(crate) fn key_check(key: &[u8], salt: &[u8; 32]) -> hmac::Hmac<Sha256> {
     let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(CHECK_LABEL);
     mac.update(salt);

@@ -20,6 +20,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use crate::auth::AuthVolume;
 use crate::volume::{BlockDevice, CryptVolume, IoError};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -116,6 +117,32 @@ impl<D: BlockDevice> Backend for CryptVolume<D> {
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), IoError> {
         CryptVolume::write_zeroes(self, offset, len)
+    }
+}
+
+impl<D: BlockDevice> Backend for AuthVolume<D> {
+    fn size(&self) -> u64 {
+        AuthVolume::size(self)
+    }
+    fn read_only(&self) -> bool {
+        AuthVolume::read_only(self)
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        AuthVolume::read(self, offset, buf)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        AuthVolume::write(self, offset, data)
+    }
+    /// A FLUSH commits: the metadata and a new header become durable.
+    fn flush(&mut self) -> Result<(), IoError> {
+        self.commit()
+    }
+    /// Whole sectors lose their record (they read as zeroes afterwards).
+    fn trim(&mut self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.write_zeroes(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), IoError> {
+        AuthVolume::write_zeroes(self, offset, len)
     }
 }
 
@@ -241,7 +268,7 @@ impl Server {
     }
 
     /// Takes the client's bytes and serves everything complete.
-    pub fn receive<B: Backend>(&mut self, bytes: &[u8], backend: &mut B) -> Result<(), ProtocolError> {
+    pub fn receive<B: Backend + ?Sized>(&mut self, bytes: &[u8], backend: &mut B) -> Result<(), ProtocolError> {
         if let State::Closed(e) = &self.state {
             return Err(e.clone());
         }
@@ -269,7 +296,7 @@ impl Server {
     }
 
     /// Serves one unit of input; `Ok(false)` when more bytes are needed.
-    fn step<B: Backend>(&mut self, backend: &mut B) -> Result<bool, ProtocolError> {
+    fn step<B: Backend + ?Sized>(&mut self, backend: &mut B) -> Result<bool, ProtocolError> {
         match self.state.clone() {
             State::Closed(e) => Err(e),
             State::ClientFlags => {
@@ -353,7 +380,7 @@ impl Server {
         name.is_empty() || name == self.export.name.as_bytes()
     }
 
-    fn transmission_flags<B: Backend>(backend: &B) -> u16 {
+    fn transmission_flags<B: Backend + ?Sized>(backend: &B) -> u16 {
         let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
         if backend.read_only() {
             f |= TF_READ_ONLY;
@@ -361,7 +388,7 @@ impl Server {
         f
     }
 
-    fn option<B: Backend>(&mut self, option: u32, data: &[u8], backend: &mut B) -> Result<(), ProtocolError> {
+    fn option<B: Backend + ?Sized>(&mut self, option: u32, data: &[u8], backend: &mut B) -> Result<(), ProtocolError> {
         match option {
             OPT_EXPORT_NAME => {
                 if !self.name_matches(data) {
@@ -394,7 +421,7 @@ impl Server {
         Ok(())
     }
 
-    fn info_or_go<B: Backend>(&mut self, option: u32, data: &[u8], backend: &mut B) {
+    fn info_or_go<B: Backend + ?Sized>(&mut self, option: u32, data: &[u8], backend: &mut B) {
         let parsed = (|| {
             let n = be32(data.get(..4)?) as usize;
             let name = data.get(4..4 + n)?;
@@ -448,14 +475,14 @@ impl Server {
     fn result(&mut self, handle: u64, r: Result<(), IoError>, out_of_range: u32) {
         let e = match r {
             Ok(()) => 0,
-            Err(IoError::Io) => EIO,
+            Err(IoError::Io | IoError::Integrity) => EIO,
             Err(IoError::OutOfRange) => out_of_range,
             Err(IoError::ReadOnly) => EPERM,
         };
         self.reply(handle, e, None);
     }
 
-    fn write<B: Backend>(&mut self, flags: u16, handle: u64, offset: u64, data: &[u8], backend: &mut B) {
+    fn write<B: Backend + ?Sized>(&mut self, flags: u16, handle: u64, offset: u64, data: &[u8], backend: &mut B) {
         if backend.read_only() {
             return self.reply(handle, EPERM, None);
         }
@@ -470,7 +497,7 @@ impl Server {
         self.result(handle, r, ENOSPC);
     }
 
-    fn command<B: Backend>(
+    fn command<B: Backend + ?Sized>(
         &mut self,
         flags: u16,
         kind: u16,

@@ -32,6 +32,9 @@ pub enum IoError {
     OutOfRange,
     /// The volume is read-only (EPERM).
     ReadOnly,
+    /// A sector failed authentication (authenticated mode): tampered with,
+    /// or written but never committed before a crash (EIO).
+    Integrity,
 }
 
 /// The cipher of a volume.
@@ -150,14 +153,43 @@ impl<D: BlockDevice> CryptVolume<D> {
         }
     }
 
-    fn check(&self, offset: u64, len: u64) -> Result<(), IoError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(IoError::OutOfRange),
-        }
+    /// Reads `buf.len()` plaintext bytes at `offset`.
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        read_bytes(self, offset, buf)
     }
 
-    /// Reads and decrypts whole sectors `[first, first + buf.len()/ss)`.
+    /// Writes `data` at `offset`, reading back partial sectors at the edges.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        write_bytes(self, offset, data)
+    }
+
+    /// Writes zeroes (encrypted zeroes: the ciphertext is not zero).
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), IoError> {
+        write_zero_bytes(self, offset, len)
+    }
+
+    pub fn flush(&mut self) -> Result<(), IoError> {
+        self.dev.flush()
+    }
+}
+
+impl<D: BlockDevice> Sectors for CryptVolume<D> {
+    fn sector_size(&self) -> u64 {
+        u64::from(self.layout.sector_size)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn byte_size(&self) -> u64 {
+        self.size
+    }
+
+    fn scratch(&mut self) -> &mut Vec<u8> {
+        &mut self.scratch
+    }
+
     fn read_sectors(&mut self, first: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let ss = u64::from(self.layout.sector_size);
         self.dev.read_at(self.layout.data_offset + first * ss, buf)?;
@@ -165,87 +197,107 @@ impl<D: BlockDevice> CryptVolume<D> {
         Ok(())
     }
 
-    /// Encrypts (in place) and writes whole sectors.
     fn write_sectors(&mut self, first: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let ss = u64::from(self.layout.sector_size);
         self.crypt(first, buf, true);
         self.dev.write_at(self.layout.data_offset + first * ss, buf)
     }
+}
 
-    /// Reads `buf.len()` plaintext bytes at `offset`.
-    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        self.check(offset, buf.len() as u64)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let ss = u64::from(self.layout.sector_size);
-        let first = offset / ss;
-        let last = (offset + buf.len() as u64 - 1) / ss;
-        let skip = (offset % ss) as usize;
-        if skip == 0 && (buf.len() as u64).is_multiple_of(ss) {
-            return self.read_sectors(first, buf);
-        }
-        let mut tmp = core::mem::take(&mut self.scratch);
-        tmp.resize(((last - first + 1) * ss) as usize, 0);
-        let r = self.read_sectors(first, &mut tmp);
-        if r.is_ok() {
-            buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
-        }
-        self.scratch = tmp;
-        r
-    }
+/// Whole-sector storage under a byte-addressed volume: what the edge logic
+/// below ([`read_bytes`], [`write_bytes`]) needs from a cipher mode.
+pub(crate) trait Sectors {
+    fn sector_size(&self) -> u64;
+    /// Writes are refused with [`IoError::ReadOnly`].
+    fn read_only(&self) -> bool;
+    /// Volume size in bytes (whole sectors).
+    fn byte_size(&self) -> u64;
+    /// A reusable buffer for partial sectors.
+    fn scratch(&mut self) -> &mut Vec<u8>;
+    /// Reads and decrypts sectors `[first, first + buf.len() / sector_size)`.
+    fn read_sectors(&mut self, first: u64, buf: &mut [u8]) -> Result<(), IoError>;
+    /// Encrypts `buf` (in place, it is scratch) and writes it as sectors.
+    fn write_sectors(&mut self, first: u64, buf: &mut [u8]) -> Result<(), IoError>;
+}
 
-    /// Writes `data` at `offset`, reading back partial sectors at the edges.
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
-        if self.read_only {
-            return Err(IoError::ReadOnly);
-        }
-        self.check(offset, data.len() as u64)?;
-        if data.is_empty() {
-            return Ok(());
-        }
-        let ss = u64::from(self.layout.sector_size);
-        let first = offset / ss;
-        let last = (offset + data.len() as u64 - 1) / ss;
-        let skip = (offset % ss) as usize;
-        let mut tmp = core::mem::take(&mut self.scratch);
-        tmp.clear();
-        tmp.resize(((last - first + 1) * ss) as usize, 0);
-        let ssz = ss as usize;
-        let mut r = Ok(());
-        if skip != 0 {
-            r = self.read_sectors(first, &mut tmp[..ssz]);
-        }
-        let end = skip + data.len();
-        if r.is_ok() && !end.is_multiple_of(ssz) && (last > first || skip == 0) {
-            let at = tmp.len() - ssz;
-            r = self.read_sectors(last, &mut tmp[at..]);
-        }
-        if r.is_ok() {
-            tmp[skip..end].copy_from_slice(data);
-            r = self.write_sectors(first, &mut tmp);
-        }
-        self.scratch = tmp;
-        r
+pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> Result<(), IoError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(IoError::OutOfRange),
     }
+}
 
-    /// Writes zeroes (encrypted zeroes: the ciphertext is not zero).
-    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), IoError> {
-        const CHUNK: u64 = 1 << 20;
-        self.check(offset, len)?;
-        let zeros = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = CHUNK.min(len - done);
-            self.write(offset + done, &zeros[..n as usize])?;
-            done += n;
-        }
-        Ok(())
+/// Reads `buf.len()` plaintext bytes at `offset`; partial sectors at the
+/// edges go through scratch.
+pub(crate) fn read_bytes<S: Sectors>(s: &mut S, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    check_range(s.byte_size(), offset, buf.len() as u64)?;
+    if buf.is_empty() {
+        return Ok(());
     }
+    let ss = s.sector_size();
+    let first = offset / ss;
+    let last = (offset + buf.len() as u64 - 1) / ss;
+    let skip = (offset % ss) as usize;
+    if skip == 0 && (buf.len() as u64).is_multiple_of(ss) {
+        return s.read_sectors(first, buf);
+    }
+    let mut tmp = core::mem::take(s.scratch());
+    tmp.resize(((last - first + 1) * ss) as usize, 0);
+    let r = s.read_sectors(first, &mut tmp);
+    if r.is_ok() {
+        buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
+    }
+    *s.scratch() = tmp;
+    r
+}
 
-    pub fn flush(&mut self) -> Result<(), IoError> {
-        self.dev.flush()
+/// Writes `data` at `offset`, reading back partial sectors at the edges.
+pub(crate) fn write_bytes<S: Sectors>(s: &mut S, offset: u64, data: &[u8]) -> Result<(), IoError> {
+    if s.read_only() {
+        return Err(IoError::ReadOnly);
     }
+    check_range(s.byte_size(), offset, data.len() as u64)?;
+    if data.is_empty() {
+        return Ok(());
+    }
+    let ss = s.sector_size();
+    let first = offset / ss;
+    let last = (offset + data.len() as u64 - 1) / ss;
+    let skip = (offset % ss) as usize;
+    let mut tmp = core::mem::take(s.scratch());
+    tmp.clear();
+    tmp.resize(((last - first + 1) * ss) as usize, 0);
+    let ssz = ss as usize;
+    let mut r = Ok(());
+    if skip != 0 {
+        r = s.read_sectors(first, &mut tmp[..ssz]);
+    }
+    let end = skip + data.len();
+    if r.is_ok() && !end.is_multiple_of(ssz) && (last > first || skip == 0) {
+        let at = tmp.len() - ssz;
+        r = s.read_sectors(last, &mut tmp[at..]);
+    }
+    if r.is_ok() {
+        tmp[skip..end].copy_from_slice(data);
+        r = s.write_sectors(first, &mut tmp);
+    }
+    *s.scratch() = tmp;
+    r
+}
+
+/// Writes `len` zero bytes at `offset` as ordinary (encrypted) data, a MiB
+/// at a time.
+pub(crate) fn write_zero_bytes<S: Sectors>(s: &mut S, offset: u64, len: u64) -> Result<(), IoError> {
+    const CHUNK: u64 = 1 << 20;
+    check_range(s.byte_size(), offset, len)?;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        write_bytes(s, offset + done, &zeros[..n as usize])?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// A device in memory, for tests and benchmarks.
