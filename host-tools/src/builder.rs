@@ -371,6 +371,14 @@ pub enum ControlEvent {
     Ack {
         request_id: u64,
     },
+    /// An authenticated volume is durable at this generation.
+    VolumeCommitted {
+        generation: u64,
+    },
+    /// A sector failed authentication in the SD.
+    IntegrityFailure {
+        sector: u64,
+    },
     Other(String),
     /// The link failed (bad frame, closed): the reason.
     Broken(String),
@@ -385,12 +393,14 @@ fn owned(env: Envelope<'_>) -> ControlEvent {
             ControlEvent::Error { request_id: env.request_id, code, message: message.into() }
         }
         Body::Ack => ControlEvent::Ack { request_id: env.request_id },
+        Body::VolumeCommitted { generation } => ControlEvent::VolumeCommitted { generation },
+        Body::IntegrityFailure { sector } => ControlEvent::IntegrityFailure { sector },
         other => ControlEvent::Other(format!("{other:?}")),
     }
 }
 
 /// What the builder learned on a control link, shared with its reader.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct ControlState {
     /// The image sent Hello or Ready: it speaks the ABI.
     speaks_abi: bool,
@@ -400,6 +410,12 @@ struct ControlState {
     verified: Option<Duration>,
     /// Why the link failed, if it did.
     broken: Option<String>,
+    /// Latest `VolumeCommitted` generation.
+    generation: Option<u64>,
+    /// Sectors reported in `IntegrityFailure` events.
+    integrity_failures: Vec<u64>,
+    /// Called with each new generation (the tenant records it).
+    on_commit: Option<Box<dyn FnMut(u64) + Send>>,
 }
 
 /// The builder's end of a domain's control link. A reader thread decodes
@@ -410,6 +426,7 @@ pub struct ControlLink {
     events: Receiver<ControlEvent>,
     state: Arc<Mutex<ControlState>>,
     next_id: Arc<AtomicU64>,
+    reader: std::thread::JoinHandle<()>,
 }
 
 fn send_frame(writer: &Mutex<UnixStream>, next_id: &AtomicU64, body: Body<'_>) -> Result<u64> {
@@ -439,7 +456,7 @@ impl ControlLink {
         let next_id = Arc::new(AtomicU64::new(1));
         let (tx, events) = channel();
         let (w, st, ids) = (writer.clone(), state.clone(), next_id.clone());
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut dec = FrameDecoder::new();
             let mut buf = vec![0u8; 64 * 1024];
             loop {
@@ -476,6 +493,13 @@ impl ControlLink {
                             _ => s.broken = Some(format!("Pong {request_id} does not match the Ping sent")),
                         },
                         ControlEvent::Broken(why) => s.broken = Some(why.clone()),
+                        ControlEvent::VolumeCommitted { generation } => {
+                            s.generation = Some(*generation);
+                            if let Some(f) = s.on_commit.as_mut() {
+                                f(*generation);
+                            }
+                        }
+                        ControlEvent::IntegrityFailure { sector } => s.integrity_failures.push(*sector),
                         _ => {}
                     }
                     let stop = s.broken.is_some();
@@ -486,7 +510,7 @@ impl ControlLink {
                 }
             }
         });
-        Ok(ControlLink { writer, events, state, next_id })
+        Ok(ControlLink { writer, events, state, next_id, reader })
     }
 
     /// Sends a request body; returns its request id.
@@ -521,6 +545,36 @@ impl ControlLink {
     /// Round trip of the builder's Ping, once answered.
     pub fn verified(&self) -> Option<Duration> {
         self.state.lock().unwrap().verified
+    }
+
+    /// The latest generation an authenticated volume reported as durable.
+    pub fn generation(&self) -> Option<u64> {
+        self.state.lock().unwrap().generation
+    }
+
+    /// Calls `f` with every generation reported from now on (and at once
+    /// with the latest one, if any), on the link's reader thread.
+    pub fn on_commit(&self, mut f: impl FnMut(u64) + Send + 'static) {
+        let mut s = self.state.lock().unwrap();
+        if let Some(g) = s.generation {
+            f(g);
+        }
+        s.on_commit = Some(Box::new(f));
+    }
+
+    /// Sectors the SD reported as failing authentication.
+    pub fn integrity_failures(&self) -> Vec<u64> {
+        self.state.lock().unwrap().integrity_failures.clone()
+    }
+
+    /// After the image exited: waits (briefly) until the reader has handled
+    /// everything the image sent, so no last event (a final generation) is
+    /// lost when the builder exits right after.
+    fn drain(&self, timeout: Duration) {
+        let start = Instant::now();
+        while !self.reader.is_finished() && start.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn speaks_abi(&self) -> bool {
@@ -789,6 +843,11 @@ impl Domain {
     }
 
     /// The control link, once connected.
+    /// The control link, shared (its state and events are behind locks).
+    pub fn control_ref(&self) -> Option<&ControlLink> {
+        self.control.as_ref()
+    }
+
     pub fn control(&mut self) -> Option<&mut ControlLink> {
         self.control.as_mut()
     }
@@ -806,6 +865,9 @@ impl Domain {
             std::thread::sleep(Duration::from_millis(50));
             let grace = if ctl.speaks_abi() { grace } else { grace.min(Duration::from_secs(2)) };
             if let Ok(exit) = self.wait_exit(Some(grace)) {
+                if let Some(ctl) = self.control.as_ref() {
+                    ctl.drain(Duration::from_secs(1));
+                }
                 return Ok(exit);
             }
         }

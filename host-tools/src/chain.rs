@@ -14,7 +14,9 @@
 //!
 //! [[disk]]
 //! volume = "volume.img"         # the provider's volume file
-//! key = "volume.key"            # tenant key file (hex, 64 bytes) — or:
+//! key = "volume.key"            # tenant key file (hex, 64 bytes); for an
+//!                               # authenticated volume, volume.key.generation
+//!                               # holds the tenant's generation record — or:
 //! # luks_passphrase = "pass.txt" # the volume is LUKS1; unlock on the tenant side
 //! chain = ["storage-crypt"]     # service domains in this disk's path
 //! ```
@@ -76,8 +78,8 @@ struct ChainFile {
 
 /// The tenant-side secret of one disk.
 enum Secret {
-    /// A raw key; `true` when the volume has a native header.
-    Key(Vec<u8>, bool),
+    /// A raw key, its file, and whether the volume has a native header.
+    Key(Vec<u8>, PathBuf, bool),
     LuksPassphrase(Vec<u8>),
 }
 
@@ -178,7 +180,7 @@ pub fn plan(path: &Path) -> Result<Plan> {
                     Some(("raw", _)) => false,
                     Some((other, at)) => bail!("{}: format `{other}` is not `native` or `raw`", line(at)),
                 };
-                ("key", Secret::Key(read_key(&at(&k))?, native))
+                ("key", Secret::Key(read_key(&at(&k))?, at(&k), native))
             }
             (None, Some(p)) => {
                 let pass = std::fs::read(at(&p)).with_context(|| format!("reading passphrase file {}", p.display()))?;
@@ -232,23 +234,40 @@ pub fn up(plan: &Plan, accel: Accel, echo: bool, initrd_override: Option<&Path>)
     eprintln!("ssc up: starting {} service domain(s)", specs.len());
     let mut sds = MetaDomain::launch(&specs, accel, echo, Duration::from_secs(60))?;
     for (i, d) in plan.disks.iter().enumerate() {
+        // Authenticated volumes: the tenant's generation record guards
+        // against a rolled-back volume, and follows every commit.
+        let mut generation_of = None;
         let (key, data_offset, native_header) = match &d.secret {
-            Secret::Key(k, native) => (k.clone(), 0, *native),
+            Secret::Key(k, path, native) => {
+                if *native && volume_header_version(&d.volume)? == Some(sd_storage_crypt::auth::VERSION) {
+                    generation_of = Some((path.clone(), read_generation(path)?));
+                }
+                (k.clone(), 0, *native)
+            }
             Secret::LuksPassphrase(p) => {
                 let u = crate::luks::unlock(&d.volume, p)?;
                 eprintln!("ssc up: disk {i}: LUKS1 keyslot {} unlocked on the tenant side", u.slot);
                 (u.key, u.data_offset, false)
             }
         };
-        let cfg = VolumeConfig { data_offset, native_header, ..VolumeConfig::xts_plain64("vol", &key) };
+        let cfg = match &generation_of {
+            Some((_, g)) => VolumeConfig::authenticated("vol", &key, *g),
+            None => VolumeConfig { data_offset, native_header, ..VolumeConfig::xts_plain64("vol", &key) },
+        };
         let name = specs[i].name.clone();
         let dom = sds.domain(&name).expect("started");
-        dom.control()
-            .ok_or_else(|| anyhow!("{name} has no control link"))?
-            .request(Body::ConfigureVolume(cfg), Duration::from_secs(30))
-            .with_context(|| {
-                format!("provisioning the key of disk {i} ({} from {})", d.secret_kind, d.volume.display())
-            })?;
+        let ctl = dom.control().ok_or_else(|| anyhow!("{name} has no control link"))?;
+        ctl.request(Body::ConfigureVolume(cfg), Duration::from_secs(30)).with_context(|| {
+            format!("provisioning the key of disk {i} ({} from {})", d.secret_kind, d.volume.display())
+        })?;
+        if let Some((key_path, g)) = generation_of {
+            eprintln!("ssc up: disk {i}: authenticated volume opened at generation ≥ {g} (tenant record)");
+            ctl.on_commit(move |generation| {
+                if let Err(e) = write_generation(&key_path, generation) {
+                    eprintln!("ssc up: cannot record generation {generation}: {e:#}");
+                }
+            });
+        }
         eprintln!("ssc up: disk {i}: {} keyed, volume {}", name, d.volume.display());
     }
     let mut client = DomainSpec::new("client", &plan.kernel);
@@ -268,6 +287,17 @@ impl Running {
     pub fn wait(mut self, timeout: Option<Duration>) -> Result<(ImageExit, Vec<String>)> {
         let exit = self.client.wait_exit(timeout);
         let log = self.client.log();
+        for d in self.sds.domains() {
+            let failed = d.control_ref().map(|c| c.integrity_failures()).unwrap_or_default();
+            if !failed.is_empty() {
+                eprintln!(
+                    "ssc up: {}: {} sector(s) failed authentication (tampered with, or torn by a crash): {:?}",
+                    d.name,
+                    failed.len(),
+                    failed
+                );
+            }
+        }
         let verdicts = self.sds.shutdown(Duration::from_secs(30));
         for (name, v) in verdicts {
             match v {
@@ -319,16 +349,76 @@ pub fn parse_size(s: &str) -> Result<u64> {
     n.checked_mul(mult).ok_or_else(|| anyhow!("`{s}` is too large"))
 }
 
+/// What `ssc volume create` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VolumeFormat {
+    /// Plain aes-xts-plain64 from byte 0 (no header: a wrong key cannot be
+    /// told from the right one).
+    Raw,
+    /// aes-xts-plain64 with the native header (key check, data at 1 MiB).
+    Native,
+    /// The authenticated mode (`aes-256-gcm`, see `sd_storage_crypt::auth`).
+    Auth,
+}
+
+/// Where the tenant keeps an authenticated volume's latest generation:
+/// beside its key (`KEY.generation`).
+pub fn generation_file(key: &Path) -> PathBuf {
+    let mut name = key.as_os_str().to_owned();
+    name.push(".generation");
+    PathBuf::from(name)
+}
+
+/// Reads the tenant's generation record.
+pub fn read_generation(key: &Path) -> Result<u64> {
+    let path = generation_file(key);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {}: the tenant's record of this authenticated volume's generation (made by `ssc volume create`, \
+             updated by `ssc up`). Without it a rolled-back volume cannot be detected; if it is lost and you trust \
+             the volume, write the generation you last saw into it",
+            path.display()
+        )
+    })?;
+    text.trim().parse().with_context(|| format!("{} does not hold a generation number", path.display()))
+}
+
+/// Records `generation` (atomically: a crash leaves the old or the new).
+pub fn write_generation(key: &Path, generation: u64) -> Result<()> {
+    let path = generation_file(key);
+    let tmp = path.with_extension("generation.tmp");
+    std::fs::write(&tmp, format!("{generation}\n")).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))
+}
+
 /// `ssc volume create`: a volume file and a fresh 512-bit key (hex, mode
-/// 0600) that stays with the tenant. `native` writes the volume header
+/// 0600) that stays with the tenant. `Native` writes the volume header
 /// (layout and a key check, see `sd_storage_crypt::header`) so the SD can
-/// refuse a wrong key; the data then starts at 1 MiB.
-pub fn create_volume(volume: &Path, size: u64, key_out: &Path, native: bool) -> Result<()> {
+/// refuse a wrong key; the data then starts at 1 MiB. `Auth` writes the
+/// authenticated mode's header and the tenant's generation record.
+pub fn create_volume(volume: &Path, size: u64, key_out: &Path, format: VolumeFormat) -> Result<()> {
     use ring::rand::SecureRandom;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let rng = ring::rand::SystemRandom::new();
     let mut key = [0u8; 64];
-    ring::rand::SystemRandom::new().fill(&mut key).map_err(|_| anyhow!("no randomness for the key"))?;
+    rng.fill(&mut key).map_err(|_| anyhow!("no randomness for the key"))?;
+    let (mut salt, mut id) = ([0u8; 32], [0u8; 16]);
+    rng.fill(&mut salt).and_then(|_| rng.fill(&mut id)).map_err(|_| anyhow!("no randomness for the header"))?;
+    let header = match format {
+        VolumeFormat::Raw => None,
+        VolumeFormat::Native => {
+            use sd_storage_crypt::header::{DEFAULT_DATA_OFFSET, VolumeHeader};
+            if size <= DEFAULT_DATA_OFFSET {
+                bail!("a native volume needs more than {} bytes (header and data)", DEFAULT_DATA_OFFSET);
+            }
+            Some(VolumeHeader::new(&key, 512, DEFAULT_DATA_OFFSET, salt, id).encode())
+        }
+        VolumeFormat::Auth => Some(
+            sd_storage_crypt::auth::format(&key, size, salt, id)
+                .map_err(|e| anyhow!("{e}: an authenticated volume needs at least 2 MiB"))?,
+        ),
+    };
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -342,18 +432,24 @@ pub fn create_volume(volume: &Path, size: u64, key_out: &Path, native: bool) -> 
         .open(volume)
         .with_context(|| format!("creating volume {} (it must not exist yet)", volume.display()))?;
     v.set_len(size)?;
-    if native {
-        use sd_storage_crypt::header::{DEFAULT_DATA_OFFSET, VolumeHeader};
-        if size <= DEFAULT_DATA_OFFSET {
-            bail!("a native volume needs more than {} bytes (header and data)", DEFAULT_DATA_OFFSET);
-        }
-        let (mut salt, mut id) = ([0u8; 32], [0u8; 16]);
-        let rng = ring::rand::SystemRandom::new();
-        rng.fill(&mut salt).and_then(|_| rng.fill(&mut id)).map_err(|_| anyhow!("no randomness for the header"))?;
-        let header = VolumeHeader::new(&key, 512, DEFAULT_DATA_OFFSET, salt, id);
-        std::os::unix::fs::FileExt::write_all_at(&v, &header.encode(), 0)?;
+    if let Some(h) = header {
+        std::os::unix::fs::FileExt::write_all_at(&v, &h, 0)?;
+    }
+    if format == VolumeFormat::Auth {
+        write_generation(key_out, 1)?;
     }
     Ok(())
+}
+
+/// The header version in the volume's first sector (None: no native header).
+pub fn volume_header_version(volume: &Path) -> Result<Option<u32>> {
+    use std::io::Read;
+    let mut b = [0u8; 12];
+    let mut f = std::fs::File::open(volume).with_context(|| format!("opening volume {}", volume.display()))?;
+    Ok(match f.read_exact(&mut b) {
+        Ok(()) => sd_storage_crypt::header::version(&b),
+        Err(_) => None,
+    })
 }
 
 #[cfg(test)]
@@ -380,14 +476,14 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let (v, k) = (dir.path().join("v.img"), dir.path().join("v.key"));
-        create_volume(&v, 2 << 20, &k, true).unwrap();
+        create_volume(&v, 2 << 20, &k, VolumeFormat::Native).unwrap();
         assert_eq!(std::fs::metadata(&v).unwrap().len(), 2 << 20);
         let header = sd_storage_crypt::header::VolumeHeader::decode(&std::fs::read(&v).unwrap()[..512]).unwrap();
         header.verify_key(&read_key(&k).unwrap()).unwrap();
         assert_eq!(std::fs::metadata(&k).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(read_key(&k).unwrap().len(), 64);
         assert!(
-            create_volume(&v, 2 << 20, &dir.path().join("k2"), true).is_err(),
+            create_volume(&v, 2 << 20, &dir.path().join("k2"), VolumeFormat::Native).is_err(),
             "an existing volume is never overwritten"
         );
     }

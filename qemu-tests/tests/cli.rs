@@ -317,3 +317,94 @@ fn bench_storage_measures_all_four_paths_in_one_invocation() {
     }
     assert!(!out.contains("| - |"), "a path produced no figure:\n{out}");
 }
+
+#[test]
+fn ssc_up_keeps_an_authenticated_volume_honest_across_restarts_tampering_and_rollback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, key) = catalog_args();
+    let (kernel, initrd) = client_kernel();
+    let vol = tmp.path().join("vol.img");
+    let keyfile = tmp.path().join("vol.key");
+    let genfile = tmp.path().join("vol.key.generation");
+    let r = run_ssc(
+        &["volume", "create", vol.to_str().unwrap(), "--size", "32M", "--key-out", keyfile.to_str().unwrap()]
+            .into_iter()
+            .chain(["--format", "auth"])
+            .collect::<Vec<_>>(),
+        T,
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    let generation = || std::fs::read_to_string(&genfile).unwrap().trim().parse::<u64>().unwrap();
+    assert_eq!(generation(), 1);
+    let chain = tmp.path().join("chain.toml");
+    std::fs::write(
+        &chain,
+        format!(
+            "[catalog]\npath = \"{dir}\"\ntrust = [\"{key}\"]\n\n[client]\nkernel = \"{}\"\ninitrd = \"{}\"\n\n[[disk]]\nvolume = \"vol.img\"\nkey = \"vol.key\"\nchain = [\"storage-crypt\"]\n",
+            kernel.display(),
+            initrd.display()
+        ),
+    )
+    .unwrap();
+    let job = tmp.path().join("job.sh");
+    let up = |script: &str| {
+        std::fs::write(&job, script).unwrap();
+        run_ssc(&["up", chain.to_str().unwrap(), "--job", job.to_str().unwrap()], T)
+    };
+    let fio = "fio --name=v --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=8 --bs=4k --size=4M \
+               --verify=crc32c --verify_fatal=1 --rw=randwrite";
+
+    // 1. Write (fio verify and a marker); the tenant's record follows the commits.
+    let r = up(&format!(
+        "{fio} --do_verify=1 --end_fsync=1\nprintf 'AUTH-MARKER-5d1e' > /tmp/m\n\
+         dd if=/tmp/m of=/dev/vda bs=4096 seek=2000 conv=sync,fsync\n"
+    ));
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    assert!(r.stderr().contains("authenticated volume opened at generation"), "{}", r.all());
+    let g1 = generation();
+    assert!(g1 > 1, "the generation record did not follow the commits: {g1}");
+    let file = std::fs::read(&vol).unwrap();
+    assert!(!file.windows(16).any(|w| w == b"AUTH-MARKER-5d1e"), "plaintext reached the provider's volume");
+    let snapshot = tmp.path().join("vol.snapshot");
+    std::fs::copy(&vol, &snapshot).unwrap();
+
+    // 2. A restarted chain verifies what the first wrote, and writes more.
+    let r = up(&format!(
+        "{fio} --verify_only\ndd if=/dev/vda bs=4096 skip=2000 count=1 | grep -q AUTH-MARKER-5d1e\n\
+         {fio} --offset=8M --do_verify=1 --end_fsync=1\n"
+    ));
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    let g2 = generation();
+    assert!(g2 > g1, "{g2} after {g1}");
+
+    // 3. The provider rolls the volume back to the snapshot: refused at
+    // open, nothing starts, the record is unchanged.
+    let current = std::fs::read(&vol).unwrap();
+    std::fs::copy(&snapshot, &vol).unwrap();
+    let r = up("true\n");
+    assert!(
+        r.code() == Some(1) && r.stderr().contains("rolled back") && r.stderr().contains(&format!("{g2}")),
+        "{}",
+        r.all()
+    );
+    assert!(!r.stdout().contains("client: ssc: ready"), "the client started on a rolled-back volume:\n{}", r.all());
+    assert_eq!(generation(), g2);
+    std::fs::write(&vol, &current).unwrap();
+
+    // 4. The provider flips one bit of data sector 100: that read fails with
+    // EIO inside the client, its neighbours still read, the SD reports it.
+    let geometry = sd_storage_crypt::auth::Geometry::for_device(current.len() as u64).unwrap();
+    let mut tampered = current.clone();
+    tampered[(geometry.data_offset + 100 * 4096 + 7) as usize] ^= 0x20;
+    std::fs::write(&vol, &tampered).unwrap();
+    let r = up(
+        "if dd if=/dev/vda of=/dev/null bs=4096 skip=100 count=1 iflag=direct; then echo 'TAMPERED READ SUCCEEDED'; exit 1; fi\n\
+         echo 'tampered sector: I/O error'\n\
+         dd if=/dev/vda of=/dev/null bs=4096 skip=101 count=1 iflag=direct\n",
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    for want in ["tampered sector: I/O error", "integrity: sector 100 failed authentication"] {
+        assert!(r.stdout().contains(want), "missing `{want}`:\n{}", r.all());
+    }
+    assert!(r.stderr().contains("failed authentication") && r.stderr().contains("[100"), "{}", r.all());
+}

@@ -352,10 +352,38 @@ fn luks2_with_4096_byte_sectors_interoperates_with_dm_crypt_in_the_client() {
 fn killing_the_sd_mid_write_gives_io_errors_and_loses_nothing_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
     let key = noise(64, 77);
-    let mut sd = boot(tmp.path(), 32 * MIB as u64);
-    configure(&mut sd, xts_config(&key)).unwrap();
+    let volume = tmp.path().join("volume.img");
+    std::fs::File::create(&volume).unwrap().set_len(32 * MIB as u64).unwrap();
+    kill_mid_write_and_check(tmp.path(), &volume, &|sd: &mut Sd, _| configure(sd, xts_config(&key)).unwrap(), false);
+}
+
+#[test]
+fn killing_the_sd_mid_write_on_an_authenticated_volume_loses_nothing_flushed_and_serves_nothing_wrong() {
+    use qemu_tests::ssc::chain::{VolumeFormat, create_volume, read_key};
+    let tmp = tempfile::tempdir().unwrap();
+    let volume = tmp.path().join("volume.img");
+    let keyfile = tmp.path().join("volume.key");
+    create_volume(&volume, 32 * MIB as u64, &keyfile, VolumeFormat::Auth).unwrap();
+    let key = read_key(&keyfile).unwrap();
+    kill_mid_write_and_check(
+        tmp.path(),
+        &volume,
+        &|sd: &mut Sd, generation| configure(sd, VolumeConfig::authenticated("vol", &key, generation)).unwrap(),
+        true,
+    );
+}
+
+/// Runs a client that writes 4 KiB chunks with fsync, kills the SD after
+/// 40 acknowledged chunks, restarts it on the same volume and checks every
+/// acknowledged chunk. `configure` keys the SD, given the generation the
+/// tenant last saw (authenticated mode). `authenticated`: the chunk in
+/// flight at the kill may fail its read (EIO) but reads as nothing other
+/// than its old (zero) or new contents.
+fn kill_mid_write_and_check(dir: &Path, volume: &Path, configure: &dyn Fn(&mut Sd, u64), authenticated: bool) {
+    let mut sd = boot_on(dir, volume);
+    configure(&mut sd, 1);
     // Each chunk is acknowledged only after dd's fsync returned (virtio-blk
-    // flush → NBD FLUSH → the SD flushes its disk).
+    // flush → NBD FLUSH → the SD flushes its disk; authenticated: commits).
     let writer = "i=0
         while [ $i -lt 4000 ]; do
           yes \"chunk-$i\" | head -c 4096 > /tmp/c
@@ -366,7 +394,7 @@ fn killing_the_sd_mid_write_gives_io_errors_and_loses_nothing_acknowledged() {
     let (kernel, _) = client_kernel();
     let run_dir = RunDir::create().unwrap();
     let mut spec = DomainSpec::new("client", &kernel);
-    spec.initrd = Some(client_initrd(tmp.path(), writer));
+    spec.initrd = Some(client_initrd(dir, writer));
     spec.append = "console=ttyS0 quiet".into();
     spec.mem_mib = 512;
     spec.nbd_disks.push(NbdDisk { socket: sd.socket.clone(), export: "vol".into() });
@@ -378,6 +406,9 @@ fn killing_the_sd_mid_write_gives_io_errors_and_loses_nothing_acknowledged() {
         std::thread::sleep(Duration::from_millis(50));
     }
     sd.domain.kill();
+    // The tenant's view of the last commit (the SD reports every one).
+    let generation = sd.domain.control_ref().and_then(|c| c.generation()).unwrap_or(1);
+    assert!(!authenticated || generation > 1, "the SD never reported a commit");
     client.wait_exit(Some(Duration::from_secs(120))).unwrap();
     let log = client.log();
     assert!(log.iter().any(|l| l.starts_with("io error at")), "the client saw no I/O error:\n{}", log.join("\n"));
@@ -385,10 +416,20 @@ fn killing_the_sd_mid_write_gives_io_errors_and_loses_nothing_acknowledged() {
     drop(sd);
 
     // Restart the SD on the same volume: every acknowledged chunk is there.
-    let volume = tmp.path().join("volume.img");
-    let _ = std::fs::remove_file(tmp.path().join("nbd.sock"));
-    let mut sd = boot_on(tmp.path(), &volume);
-    configure(&mut sd, xts_config(&key)).unwrap();
+    let _ = std::fs::remove_file(dir.join("nbd.sock"));
+    let mut sd = boot_on(dir, volume);
+    configure(&mut sd, generation);
+    let in_flight = if authenticated {
+        format!(
+            "i=$(({last}+1)); yes \"chunk-$i\" | head -c 4096 > /tmp/c; head -c 4096 /dev/zero > /tmp/z
+             if dd if=/dev/vda of=/tmp/r bs=4096 skip=$i count=1 iflag=direct 2>/dev/null; then
+               cmp -s /tmp/r /tmp/c || cmp -s /tmp/r /tmp/z || {{ echo \"chunk $i reads WRONG\"; bad=1; }}
+               echo \"in-flight chunk $i: old or new contents\"
+             else echo \"in-flight chunk $i: I/O error\"; fi"
+        )
+    } else {
+        String::new()
+    };
     let checker = format!(
         "i=0; bad=0
          while [ $i -le {last} ]; do
@@ -398,8 +439,10 @@ fn killing_the_sd_mid_write_gives_io_errors_and_loses_nothing_acknowledged() {
            i=$((i+1))
          done
          echo \"checked chunks 0..={last}\"
+         {in_flight}
          [ $bad = 0 ]"
     );
-    let log = run_client(&sd, tmp.path(), &checker);
+    let log = run_client(&sd, dir, &checker);
     assert!(log.iter().any(|l| l == &format!("checked chunks 0..={last}")), "{}", log.join("\n"));
+    assert!(!authenticated || log.iter().any(|l| l.starts_with("in-flight chunk")), "{}", log.join("\n"));
 }

@@ -23,8 +23,9 @@ use runtime::control::ControlLink;
 use runtime::log::{info, warn};
 use runtime::vserial::{PortId, VirtioSerial};
 use runtime::{Boot, ImageResult, bail};
+use sd_storage_crypt::auth::{self, AuthVolume};
 use sd_storage_crypt::header::{HEADER_LEN, VolumeHeader};
-use sd_storage_crypt::nbd::{Export, ProtocolError, Server};
+use sd_storage_crypt::nbd::{Backend, Export, ProtocolError, Server};
 use sd_storage_crypt::volume::{BlockDevice, Cipher, CryptVolume, IoError, Layout};
 use sd_storage_crypt::xts::Xts;
 use ssc_abi::{Body, Envelope, ErrorCode, VolumeConfig};
@@ -65,9 +66,34 @@ impl BlockDevice for Disk {
     }
 }
 
+/// A served volume: either mode, plus what the authenticated mode reports.
+trait Served: Backend {
+    /// The durable generation (authenticated mode).
+    fn generation(&self) -> Option<u64> {
+        None
+    }
+    /// Sectors that failed authentication since the last call.
+    fn take_failures(&mut self) -> Vec<u64> {
+        Vec::new()
+    }
+}
+
+impl Served for CryptVolume<Disk> {}
+
+impl Served for AuthVolume<Disk> {
+    fn generation(&self) -> Option<u64> {
+        Some(AuthVolume::generation(self))
+    }
+    fn take_failures(&mut self) -> Vec<u64> {
+        AuthVolume::take_failures(self)
+    }
+}
+
 /// The configured volume and the NBD session on the upstream link.
 struct Service {
-    volume: CryptVolume<Disk>,
+    volume: alloc::boxed::Box<dyn Served>,
+    /// Last generation reported on the control link.
+    reported: Option<u64>,
     export: Export,
     session: Option<(u64, Server)>,
     /// Replies not yet taken by the link, and how much of them was sent.
@@ -87,10 +113,33 @@ const MAX_PENDING_OUT: usize = 64 << 20;
 fn open_volume(
     disk: &mut Option<Disk>,
     cfg: &VolumeConfig,
-) -> Result<(CryptVolume<Disk>, Export), (ErrorCode, alloc::string::String)> {
+) -> Result<(alloc::boxed::Box<dyn Served>, Export), (ErrorCode, alloc::string::String)> {
     let Some(device_size) = disk.as_ref().map(Disk::size) else {
         return Err((ErrorCode::Denied, "the volume is already configured".into()));
     };
+    let export = Export { name: cfg.export.into(), description: alloc::format!("{} volume", cfg.cipher) };
+    if cfg.cipher == auth::CIPHER {
+        // The authenticated mode always has its own header: the key, the
+        // metadata's Merkle root and the generation are checked before
+        // anything is served. The disk is only consumed on success.
+        let d = disk.take().expect("checked above");
+        let d = match AuthVolume::open_or_return(d, cfg.key, cfg.min_generation, cfg.read_only) {
+            Ok(v) => return Ok((alloc::boxed::Box::new(v), export)),
+            Err((e, d)) => {
+                *disk = Some(d);
+                e
+            }
+        };
+        let code = match d {
+            auth::OpenError::Header(sd_storage_crypt::header::HeaderError::WrongKey) => ErrorCode::Denied,
+            auth::OpenError::RolledBack { .. } | auth::OpenError::MetadataTampered | auth::OpenError::HeaderForged => {
+                ErrorCode::Denied
+            }
+            auth::OpenError::Io => ErrorCode::Internal,
+            _ => ErrorCode::Malformed,
+        };
+        return Err((code, d.to_string()));
+    }
     let cipher = match cfg.cipher {
         "aes-xts-plain64" => {
             Cipher::XtsPlain64(Xts::new(cfg.key).map_err(|e| (ErrorCode::Malformed, e.to_string()))?.into())
@@ -100,7 +149,7 @@ fn open_volume(
         other => {
             return Err((
                 ErrorCode::Unsupported,
-                alloc::format!("cipher `{other}` is not supported (aes-xts-plain64, null)"),
+                alloc::format!("cipher `{other}` is not supported (aes-xts-plain64, aes-256-gcm, null)"),
             ));
         }
     };
@@ -124,8 +173,7 @@ fn open_volume(
     layout.check(device_size).map_err(|e| (ErrorCode::Malformed, e.to_string()))?;
     let disk = disk.take().expect("checked above");
     let volume = CryptVolume::new(disk, cipher, layout, cfg.read_only).expect("layout checked");
-    let export = Export { name: cfg.export.into(), description: alloc::format!("{} volume", cfg.cipher) };
-    Ok((volume, export))
+    Ok((alloc::boxed::Box::new(volume), export))
 }
 
 fn main(mut boot: Boot) -> ImageResult {
@@ -168,6 +216,8 @@ fn main(mut boot: Boot) -> ImageResult {
                 Body::Shutdown => {
                     if let Some(s) = service.as_mut() {
                         let _ = s.volume.flush();
+                        report(&mut serial, &mut ctl, s)?;
+                        ctl.flush(&mut serial)?;
                     }
                     info!(target: IMAGE, "Shutdown: volume flushed, stopping");
                     return Ok(());
@@ -185,6 +235,7 @@ fn main(mut boot: Boot) -> ImageResult {
                         );
                         service = Some(Service {
                             volume,
+                            reported: None,
                             export,
                             session: None,
                             out: Vec::new(),
@@ -210,8 +261,25 @@ fn main(mut boot: Boot) -> ImageResult {
         }
         if let Some(s) = service.as_mut() {
             serve_nbd(&mut serial, nbd, s, &mut buf)?;
+            report(&mut serial, &mut ctl, s)?;
         }
     }
+}
+
+/// Tells the tenant side about new durable generations and integrity
+/// failures (authenticated mode), and logs the failures.
+fn report(serial: &mut VirtioSerial, ctl: &mut ControlLink, s: &mut Service) -> ImageResult {
+    for sector in s.volume.take_failures() {
+        warn!(target: IMAGE, "integrity: sector {sector} failed authentication (tampered, or torn by a crash); the read got EIO");
+        ctl.send(serial, &Envelope::new(0, Body::IntegrityFailure { sector }))?;
+    }
+    if let Some(g) = s.volume.generation()
+        && s.reported != Some(g)
+    {
+        ctl.send(serial, &Envelope::new(0, Body::VolumeCommitted { generation: g }))?;
+        s.reported = Some(g);
+    }
+    Ok(())
 }
 
 /// Queues replies; takes the buffer over instead of copying it when nothing
@@ -276,7 +344,7 @@ fn serve_nbd(serial: &mut VirtioSerial, port: PortId, s: &mut Service, buf: &mut
         return Ok(());
     }
     let t = Instant::now();
-    let served = server.receive(&buf[..n], &mut s.volume);
+    let served = server.receive(&buf[..n], &mut *s.volume);
     s.serving += t.elapsed();
     match served {
         Ok(()) => {}
