@@ -38,11 +38,26 @@ use crate::qemu::{Accel, Firmware, ImageExit, Machine, QEMU};
 /// Name of the control link every domain gets.
 pub const CONTROL_LINK: &str = "ctl";
 
-/// A named data link and the unix socket QEMU listens on for it.
+/// A named data link and its unix socket: QEMU listens on it, or (for
+/// `connect`) connects to another domain's listening link — how one SD's
+/// `down` reaches the next SD's `nbd` in a chain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkSpec {
     pub name: String,
     pub socket: PathBuf,
+    pub connect: bool,
+}
+
+impl LinkSpec {
+    /// A link QEMU listens on (the usual case).
+    pub fn listen(name: &str, socket: &Path) -> Self {
+        LinkSpec { name: name.into(), socket: socket.into(), connect: false }
+    }
+
+    /// A link QEMU connects to at start (the peer must be listening).
+    pub fn connect(name: &str, socket: &Path) -> Self {
+        LinkSpec { name: name.into(), socket: socket.into(), connect: true }
+    }
 }
 
 impl std::str::FromStr for LinkSpec {
@@ -55,7 +70,7 @@ impl std::str::FromStr for LinkSpec {
         if socket.is_empty() {
             bail!("link `{name}` has an empty socket path");
         }
-        Ok(LinkSpec { name: name.into(), socket: socket.into() })
+        Ok(LinkSpec::listen(name, Path::new(socket)))
     }
 }
 
@@ -204,10 +219,11 @@ pub fn qemu_args(spec: &DomainSpec, accel: Accel, run_dir: &Path) -> Vec<OsStrin
     // Port 0 is reserved for a console; ports 1.. carry ctl and the links.
     a.extend(["-device".into(), format!("virtio-serial-pci,id=vser0,max_ports={}", spec.links.len() + 2)]);
     let ctl = control_socket(run_dir, &spec.name);
-    let mut ports = vec![(CONTROL_LINK.to_string(), ctl)];
-    ports.extend(spec.links.iter().map(|l| (l.name.clone(), l.socket.clone())));
-    for (i, (name, sock)) in ports.iter().enumerate() {
-        a.extend(["-chardev".into(), format!("socket,id=port{i},path={},server=on,wait=off", opt_path(sock))]);
+    let mut ports = vec![(CONTROL_LINK.to_string(), ctl, false)];
+    ports.extend(spec.links.iter().map(|l| (l.name.clone(), l.socket.clone(), l.connect)));
+    for (i, (name, sock, connect)) in ports.iter().enumerate() {
+        let mode = if *connect { "server=off" } else { "server=on,wait=off" };
+        a.extend(["-chardev".into(), format!("socket,id=port{i},path={},{mode}", opt_path(sock))]);
         a.extend(["-device".into(), format!("virtserialport,bus=vser0.0,chardev=port{i},name={name}")]);
     }
     a.extend(["-kernel".into(), opt_path(&spec.image)]);
@@ -651,7 +667,10 @@ impl Domain {
             if !seen.insert(&l.name) {
                 bail!("link `{}` is given twice", l.name);
             }
-            if l.socket.exists() {
+            if l.connect && !l.socket.exists() {
+                bail!("link `{}`: nothing listens on {} (start the peer domain first)", l.name, l.socket.display());
+            }
+            if !l.connect && l.socket.exists() {
                 bail!("link `{}`: {} already exists; remove it or choose another path", l.name, l.socket.display());
             }
         }
@@ -682,7 +701,8 @@ impl Domain {
                 s.push('\n');
             }
         });
-        let mut owned_sockets: Vec<PathBuf> = spec.links.iter().map(|l| l.socket.clone()).collect();
+        let mut owned_sockets: Vec<PathBuf> =
+            spec.links.iter().filter(|l| !l.connect).map(|l| l.socket.clone()).collect();
         let ctl_path = control_socket(run_dir.path(), &spec.name);
         owned_sockets.push(ctl_path.clone());
         let mut dom = Domain {
@@ -936,14 +956,35 @@ impl MetaDomain {
                 bail!("two domains are named `{}`; names must be unique", s.name);
             }
         }
-        let mut meta = MetaDomain { domains: vec![], run_dir: RunDir::create()? };
+        let mut meta = MetaDomain::new()?;
         for spec in specs {
-            let log = if echo { LogEcho::Stdout(format!("[{}] ", spec.name)) } else { LogEcho::Quiet };
-            let mut d = Domain::launch(spec, accel, &meta.run_dir, log)?;
-            d.wait_ready(ready_timeout)?;
-            meta.domains.push(d);
+            meta.start(spec, accel, echo, ready_timeout)?;
         }
         Ok(meta)
+    }
+
+    /// A meta-domain with nothing running yet.
+    pub fn new() -> Result<MetaDomain> {
+        Ok(MetaDomain { domains: vec![], run_dir: RunDir::create()? })
+    }
+
+    /// Starts one more domain and waits until it is ready (for chains whose
+    /// next domain needs this one configured first).
+    pub fn start(
+        &mut self,
+        spec: &DomainSpec,
+        accel: Accel,
+        echo: bool,
+        ready_timeout: Duration,
+    ) -> Result<&mut Domain> {
+        if self.domains.iter().any(|d| d.name == spec.name) {
+            bail!("two domains are named `{}`; names must be unique", spec.name);
+        }
+        let log = if echo { LogEcho::Stdout(format!("[{}] ", spec.name)) } else { LogEcho::Quiet };
+        let mut d = Domain::launch(spec, accel, &self.run_dir, log)?;
+        d.wait_ready(ready_timeout)?;
+        self.domains.push(d);
+        Ok(self.domains.last_mut().expect("just pushed"))
     }
 
     /// The domain called `name`.
@@ -1060,7 +1101,7 @@ mod tests {
         assert!("ctl=/x".parse::<LinkSpec>().unwrap_err().to_string().contains("reserved"));
         assert!("Bad Name=/x".parse::<LinkSpec>().unwrap_err().to_string().contains("a-z"));
         assert!("up=".parse::<LinkSpec>().unwrap_err().to_string().contains("empty"));
-        assert_eq!("up=/s".parse::<LinkSpec>().unwrap(), LinkSpec { name: "up".into(), socket: "/s".into() });
+        assert_eq!("up=/s".parse::<LinkSpec>().unwrap(), LinkSpec::listen("up", Path::new("/s")));
     }
 
     #[test]

@@ -310,7 +310,7 @@ impl VerifiedImage {
         for l in &m.links {
             let socket = scratch.join(format!("{}-{l}.sock", m.name));
             let _ = std::fs::remove_file(&socket);
-            spec.links.push(crate::builder::LinkSpec { name: l.clone(), socket });
+            spec.links.push(crate::builder::LinkSpec::listen(l, &socket));
         }
         Ok(spec)
     }

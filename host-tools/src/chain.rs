@@ -21,10 +21,22 @@
 //! chain = ["storage-crypt"]     # service domains in this disk's path
 //! ```
 //!
+//! A chain of several SDs lists them client side first, and `key` then
+//! lists one key file per SD in the same order: the last SD sits on the
+//! volume (its `format` as above); each SD before it reaches the next one's
+//! export over a `down` link and encrypts as raw aes-xts-plain64 (its
+//! header would live inside the next layer, which the tenant tool cannot
+//! write offline):
+//!
+//! ```toml
+//! chain = ["storage-crypt", "storage-crypt"]
+//! key = ["outer.key", "volume.key"]
+//! ```
+//!
 //! Before anything starts, every image must be in the catalog with a valid
 //! signature from a trusted publisher, and neighbours must fit: the client
-//! needs `block`, each SD must offer `block` upstream, and the last one needs
-//! `block` downstream (the volume). Errors point at the line of the chain
+//! needs `block`, each SD must offer `block` upstream and need `block`
+//! downstream (the next SD's offer, or the volume). Errors point at the line of the chain
 //! file. Relative paths are relative to the chain file.
 
 use std::path::{Path, PathBuf};
@@ -35,7 +47,7 @@ use serde::Deserialize;
 use ssc_abi::{Body, VolumeConfig};
 use toml::Spanned;
 
-use crate::builder::{Domain, DomainSpec, LinkSpec, LogEcho, MetaDomain, NbdDisk};
+use crate::builder::{ControlLink, Domain, DomainSpec, LinkSpec, LogEcho, MetaDomain, NbdDisk};
 use crate::catalog::{self, VerifiedImage};
 use crate::qemu::{Accel, ImageExit};
 
@@ -55,11 +67,19 @@ struct ClientSection {
     append: Option<String>,
 }
 
+/// One key file, or one per SD of a chain.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Keys {
+    One(PathBuf),
+    PerSd(Vec<PathBuf>),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DiskSection {
     volume: Spanned<PathBuf>,
-    key: Option<PathBuf>,
+    key: Option<Spanned<Keys>>,
     luks_passphrase: Option<PathBuf>,
     /// `native` (default: the volume has `ssc volume create`'s header, so a
     /// wrong key is refused) or `raw` (plain aes-xts-plain64 from byte 0).
@@ -86,9 +106,13 @@ enum Secret {
 /// One disk of the plan.
 pub struct PlannedDisk {
     pub volume: PathBuf,
-    pub sd: VerifiedImage,
+    /// The SDs in the disk's path, client side first.
+    pub sds: Vec<VerifiedImage>,
     secret_kind: &'static str,
+    /// The secret of the last SD (the one on the volume).
     secret: Secret,
+    /// Raw aes-xts-plain64 keys of the SDs before it.
+    outer_keys: Vec<Vec<u8>>,
 }
 
 /// A checked chain file, ready to start.
@@ -140,30 +164,27 @@ pub fn plan(path: &Path) -> Result<Plan> {
                 line(d.chain.span().start)
             );
         }
-        if entries.len() > 1 {
-            bail!(
-                "{}: chains of more than one storage SD are not supported yet (an SD's downstream is its own disk)",
-                line(entries[1].span().start)
-            );
-        }
-        let entry = &entries[0];
-        let sd = catalog::find(&catalog_dir, &trusted, entry.get_ref())
-            .map_err(|e| anyhow!("{}: `{}`: {e:#}", line(entry.span().start), entry.get_ref()))?;
-        let m = &sd.manifest.image;
-        if !m.offers.iter().any(|o| o == "block") {
-            bail!(
-                "{}: `{}` does not offer a block device upstream (offers: {:?}); the client needs one",
-                line(entry.span().start),
-                m.name,
-                m.offers
-            );
-        }
-        if !m.needs.iter().any(|n| n == "block") || !m.links.iter().any(|l| l == "nbd") {
-            bail!(
-                "{}: `{}` does not take a volume downstream and serve NBD upstream",
-                line(entry.span().start),
-                m.name
-            );
+        let mut sds = vec![];
+        for entry in entries {
+            let sd = catalog::find(&catalog_dir, &trusted, entry.get_ref())
+                .map_err(|e| anyhow!("{}: `{}`: {e:#}", line(entry.span().start), entry.get_ref()))?;
+            let m = &sd.manifest.image;
+            if !m.offers.iter().any(|o| o == "block") {
+                bail!(
+                    "{}: `{}` does not offer a block device upstream (offers: {:?}); the client needs one",
+                    line(entry.span().start),
+                    m.name,
+                    m.offers
+                );
+            }
+            if !m.needs.iter().any(|n| n == "block") || !m.links.iter().any(|l| l == "nbd") {
+                bail!(
+                    "{}: `{}` does not take a block device downstream and serve NBD upstream",
+                    line(entry.span().start),
+                    m.name
+                );
+            }
+            sds.push(sd);
         }
         let volume = at(d.volume.get_ref());
         if !volume.is_file() {
@@ -173,7 +194,23 @@ pub fn plan(path: &Path) -> Result<Plan> {
                 volume.display()
             );
         }
-        let (secret_kind, secret) = match (d.key, d.luks_passphrase) {
+        let (volume_key, outer_keys) = match d.key.map(|k| (k.span().start, k.into_inner())) {
+            None => (None, vec![]),
+            Some((_, Keys::One(k))) if sds.len() == 1 => (Some(k), vec![]),
+            Some((_, Keys::PerSd(mut ks))) if ks.len() == sds.len() => {
+                let last = ks.pop();
+                (last, ks.iter().map(|k| read_key(&at(k))).collect::<Result<Vec<_>>>()?)
+            }
+            Some((off, _)) => bail!(
+                "{}: a chain of {} SDs needs `key = [...]` with one key file per SD (client side first)",
+                line(off),
+                sds.len()
+            ),
+        };
+        if sds.len() > 1 && d.luks_passphrase.is_some() {
+            bail!("{}: `luks_passphrase` works with a single-SD chain only", line(d.volume.span().start));
+        }
+        let (secret_kind, secret) = match (volume_key, d.luks_passphrase) {
             (Some(k), None) => {
                 let native = match d.format.as_ref().map(|f| (f.get_ref().as_str(), f.span().start)) {
                     None | Some(("native", _)) => true,
@@ -189,7 +226,7 @@ pub fn plan(path: &Path) -> Result<Plan> {
             }
             _ => bail!("{}: give exactly one of `key` or `luks_passphrase`", line(d.volume.span().start)),
         };
-        disks.push(PlannedDisk { volume, sd, secret_kind, secret });
+        disks.push(PlannedDisk { volume, sds, secret_kind, secret, outer_keys });
     }
     let client_dir = Path::new("build/client");
     let c = file.client;
@@ -217,58 +254,78 @@ pub struct Running {
     _scratch: crate::builder::RunDir,
 }
 
-/// Starts the plan: each disk's SD, its key, then the client on their NBD
-/// links. Progress goes to stderr.
-pub fn up(plan: &Plan, accel: Accel, echo: bool, initrd_override: Option<&Path>) -> Result<Running> {
-    let mut specs = vec![];
-    let mut sockets = vec![];
-    let scratch = crate::builder::RunDir::create()?;
-    for (i, d) in plan.disks.iter().enumerate() {
-        let mut spec = DomainSpec::new(&format!("{}-{i}", d.sd.manifest.image.name), &d.sd.path);
-        spec.disks.push(d.volume.clone());
-        let socket = scratch.path().join(format!("disk{i}.nbd"));
-        spec.links.push(LinkSpec { name: "nbd".into(), socket: socket.clone() });
-        sockets.push(socket);
-        specs.push(spec);
-    }
-    eprintln!("ssc up: starting {} service domain(s)", specs.len());
-    let mut sds = MetaDomain::launch(&specs, accel, echo, Duration::from_secs(60))?;
-    for (i, d) in plan.disks.iter().enumerate() {
-        // Authenticated volumes: the tenant's generation record guards
-        // against a rolled-back volume, and follows every commit.
-        let mut generation_of = None;
-        let (key, data_offset, native_header) = match &d.secret {
-            Secret::Key(k, path, native) => {
-                if *native && volume_header_version(&d.volume)? == Some(sd_storage_crypt::auth::VERSION) {
-                    generation_of = Some((path.clone(), read_generation(path)?));
-                }
-                (k.clone(), 0, *native)
+/// Keys the SD that sits on disk `i`'s volume from the tenant's secret.
+fn key_volume_sd(ctl: &ControlLink, name: &str, d: &PlannedDisk, i: usize) -> Result<()> {
+    // Authenticated volumes: the tenant's generation record guards against
+    // a rolled-back volume, and follows every commit.
+    let mut generation_of = None;
+    let (key, data_offset, native_header) = match &d.secret {
+        Secret::Key(k, path, native) => {
+            if *native && volume_header_version(&d.volume)? == Some(sd_storage_crypt::auth::VERSION) {
+                generation_of = Some((path.clone(), read_generation(path)?));
             }
-            Secret::LuksPassphrase(p) => {
-                let u = crate::luks::unlock(&d.volume, p)?;
-                eprintln!("ssc up: disk {i}: LUKS1 keyslot {} unlocked on the tenant side", u.slot);
-                (u.key, u.data_offset, false)
-            }
-        };
-        let cfg = match &generation_of {
-            Some((_, g)) => VolumeConfig::authenticated("vol", &key, *g),
-            None => VolumeConfig { data_offset, native_header, ..VolumeConfig::xts_plain64("vol", &key) },
-        };
-        let name = specs[i].name.clone();
-        let dom = sds.domain(&name).expect("started");
-        let ctl = dom.control().ok_or_else(|| anyhow!("{name} has no control link"))?;
-        ctl.request(Body::ConfigureVolume(cfg), Duration::from_secs(30)).with_context(|| {
-            format!("provisioning the key of disk {i} ({} from {})", d.secret_kind, d.volume.display())
-        })?;
-        if let Some((key_path, g)) = generation_of {
-            eprintln!("ssc up: disk {i}: authenticated volume opened at generation ≥ {g} (tenant record)");
-            ctl.on_commit(move |generation| {
-                if let Err(e) = write_generation(&key_path, generation) {
-                    eprintln!("ssc up: cannot record generation {generation}: {e:#}");
-                }
-            });
+            (k.clone(), 0, *native)
         }
-        eprintln!("ssc up: disk {i}: {} keyed, volume {}", name, d.volume.display());
+        Secret::LuksPassphrase(p) => {
+            let u = crate::luks::unlock(&d.volume, p)?;
+            eprintln!("ssc up: disk {i}: LUKS1 keyslot {} unlocked on the tenant side", u.slot);
+            (u.key, u.data_offset, false)
+        }
+    };
+    let cfg = match &generation_of {
+        Some((_, g)) => VolumeConfig::authenticated("vol", &key, *g),
+        None => VolumeConfig { data_offset, native_header, ..VolumeConfig::xts_plain64("vol", &key) },
+    };
+    ctl.request(Body::ConfigureVolume(cfg), Duration::from_secs(30))
+        .with_context(|| format!("provisioning the key of disk {i} ({} from {})", d.secret_kind, d.volume.display()))?;
+    if let Some((key_path, g)) = generation_of {
+        eprintln!("ssc up: disk {i}: authenticated volume opened at generation ≥ {g} (tenant record)");
+        ctl.on_commit(move |generation| {
+            if let Err(e) = write_generation(&key_path, generation) {
+                eprintln!("ssc up: cannot record generation {generation}: {e:#}");
+            }
+        });
+    }
+    eprintln!("ssc up: disk {i}: {name} keyed, volume {}", d.volume.display());
+    Ok(())
+}
+
+/// Starts the plan: each disk's SDs from the volume up (each keyed before
+/// the one above it connects to its export), then the client on the first
+/// SDs' NBD links. Progress goes to stderr.
+pub fn up(plan: &Plan, accel: Accel, echo: bool, initrd_override: Option<&Path>) -> Result<Running> {
+    let scratch = crate::builder::RunDir::create()?;
+    let total: usize = plan.disks.iter().map(|d| d.sds.len()).sum();
+    eprintln!("ssc up: starting {total} service domain(s)");
+    let mut sds = MetaDomain::new()?;
+    let mut sockets = vec![];
+    for (i, d) in plan.disks.iter().enumerate() {
+        let n = d.sds.len();
+        // The listening socket of the SD below (toward the volume).
+        let mut below: Option<PathBuf> = None;
+        for k in (0..n).rev() {
+            let m = &d.sds[k].manifest.image;
+            let name = if n == 1 { format!("{}-{i}", m.name) } else { format!("{}-{i}-{k}", m.name) };
+            let mut spec = DomainSpec::new(&name, &d.sds[k].path);
+            match &below {
+                None => spec.disks.push(d.volume.clone()),
+                Some(s) => spec.links.push(LinkSpec::connect("down", s)),
+            }
+            let socket = scratch.path().join(format!("disk{i}-{k}.nbd"));
+            spec.links.push(LinkSpec::listen("nbd", &socket));
+            let dom = sds.start(&spec, accel, echo, Duration::from_secs(60))?;
+            let ctl = dom.control().ok_or_else(|| anyhow!("{name} has no control link"))?;
+            if below.is_none() {
+                key_volume_sd(ctl, &name, d, i)?;
+            } else {
+                let cfg = VolumeConfig::xts_plain64("vol", &d.outer_keys[k]);
+                ctl.request(Body::ConfigureVolume(cfg), Duration::from_secs(30))
+                    .with_context(|| format!("provisioning the key of disk {i}, SD {k} ({name})"))?;
+                eprintln!("ssc up: disk {i}: {name} keyed (raw aes-xts-plain64 over the SD below)");
+            }
+            below = Some(socket);
+        }
+        sockets.push(below.expect("a chain has at least one SD"));
     }
     let mut client = DomainSpec::new("client", &plan.kernel);
     client.initrd = Some(initrd_override.map(Path::to_path_buf).unwrap_or_else(|| plan.initrd.clone()));

@@ -290,14 +290,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Up { chain, job, accel, check } => {
             let plan = ssc::chain::plan(&chain)?;
             for (i, d) in plan.disks.iter().enumerate() {
-                let m = &d.sd.manifest.image;
-                eprintln!("ssc up: disk {i}: client → {} {} (verified) → {}", m.name, m.version, d.volume.display());
+                let sds: Vec<String> = d
+                    .sds
+                    .iter()
+                    .map(|s| format!("{} {} (verified)", s.manifest.image.name, s.manifest.image.version))
+                    .collect();
+                eprintln!("ssc up: disk {i}: client → {} → {}", sds.join(" → "), d.volume.display());
             }
             if check {
                 eprintln!("ssc up: {} checks out", chain.display());
                 return Ok(ExitCode::SUCCESS);
             }
-            let probe = plan.disks[0].sd.path.clone();
+            let probe = plan.disks[0].sds[0].path.clone();
             let (accel, why) = qemu::resolve_accel(accel, Some(&probe))?;
             eprintln!("ssc: accelerator {accel} ({why})");
             let tmp = RunDir::create()?;

@@ -17,7 +17,7 @@ fn selftest_passes_every_check_with_disk_control_window_and_a_slow_echo_reader()
     let run_dir = RunDir::create().unwrap();
     let mut spec = DomainSpec::new("selftest", &selftest_image());
     spec.disks.push(disk.clone());
-    spec.links.push(LinkSpec { name: "echo".into(), socket: sock.clone() });
+    spec.links.push(LinkSpec::listen("echo", &sock));
     // 256 MiB: a 64-bit BAR the runtime maps above 4 GiB on demand.
     let window = window_file(tmp.path(), "client.mem", 256 << 20);
     spec.windows.push(WindowSpec { file: window.clone(), writable: false });

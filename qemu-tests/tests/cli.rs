@@ -236,31 +236,43 @@ fn forcing_kvm_either_works_or_fails_fast_naming_the_fix() {
     }
 }
 
+/// `ssc volume create DIR/vol.img` with `DIR/vol.key` (extra flags appended).
+fn create_volume(dir: &std::path::Path, size: &str, extra: &[&str]) {
+    let (vol, key) = (dir.join("vol.img"), dir.join("vol.key"));
+    let mut args = vec!["volume", "create", vol.to_str().unwrap(), "--size", size, "--key-out", key.to_str().unwrap()];
+    args.extend(extra);
+    let r = run_ssc(&args, T);
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+}
+
+/// Writes `dir/chain.toml` for `vol.img` with the catalog, the client, the
+/// given `key = ...` value and chain list; returns its path. Line 11 is
+/// `key`, line 12 `chain`.
+fn write_chain(dir: &std::path::Path, keys: &str, chain: &str) -> std::path::PathBuf {
+    let (catalog_dir, trust) = catalog_args();
+    let (kernel, initrd) = client_kernel();
+    let path = dir.join("chain.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[catalog]\npath = \"{catalog_dir}\"\ntrust = [\"{trust}\"]\n\n[client]\nkernel = \"{}\"\ninitrd = \"{}\"\n\n\
+             [[disk]]\nvolume = \"vol.img\"\nkey = {keys}\nchain = [{chain}]\n",
+            kernel.display(),
+            initrd.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
 #[test]
 fn ssc_up_composes_a_chain_from_the_catalog_and_runs_a_client_job() {
     let tmp = tempfile::tempdir().unwrap();
-    let (dir, key) = catalog_args();
-    let (kernel, initrd) = client_kernel();
     let vol = tmp.path().join("vol.img");
     let keyfile = tmp.path().join("vol.key");
-    let r = run_ssc(
-        &["volume", "create", vol.to_str().unwrap(), "--size", "32M", "--key-out", keyfile.to_str().unwrap()],
-        T,
-    );
-    assert_eq!(r.code(), Some(0), "{}", r.all());
-    let chain = tmp.path().join("chain.toml");
-    let write = |extra: &str| {
-        std::fs::write(
-            &chain,
-            format!(
-                "[catalog]\npath = \"{dir}\"\ntrust = [\"{key}\"]\n\n[client]\nkernel = \"{}\"\ninitrd = \"{}\"\n\n[[disk]]\nvolume = \"vol.img\"\nkey = \"vol.key\"\nchain = [{extra}]\n",
-                kernel.display(),
-                initrd.display()
-            ),
-        )
-        .unwrap()
-    };
-    write("\"storage-crypt\"");
+    create_volume(tmp.path(), "32M", &[]);
+    let write = |chain: &str| write_chain(tmp.path(), "\"vol.key\"", chain);
+    let chain = write("\"storage-crypt\"");
     let job = tmp.path().join("job.sh");
     std::fs::write(&job, "printf 'TENANT-MARKER-41c2' > /tmp/m\ndd if=/tmp/m of=/dev/vda bs=512 conv=sync\nsync\ndd if=/dev/vda bs=512 count=1 | grep -q TENANT-MARKER-41c2\n").unwrap();
     let r = run_ssc(&["up", chain.to_str().unwrap(), "--job", job.to_str().unwrap()], T);
@@ -307,7 +319,7 @@ fn ssc_up_composes_a_chain_from_the_catalog_and_runs_a_client_job() {
 }
 
 #[test]
-fn bench_storage_measures_all_four_paths_in_one_invocation() {
+fn bench_storage_measures_all_five_paths_in_one_invocation() {
     let (dir, key) = catalog_args();
     let r = run_ssc(&["bench", "storage", "--catalog", &dir, "--trust", &key, "--size-mib", "64", "--runtime", "1"], T);
     assert_eq!(r.code(), Some(0), "{}", r.all());
@@ -321,31 +333,12 @@ fn bench_storage_measures_all_four_paths_in_one_invocation() {
 #[test]
 fn ssc_up_keeps_an_authenticated_volume_honest_across_restarts_tampering_and_rollback() {
     let tmp = tempfile::tempdir().unwrap();
-    let (dir, key) = catalog_args();
-    let (kernel, initrd) = client_kernel();
     let vol = tmp.path().join("vol.img");
-    let keyfile = tmp.path().join("vol.key");
     let genfile = tmp.path().join("vol.key.generation");
-    let r = run_ssc(
-        &["volume", "create", vol.to_str().unwrap(), "--size", "32M", "--key-out", keyfile.to_str().unwrap()]
-            .into_iter()
-            .chain(["--format", "auth"])
-            .collect::<Vec<_>>(),
-        T,
-    );
-    assert_eq!(r.code(), Some(0), "{}", r.all());
+    create_volume(tmp.path(), "32M", &["--format", "auth"]);
     let generation = || std::fs::read_to_string(&genfile).unwrap().trim().parse::<u64>().unwrap();
     assert_eq!(generation(), 1);
-    let chain = tmp.path().join("chain.toml");
-    std::fs::write(
-        &chain,
-        format!(
-            "[catalog]\npath = \"{dir}\"\ntrust = [\"{key}\"]\n\n[client]\nkernel = \"{}\"\ninitrd = \"{}\"\n\n[[disk]]\nvolume = \"vol.img\"\nkey = \"vol.key\"\nchain = [\"storage-crypt\"]\n",
-            kernel.display(),
-            initrd.display()
-        ),
-    )
-    .unwrap();
+    let chain = write_chain(tmp.path(), "\"vol.key\"", "\"storage-crypt\"");
     let job = tmp.path().join("job.sh");
     let up = |script: &str| {
         std::fs::write(&job, script).unwrap();
@@ -407,4 +400,60 @@ fn ssc_up_keeps_an_authenticated_volume_honest_across_restarts_tampering_and_rol
         assert!(r.stdout().contains(want), "missing `{want}`:\n{}", r.all());
     }
     assert!(r.stderr().contains("failed authentication") && r.stderr().contains("[100"), "{}", r.all());
+}
+
+#[test]
+fn ssc_up_chains_two_storage_sds_and_the_volume_holds_both_layers() {
+    use sd_storage_crypt::xts::Xts;
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = tmp.path().join("vol.img");
+    let (inner, outer) = (tmp.path().join("vol.key"), tmp.path().join("outer.key"));
+    create_volume(tmp.path(), "48M", &[]);
+    let outer_key = noise(64, 4242);
+    std::fs::write(&outer, outer_key.iter().map(|b| format!("{b:02x}")).collect::<String>()).unwrap();
+    let write = |keys: &str| write_chain(tmp.path(), keys, "\"storage-crypt\", \"storage-crypt\"");
+    // One key for two SDs is refused at its line before anything starts.
+    let chain = write("\"vol.key\"");
+    let r = run_ssc(&["up", chain.to_str().unwrap()], T);
+    assert!(
+        r.code() == Some(1) && r.stderr().contains("chain.toml:11") && r.stderr().contains("one key file per SD"),
+        "{}",
+        r.all()
+    );
+
+    write("[\"outer.key\", \"vol.key\"]");
+    let job = tmp.path().join("job.sh");
+    let fio = "fio --name=v --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=8 --bs=4k --size=4M \
+               --verify=crc32c --verify_fatal=1 --rw=randwrite";
+    std::fs::write(
+        &job,
+        format!("{fio} --do_verify=1\nprintf 'CHAIN-MARKER-88a1' > /tmp/m\ndd if=/tmp/m of=/dev/vda bs=512 seek=40000 conv=sync,fsync\n"),
+    )
+    .unwrap();
+    let r = run_ssc(&["up", chain.to_str().unwrap(), "--job", job.to_str().unwrap()], T);
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    for want in ["storage-crypt-0-1 keyed", "storage-crypt-0-0 keyed (raw aes-xts-plain64", "job passed"] {
+        assert!(r.stderr().contains(want), "missing `{want}`:\n{}", r.all());
+    }
+    assert!(r.stdout().contains("the next SD's NBD export"), "{}", r.all());
+
+    // The volume holds the inner layer's ciphertext of the outer layer's
+    // ciphertext: peel both with the tenant's keys.
+    let file = std::fs::read(&vol).unwrap();
+    assert!(!file.windows(17).any(|w| w == b"CHAIN-MARKER-88a1"), "plaintext reached the provider's volume");
+    let at = (1 << 20) + 40000 * 512;
+    let mut sector = file[at..at + 512].to_vec();
+    Xts::new(&sd_storage_crypt_key(&inner)).unwrap().decrypt_sector(40000, &mut sector);
+    assert!(!sector.starts_with(b"CHAIN-MARKER-88a1"), "the outer SD did not encrypt");
+    Xts::new(&outer_key).unwrap().decrypt_sector(40000, &mut sector);
+    assert!(sector.starts_with(b"CHAIN-MARKER-88a1"), "the two layers do not peel to the client's data");
+
+    // A restarted chain verifies what the first one wrote.
+    std::fs::write(&job, format!("{fio} --verify_only\n")).unwrap();
+    let r = run_ssc(&["up", chain.to_str().unwrap(), "--job", job.to_str().unwrap()], T);
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+}
+
+fn sd_storage_crypt_key(path: &std::path::Path) -> Vec<u8> {
+    qemu_tests::ssc::chain::read_key(path).unwrap()
 }

@@ -33,7 +33,7 @@ fn boot_on(dir: &Path, volume: &Path) -> Sd {
     let run_dir = RunDir::create().unwrap();
     let mut spec = DomainSpec::new("storage-crypt", &image("storage-crypt"));
     spec.disks.push(volume.clone());
-    spec.links.push(LinkSpec { name: "nbd".into(), socket: socket.clone() });
+    spec.links.push(LinkSpec::listen("nbd", &socket));
     let mut domain = Domain::launch(&spec, accel(), &run_dir, LogEcho::Stdout("[storage-crypt] ".into())).unwrap();
     domain.wait_ready(Duration::from_secs(60)).unwrap();
     Sd { domain, socket, volume, _run_dir: run_dir }

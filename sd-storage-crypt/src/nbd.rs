@@ -559,5 +559,6 @@ impl Server {
     }
 }
 
+pub mod client;
 #[cfg(test)]
 mod tests;

@@ -1,9 +1,10 @@
 //! The storage encryption service domain.
 //!
 //! Upstream: an NBD server on the virtio-serial link `nbd` (the client VM's
-//! QEMU, `qemu-io`, `nbdinfo`… connect to its socket). Downstream: its own
-//! virtio-blk disk, the provider's volume, which only ever receives
-//! ciphertext. The key and the data-segment parameters arrive on the control
+//! QEMU, `qemu-io`, `nbdinfo`, or the previous SD of a chain connect to its
+//! socket). Downstream: its own virtio-blk disk, the provider's volume,
+//! which only ever receives ciphertext — or, in a chain, an NBD client on
+//! the `down` link toward the next SD's export. The key and the data-segment parameters arrive on the control
 //! link (`ConfigureVolume`); until then nothing is served. One NBD client at
 //! a time; a new connection on the socket starts a new NBD session.
 //!
@@ -13,9 +14,11 @@
 
 extern crate alloc;
 
+use alloc::rc::Rc;
 use alloc::string::ToString;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 use core::time::Duration;
 
 use runtime::clock::Instant;
@@ -25,6 +28,7 @@ use runtime::vserial::{PortId, VirtioSerial};
 use runtime::{Boot, ImageResult, bail};
 use sd_storage_crypt::auth::{self, AuthVolume};
 use sd_storage_crypt::header::{HEADER_LEN, VolumeHeader};
+use sd_storage_crypt::nbd::client::{Command, Handshake, Reply};
 use sd_storage_crypt::nbd::{Backend, Export, ProtocolError, Server};
 use sd_storage_crypt::volume::{BlockDevice, Cipher, CryptVolume, IoError, Layout};
 use sd_storage_crypt::xts::Xts;
@@ -35,6 +39,14 @@ runtime::entry!(main);
 const IMAGE: &str = "storage-crypt";
 /// Name of the upstream link.
 const NBD_PORT: &str = "nbd";
+/// Name of the downstream link in a chain (the next SD's `nbd`).
+const DOWN_PORT: &str = "down";
+/// Export name every SD serves (and asks its downstream for).
+const DOWN_EXPORT: &str = "vol";
+/// How long a downstream request may take before the SD reports EIO.
+const DOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Serial = Rc<RefCell<VirtioSerial>>;
 
 /// The provider's volume: the runtime's virtio-blk disk.
 struct Disk(runtime::blk::BlockDevice);
@@ -66,6 +78,146 @@ impl BlockDevice for Disk {
     }
 }
 
+/// The downstream of an SD in a chain: the next SD's NBD export over the
+/// `down` link, one request at a time.
+struct NbdDown {
+    serial: Serial,
+    port: PortId,
+    connection: u64,
+    size: u64,
+    handle: u64,
+    header: Vec<u8>,
+}
+
+impl NbdDown {
+    /// Waits for the link, then runs the handshake.
+    fn connect(serial: &Serial, port: PortId) -> Result<NbdDown, alloc::string::String> {
+        let start = Instant::now();
+        let mut hs = Handshake::new(DOWN_EXPORT);
+        let mut buf = [0u8; 512];
+        let connection = loop {
+            let mut sr = serial.borrow_mut();
+            if sr.host_connected(port) {
+                break sr.connections(port);
+            }
+            if start.elapsed() > DOWN_TIMEOUT {
+                return Err("the downstream link never connected (is the next SD running?)".into());
+            }
+        };
+        loop {
+            let mut sr = serial.borrow_mut();
+            let out = hs.take_output();
+            sr.write_all(port, &out).map_err(|e| alloc::format!("downstream link: {e}"))?;
+            let n =
+                sr.read_connection(port, connection, &mut buf).map_err(|e| alloc::format!("downstream link: {e}"))?;
+            if let Some(info) = hs.receive(&buf[..n]).map_err(|e| e.to_string())? {
+                let out = hs.take_output();
+                sr.write_all(port, &out).map_err(|e| alloc::format!("downstream link: {e}"))?;
+                return Ok(NbdDown {
+                    serial: serial.clone(),
+                    port,
+                    connection,
+                    size: info.size,
+                    handle: 0,
+                    header: Vec::new(),
+                });
+            }
+            if start.elapsed() > DOWN_TIMEOUT {
+                return Err("the downstream NBD handshake timed out".into());
+            }
+        }
+    }
+
+    /// Reads exactly `buf.len()` bytes of this connection's replies.
+    fn read_exact(&self, sr: &mut VirtioSerial, buf: &mut [u8]) -> Result<(), IoError> {
+        let start = Instant::now();
+        let mut got = 0;
+        while got < buf.len() {
+            let n = sr.read_connection(self.port, self.connection, &mut buf[got..]).map_err(|_| IoError::Io)?;
+            got += n;
+            if n == 0 {
+                if !sr.host_connected(self.port) || sr.connections(self.port) != self.connection {
+                    warn!(target: IMAGE, "downstream NBD link lost");
+                    return Err(IoError::Io);
+                }
+                if start.elapsed() > DOWN_TIMEOUT {
+                    warn!(target: IMAGE, "downstream NBD request timed out");
+                    return Err(IoError::Io);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One request and its reply.
+    fn exchange(&mut self, cmd: Command, offset: u64, out: &[u8], into: &mut [u8]) -> Result<(), IoError> {
+        self.handle += 1;
+        let len = if cmd == Command::Read { into.len() } else { out.len() };
+        self.header.clear();
+        sd_storage_crypt::nbd::client::request(&mut self.header, cmd, self.handle, offset, len as u32);
+        let serial = self.serial.clone();
+        let mut sr = serial.borrow_mut();
+        sr.write_all(self.port, &self.header).map_err(|_| IoError::Io)?;
+        if !out.is_empty() {
+            sr.write_all(self.port, out).map_err(|_| IoError::Io)?;
+        }
+        let mut head = [0u8; Reply::LEN];
+        self.read_exact(&mut sr, &mut head)?;
+        let reply = Reply::parse(&head).map_err(|e| {
+            warn!(target: IMAGE, "{e}");
+            IoError::Io
+        })?;
+        if reply.handle != self.handle {
+            warn!(target: IMAGE, "downstream NBD reply for handle {} while waiting for {}", reply.handle, self.handle);
+            return Err(IoError::Io);
+        }
+        if reply.error != 0 {
+            warn!(target: IMAGE, "downstream NBD error {} at offset {offset}", reply.error);
+            return Err(IoError::Io);
+        }
+        if cmd == Command::Read {
+            self.read_exact(&mut sr, into)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the SD's ciphertext goes: the provider's disk, or the next SD.
+enum Down {
+    Disk(alloc::boxed::Box<Disk>),
+    Nbd(NbdDown),
+}
+
+impl BlockDevice for Down {
+    fn size(&self) -> u64 {
+        match self {
+            Down::Disk(d) => d.size(),
+            Down::Nbd(n) => n.size,
+        }
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        match self {
+            Down::Disk(d) => d.read_at(offset, buf),
+            Down::Nbd(n) => n.exchange(Command::Read, offset, &[], buf),
+        }
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        match self {
+            Down::Disk(d) => d.write_at(offset, data),
+            Down::Nbd(n) => n.exchange(Command::Write, offset, data, &mut []),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), IoError> {
+        match self {
+            Down::Disk(d) => d.flush(),
+            Down::Nbd(n) => n.exchange(Command::Flush, 0, &[], &mut []),
+        }
+    }
+}
+
 /// A served volume: either mode, plus what the authenticated mode reports.
 trait Served: Backend {
     /// The durable generation (authenticated mode).
@@ -78,9 +230,9 @@ trait Served: Backend {
     }
 }
 
-impl Served for CryptVolume<Disk> {}
+impl Served for CryptVolume<Down> {}
 
-impl Served for AuthVolume<Disk> {
+impl Served for AuthVolume<Down> {
     fn generation(&self) -> Option<u64> {
         Some(AuthVolume::generation(self))
     }
@@ -111,10 +263,10 @@ const MAX_PENDING_OUT: usize = 64 << 20;
 /// Builds the volume from a `ConfigureVolume`; the disk is only taken when
 /// everything checks out, so a refused configuration can be retried.
 fn open_volume(
-    disk: &mut Option<Disk>,
+    disk: &mut Option<Down>,
     cfg: &VolumeConfig,
 ) -> Result<(alloc::boxed::Box<dyn Served>, Export), (ErrorCode, alloc::string::String)> {
-    let Some(device_size) = disk.as_ref().map(Disk::size) else {
+    let Some(device_size) = disk.as_ref().map(Down::size) else {
         return Err((ErrorCode::Denied, "the volume is already configured".into()));
     };
     let export = Export { name: cfg.export.into(), description: alloc::format!("{} volume", cfg.cipher) };
@@ -178,30 +330,47 @@ fn open_volume(
 
 fn main(mut boot: Boot) -> ImageResult {
     let mut disks = boot.platform.block_devices()?;
-    if disks.is_empty() {
-        bail!("storage-crypt needs its downstream volume: start it with --disk FILE");
-    }
-    let mut disk = Some(Disk(disks.remove(0)));
-    let Some(mut serial) = boot.platform.serial()? else {
+    let Some(serial) = boot.platform.serial()? else {
         bail!("storage-crypt needs virtio-serial links (ctl, nbd)");
     };
-    let mut ctl = ControlLink::open(&mut serial, IMAGE, env!("CARGO_PKG_VERSION"), Duration::from_secs(2))?;
+    let serial: Serial = Rc::new(RefCell::new(serial));
+    let mut ctl =
+        ControlLink::open(&mut serial.borrow_mut(), IMAGE, env!("CARGO_PKG_VERSION"), Duration::from_secs(2))?;
     let nbd = serial
+        .borrow_mut()
         .open(NBD_PORT, Duration::from_secs(2))
         .map_err(|e| runtime::ImageError(alloc::format!("upstream link: {e}")))?;
-    ctl.ready(&mut serial, IMAGE)?;
-    info!(target: IMAGE, "downstream volume {} MiB; waiting for ConfigureVolume on the control link", disk.as_ref().map_or(0, |d| d.size() >> 20));
+    // Downstream: the provider's disk, or in a chain the next SD's export.
+    let down = if !disks.is_empty() {
+        Down::Disk(Disk(disks.remove(0)).into())
+    } else {
+        let has_down = serial.borrow().port_names().iter().any(|p| p == DOWN_PORT);
+        if !has_down {
+            bail!("storage-crypt needs its downstream: a volume (--disk FILE) or a `down` link to the next SD");
+        }
+        let port = serial
+            .borrow_mut()
+            .open(DOWN_PORT, Duration::from_secs(2))
+            .map_err(|e| runtime::ImageError(alloc::format!("downstream link: {e}")))?;
+        Down::Nbd(NbdDown::connect(&serial, port).map_err(runtime::ImageError)?)
+    };
+    let what = if matches!(down, Down::Disk(_)) { "volume (virtio-blk)" } else { "the next SD's NBD export" };
+    let mut disk = Some(down);
+    ctl.ready(&mut serial.borrow_mut(), IMAGE)?;
+    info!(target: IMAGE, "downstream: {what}, {} MiB; waiting for ConfigureVolume on the control link", disk.as_ref().map_or(0, |d| d.size() >> 20));
 
     let mut service: Option<Service> = None;
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        while let Some(payload) = ctl.poll(&mut serial)? {
+        loop {
+            let polled = ctl.poll(&mut serial.borrow_mut())?;
+            let Some(payload) = polled else { break };
             let env = match Envelope::decode(&payload) {
                 Ok(env) => env,
                 Err(e) => {
                     let msg = e.to_string();
                     ctl.send(
-                        &mut serial,
+                        &mut serial.borrow_mut(),
                         &Envelope::new(0, Body::Error { code: ErrorCode::Malformed, message: &msg }),
                     )?;
                     continue;
@@ -210,14 +379,14 @@ fn main(mut boot: Boot) -> ImageResult {
             let id = env.request_id;
             let reply = match env.body {
                 Body::Ping { payload } => {
-                    ctl.send(&mut serial, &Envelope::new(id, Body::Pong { payload }))?;
+                    ctl.send(&mut serial.borrow_mut(), &Envelope::new(id, Body::Pong { payload }))?;
                     continue;
                 }
                 Body::Shutdown => {
                     if let Some(s) = service.as_mut() {
                         let _ = s.volume.flush();
-                        report(&mut serial, &mut ctl, s)?;
-                        ctl.flush(&mut serial)?;
+                        report(&mut serial.borrow_mut(), &mut ctl, s)?;
+                        ctl.flush(&mut serial.borrow_mut())?;
                     }
                     info!(target: IMAGE, "Shutdown: volume flushed, stopping");
                     return Ok(());
@@ -253,15 +422,15 @@ fn main(mut boot: Boot) -> ImageResult {
                 other => Err((ErrorCode::Unsupported, alloc::format!("{IMAGE} does not serve {other:?}"))),
             };
             match reply {
-                Ok(()) => ctl.send(&mut serial, &Envelope::new(id, Body::Ack))?,
+                Ok(()) => ctl.send(&mut serial.borrow_mut(), &Envelope::new(id, Body::Ack))?,
                 Err((code, message)) => {
-                    ctl.send(&mut serial, &Envelope::new(id, Body::Error { code, message: &message }))?
+                    ctl.send(&mut serial.borrow_mut(), &Envelope::new(id, Body::Error { code, message: &message }))?
                 }
             }
         }
         if let Some(s) = service.as_mut() {
-            serve_nbd(&mut serial, nbd, s, &mut buf)?;
-            report(&mut serial, &mut ctl, s)?;
+            serve_nbd(&serial, nbd, s, &mut buf)?;
+            report(&mut serial.borrow_mut(), &mut ctl, s)?;
         }
     }
 }
@@ -297,9 +466,11 @@ fn append_output(pending: &mut Vec<u8>, sent: &mut usize, out: Vec<u8>) {
 /// on a write: NBD clients pipeline requests and may not read replies while
 /// they are still sending, so replies queue in `out` and requests keep being
 /// read while that queue stays under [`MAX_PENDING_OUT`].
-fn serve_nbd(serial: &mut VirtioSerial, port: PortId, s: &mut Service, buf: &mut [u8]) -> ImageResult {
-    let connected = serial.host_connected(port);
-    let epoch = serial.connections(port);
+/// The serial device is borrowed only around link operations: serving a
+/// request may use it too (a chain's downstream).
+fn serve_nbd(serial: &Serial, port: PortId, s: &mut Service, buf: &mut [u8]) -> ImageResult {
+    let connected = serial.borrow_mut().host_connected(port);
+    let epoch = serial.borrow_mut().connections(port);
     let stale = s.session.as_ref().is_some_and(|(e, _)| *e != epoch);
     if (!connected || stale) && s.session.is_some() {
         let (_, old) = s.session.take().expect("checked");
@@ -329,7 +500,7 @@ fn serve_nbd(serial: &mut VirtioSerial, port: PortId, s: &mut Service, buf: &mut
     let Some((connection, server)) = s.session.as_mut() else { return Ok(()) };
     if s.sent < s.out.len() {
         let t = Instant::now();
-        s.sent += serial.try_write(port, &s.out[s.sent..])?;
+        s.sent += serial.borrow_mut().try_write(port, &s.out[s.sent..])?;
         s.sending += t.elapsed();
         if s.sent == s.out.len() {
             s.out.clear();
@@ -339,7 +510,7 @@ fn serve_nbd(serial: &mut VirtioSerial, port: PortId, s: &mut Service, buf: &mut
     if s.out.len() - s.sent > MAX_PENDING_OUT {
         return Ok(());
     }
-    let n = serial.read_connection(port, *connection, buf)?;
+    let n = serial.borrow_mut().read_connection(port, *connection, buf)?;
     if n == 0 || server.closed().is_some() {
         return Ok(());
     }
