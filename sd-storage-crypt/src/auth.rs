@@ -222,7 +222,7 @@ fn header_mac(mac_key: &[u8; 32], bytes: &[u8]) -> hmac::Hmac<Sha256> {
 
 /// Keys derived from the tenant's 64-byte volume key.
 struct Keys {
-    aead: Aes256Gcm,
+    sealer: Sealer,
     mac: [u8; 32],
 }
 
@@ -233,9 +233,49 @@ fn derive(key: &[u8], label: &[u8]) -> [u8; 32] {
 }
 
 impl Keys {
-    fn new(key: &[u8]) -> Keys {
-        let data = derive(key, b"ssc-auth-data-v1");
-        Keys { aead: Aes256Gcm::new(&data.into()), mac: derive(key, b"ssc-auth-header-v1") }
+    /// `id` is only known once a header is read; `format` has no data.
+    fn new(key: &[u8], id: [u8; 16]) -> Keys {
+        Keys { sealer: Sealer::new(key, id), mac: derive(key, b"ssc-auth-header-v1") }
+    }
+}
+
+/// The per-sector AEAD of one volume: AES-256-GCM with the nonce and AAD
+/// described in the module docs. Public so the benchmark can measure it in
+/// place, like the XTS core.
+pub struct Sealer {
+    aead: Aes256Gcm,
+    id: [u8; 16],
+}
+
+impl Sealer {
+    /// The sealer of volume `id` under the tenant's `key`.
+    pub fn new(key: &[u8], id: [u8; 16]) -> Sealer {
+        Sealer { aead: Aes256Gcm::new(&derive(key, b"ssc-auth-data-v1").into()), id }
+    }
+
+    fn nonce_aad(&self, sector: u64, counter: u64) -> (Nonce<aes_gcm::aead::consts::U12>, [u8; 24]) {
+        let mut n = [0u8; 12];
+        n[..4].copy_from_slice(&(sector as u32).to_be_bytes());
+        n[4..].copy_from_slice(&counter.to_be_bytes());
+        let mut aad = [0u8; 24];
+        aad[..16].copy_from_slice(&self.id);
+        aad[16..].copy_from_slice(&sector.to_be_bytes());
+        (n.into(), aad)
+    }
+
+    /// Encrypts `data` (one sector) in place; returns its tag. `counter`
+    /// must never repeat under this key.
+    pub fn seal(&self, sector: u64, counter: u64, data: &mut [u8]) -> [u8; 16] {
+        let (nonce, aad) = self.nonce_aad(sector, counter);
+        self.aead.encrypt_inout_detached(&nonce, &aad, data.into()).expect("a sector is within GCM's limit").into()
+    }
+
+    /// Checks and decrypts `data` in place; `false` (and `data` unspecified)
+    /// when the tag does not match.
+    pub fn open(&self, sector: u64, counter: u64, data: &mut [u8], tag: &[u8; 16]) -> bool {
+        let (nonce, aad) = self.nonce_aad(sector, counter);
+        let tag: Tag = (*tag).into();
+        self.aead.decrypt_inout_detached(&nonce, &aad, data.into(), &tag).is_ok()
     }
 }
 
@@ -276,7 +316,7 @@ pub fn format(key: &[u8], device_size: u64, salt: [u8; 32], id: [u8; 16]) -> Res
         copy: 0,
         root: merkle_root(&leaves),
     };
-    Ok(header.encode(&Keys::new(key).mac))
+    Ok(header.encode(&derive(key, b"ssc-auth-header-v1")))
 }
 
 /// Why an authenticated volume does not open.
@@ -403,15 +443,17 @@ impl<D: BlockDevice> AuthVolume<D> {
         min_generation: u64,
     ) -> Result<(Box<Keys>, AuthHeader, Vec<u8>, Vec<[u8; 32]>), OpenError> {
         let slots = [read_header_slot(dev, 0), read_header_slot(dev, SLOT)];
-        let keys = Box::new(Keys::new(key));
         let decoded: Vec<&(AuthHeader, [u8; 512])> = slots.iter().filter_map(|s| s.as_ref().ok()).collect();
         let Some((first, _)) = decoded.first() else {
             return Err(slots[0].clone().expect_err("no slot decoded"));
         };
         key_check(key, &first.salt).verify_slice(&first.key_check).map_err(|_| HeaderError::WrongKey)?;
+        let keys = Box::new(Keys::new(key, first.id));
         let header = decoded
             .iter()
-            .filter(|(_, raw)| header_mac(&keys.mac, &raw[..MAC_AT]).verify_slice(&raw[MAC_AT..SUM_AT]).is_ok())
+            .filter(|(h, raw)| {
+                h.id == first.id && header_mac(&keys.mac, &raw[..MAC_AT]).verify_slice(&raw[MAC_AT..SUM_AT]).is_ok()
+            })
             .map(|(h, _)| h)
             .max_by_key(|h| h.generation)
             .cloned();
@@ -465,16 +507,6 @@ impl<D: BlockDevice> AuthVolume<D> {
         r[8..24].copy_from_slice(tag);
         self.flags[(sector / RECORDS_PER_BLOCK) as usize] = STALE_COPY0 | STALE_COPY1 | LEAF_STALE;
         self.dirty = true;
-    }
-
-    fn nonce_aad(&self, sector: u64, counter: u64) -> (Nonce<aes_gcm::aead::consts::U12>, [u8; 24]) {
-        let mut n = [0u8; 12];
-        n[..4].copy_from_slice(&(sector as u32).to_be_bytes());
-        n[4..].copy_from_slice(&counter.to_be_bytes());
-        let mut aad = [0u8; 24];
-        aad[..16].copy_from_slice(&self.header.id);
-        aad[16..].copy_from_slice(&sector.to_be_bytes());
-        (n.into(), aad)
     }
 
     /// Writes `next` into the other header slot and flushes: the new
@@ -602,9 +634,7 @@ impl<D: BlockDevice> Sectors for AuthVolume<D> {
                 s.fill(0);
                 continue;
             }
-            let (nonce, aad) = self.nonce_aad(sector, counter);
-            let tag: Tag = tag.into();
-            if self.keys.aead.decrypt_inout_detached(&nonce, &aad, s.into(), &tag).is_err() {
+            if !self.keys.sealer.open(sector, counter, s, &tag) {
                 s.fill(0);
                 if self.failures.len() < MAX_FAILURES {
                     self.failures.push(sector);
@@ -622,10 +652,8 @@ impl<D: BlockDevice> Sectors for AuthVolume<D> {
             let sector = first + i as u64;
             let counter = self.next;
             self.next += 1;
-            let (nonce, aad) = self.nonce_aad(sector, counter);
-            let tag =
-                self.keys.aead.encrypt_inout_detached(&nonce, &aad, s.into()).expect("4 KiB is within GCM's limit");
-            self.set_record(sector, counter, &tag.into());
+            let tag = self.keys.sealer.seal(sector, counter, s);
+            self.set_record(sector, counter, &tag);
         }
         self.dev.write_at(self.header.geometry.data_offset + first * SECTOR, buf)
     }
