@@ -78,12 +78,13 @@ echo "tenant's generation record: $(cat "$work/auth.key.generation")"
 echo "-- the provider restores the older copy of the volume:"
 cp "$work/auth.img" "$work/auth.new"
 cp "$work/auth.old" "$work/auth.img"
-if $SSC up "$work/auth.toml" --job "$work/write.sh" 2>&1 | grep -E "rolled back"; then
-    echo "(refused at open, as it must be)"
-else
+if out=$($SSC up "$work/auth.toml" --job "$work/write.sh" 2>&1) || ! grep -q "rolled back" <<<"$out"; then
+    echo "$out"
     echo "demo: ERROR: a rolled-back volume was served" >&2
     exit 1
 fi
+grep "^ssc: error" <<<"$out"
+echo "(refused at open, as it must be)"
 echo "-- the provider flips one bit of data sector 10:"
 cp "$work/auth.new" "$work/auth.img"
 python3 - "$work/auth.img" <<'PY'
