@@ -259,22 +259,34 @@ fn key_volume_sd(ctl: &ControlLink, name: &str, d: &PlannedDisk, i: usize) -> Re
     // Authenticated volumes: the tenant's generation record guards against
     // a rolled-back volume, and follows every commit.
     let mut generation_of = None;
-    let (key, data_offset, native_header) = match &d.secret {
+    let (key, base) = match &d.secret {
         Secret::Key(k, path, native) => {
             if *native && volume_header_version(&d.volume)? == Some(sd_storage_crypt::auth::VERSION) {
                 generation_of = Some((path.clone(), read_generation(path)?));
             }
-            (k.clone(), 0, *native)
+            (k.clone(), VolumeConfig { native_header: *native, ..VolumeConfig::xts_plain64("vol", &[]) })
         }
         Secret::LuksPassphrase(p) => {
             let u = crate::luks::unlock(&d.volume, p)?;
-            eprintln!("ssc up: disk {i}: LUKS1 keyslot {} unlocked on the tenant side", u.slot);
-            (u.key, u.data_offset, false)
+            eprintln!(
+                "ssc up: disk {i}: LUKS{} keyslot {} unlocked on the tenant side ({}-byte sectors, data at {} KiB)",
+                u.version,
+                u.slot,
+                u.sector_size,
+                u.data_offset >> 10
+            );
+            let base = VolumeConfig {
+                data_offset: u.data_offset,
+                sector_size: u.sector_size,
+                iv_offset: u.iv_offset,
+                ..VolumeConfig::xts_plain64("vol", &[])
+            };
+            (u.key, base)
         }
     };
     let cfg = match &generation_of {
         Some((_, g)) => VolumeConfig::authenticated("vol", &key, *g),
-        None => VolumeConfig { data_offset, native_header, ..VolumeConfig::xts_plain64("vol", &key) },
+        None => VolumeConfig { key: &key, ..base },
     };
     ctl.request(Body::ConfigureVolume(cfg), Duration::from_secs(30))
         .with_context(|| format!("provisioning the key of disk {i} ({} from {})", d.secret_kind, d.volume.display()))?;

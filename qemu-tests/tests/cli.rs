@@ -457,3 +457,42 @@ fn ssc_up_chains_two_storage_sds_and_the_volume_holds_both_layers() {
 fn sd_storage_crypt_key(path: &std::path::Path) -> Vec<u8> {
     qemu_tests::ssc::chain::read_key(path).unwrap()
 }
+
+#[test]
+fn ssc_up_unlocks_a_cryptsetup_luks2_volume_on_the_tenant_side() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = tmp.path().join("vol.img");
+    std::fs::File::create(&vol).unwrap().set_len(48 << 20).unwrap();
+    std::fs::write(tmp.path().join("pass"), "luks2 passphrase\n").unwrap();
+    std::fs::write(tmp.path().join("pass.raw"), "luks2 passphrase").unwrap();
+    let (ok, out) = peer(
+        "cryptsetup",
+        &["luksFormat", "--type", "luks2", "--batch-mode", "--sector-size", "4096", "--pbkdf", "argon2id"]
+            .into_iter()
+            .chain(["--pbkdf-force-iterations", "4", "--pbkdf-memory", "32768", "--key-file"])
+            .chain([tmp.path().join("pass.raw").to_str().unwrap(), vol.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+        T,
+    );
+    assert!(ok, "cryptsetup luksFormat: {out}");
+    let chain = write_chain(tmp.path(), "\"unused\"", "\"storage-crypt\"");
+    let text = std::fs::read_to_string(&chain).unwrap().replace("key = \"unused\"", "luks_passphrase = \"pass\"");
+    std::fs::write(&chain, text).unwrap();
+    let job = tmp.path().join("job.sh");
+    std::fs::write(
+        &job,
+        "printf 'LUKS2-MARKER-17b9' > /tmp/m\ndd if=/tmp/m of=/dev/vda bs=4096 seek=100 conv=sync,fsync\n",
+    )
+    .unwrap();
+    let r = run_ssc(&["up", chain.to_str().unwrap(), "--job", job.to_str().unwrap()], T);
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    assert!(r.stderr().contains("LUKS2 keyslot 0 unlocked on the tenant side (4096-byte sectors"), "{}", r.all());
+    // The marker sits encrypted in the data segment, as dm-crypt would put it.
+    let u = qemu_tests::ssc::luks::unlock(&vol, b"luks2 passphrase").unwrap();
+    let file = std::fs::read(&vol).unwrap();
+    assert!(!file.windows(17).any(|w| w == b"LUKS2-MARKER-17b9"), "plaintext reached the provider's volume");
+    let at = (u.data_offset + 100 * 4096) as usize;
+    let mut sector = file[at..at + 4096].to_vec();
+    sd_storage_crypt::xts::Xts::new(&u.key).unwrap().decrypt_sector(100 * 8, &mut sector);
+    assert!(sector.starts_with(b"LUKS2-MARKER-17b9"), "the marker is not where dm-crypt would read it");
+}

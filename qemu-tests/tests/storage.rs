@@ -265,6 +265,13 @@ fn a_truncated_or_foreign_luks_header_is_refused_by_name() {
 /// A LUKS2 volume with 4096-byte sectors, formatted by cryptsetup; returns
 /// its volume key and data offset as `luksDump --dump-volume-key` reports.
 fn cryptsetup_luks2_4096(dir: &Path) -> (PathBuf, Vec<u8>, u64) {
+    cryptsetup_luks2(dir, &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
+}
+
+/// A LUKS2 volume (64 MiB, 4096-byte sectors, passphrase `open sesame`)
+/// formatted by cryptsetup with `kdf` options; its volume key and data
+/// offset as cryptsetup reports them.
+fn cryptsetup_luks2(dir: &Path, kdf: &[&str]) -> (PathBuf, Vec<u8>, u64) {
     let vol = dir.join("luks2.img");
     std::fs::File::create(&vol).unwrap().set_len(64 * MIB as u64).unwrap();
     let pass = dir.join("pass");
@@ -272,9 +279,10 @@ fn cryptsetup_luks2_4096(dir: &Path) -> (PathBuf, Vec<u8>, u64) {
     let (v, p) = (vol.to_str().unwrap(), pass.to_str().unwrap());
     let (ok, out) = peer(
         "cryptsetup",
-        &["luksFormat", "--type", "luks2", "--sector-size", "4096", "--batch-mode", "--pbkdf", "pbkdf2"]
+        &["luksFormat", "--type", "luks2", "--sector-size", "4096", "--batch-mode"]
             .into_iter()
-            .chain(["--pbkdf-force-iterations", "1000", "--key-file", p, v])
+            .chain(kdf.iter().copied())
+            .chain(["--key-file", p, v])
             .collect::<Vec<_>>(),
         T,
     );
@@ -318,9 +326,42 @@ fn fio_region(name: &str, offset: &str, extra: &str) -> String {
 }
 
 #[test]
+fn luks2_volumes_unlock_on_the_tenant_side_with_pbkdf2_and_argon2id() {
+    use qemu_tests::ssc::luks;
+    for kdf in [
+        &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"][..],
+        &["--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32768", "--pbkdf-parallel", "2"],
+        &["--pbkdf", "argon2i", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "16384", "--pbkdf-parallel", "1"],
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (vol, key, offset) = cryptsetup_luks2(tmp.path(), kdf);
+        let u = luks::unlock(&vol, b"open sesame").unwrap();
+        assert_eq!((u.version, u.sector_size, u.data_offset, u.iv_offset), (2, 4096, offset, 0), "{kdf:?}: {u:?}");
+        assert!(u.key == key, "{kdf:?}: the unlocked key differs from cryptsetup's");
+        let wrong = luks::unlock(&vol, b"open sesame!").unwrap_err().to_string();
+        assert!(wrong.contains("wrong passphrase"), "{wrong}");
+        // A damaged primary header: the secondary copy still opens.
+        let mut bytes = std::fs::read(&vol).unwrap();
+        bytes[4096 + 10] ^= 0x55;
+        std::fs::write(&vol, &bytes).unwrap();
+        assert!(luks::unlock(&vol, b"open sesame").unwrap().key == key, "{kdf:?}: secondary header");
+        // Both copies damaged: refused by name.
+        for at in [0x4000usize, 0x8000, 0x10000, 0x20000, 0x40000, 0x80000, 0x100000, 0x200000, 0x400000] {
+            bytes[at + 4096 + 10] ^= 0x55;
+        }
+        std::fs::write(&vol, &bytes).unwrap();
+        let e = luks::unlock(&vol, b"open sesame").unwrap_err().to_string();
+        assert!(e.contains("checksum"), "{e}");
+    }
+}
+
+#[test]
 fn luks2_with_4096_byte_sectors_interoperates_with_dm_crypt_in_the_client() {
     let tmp = tempfile::tempdir().unwrap();
     let (vol, key, offset) = cryptsetup_luks2_4096(tmp.path());
+    // The tenant tool unlocks it to the same key and layout cryptsetup reports.
+    let u = qemu_tests::ssc::luks::unlock(&vol, b"open sesame").unwrap();
+    assert!(u.key == key && u.data_offset == offset && u.sector_size == 4096, "{u:?}");
     let cfg = |key| VolumeConfig { sector_size: 4096, data_offset: offset, large_iv: false, ..xts_config(key) };
 
     // 1. Region A written through the SD.
