@@ -219,11 +219,7 @@ pub fn plan(path: &Path) -> Result<Plan> {
                 };
                 ("key", Secret::Key(read_key(&at(&k))?, at(&k), native))
             }
-            (None, Some(p)) => {
-                let pass = std::fs::read(at(&p)).with_context(|| format!("reading passphrase file {}", p.display()))?;
-                let pass = pass.strip_suffix(b"\n").map(<[u8]>::to_vec).unwrap_or(pass);
-                ("luks", Secret::LuksPassphrase(pass))
-            }
+            (None, Some(p)) => ("luks", Secret::LuksPassphrase(crate::luks::read_passphrase(&at(&p))?)),
             _ => bail!("{}: give exactly one of `key` or `luks_passphrase`", line(d.volume.span().start)),
         };
         disks.push(PlannedDisk { volume, sds, secret_kind, secret, outer_keys });

@@ -114,22 +114,32 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum VolumeCmd {
-    /// Create a volume file and a fresh 512-bit key (hex, mode 0600). The
-    /// key stays with the tenant: `ssc up` hands it to the storage SD, never
-    /// to the provider.
+    /// Create a volume file and a fresh 512-bit key (hex, mode 0600), or a
+    /// LUKS2 volume opened by a passphrase. The key stays with the tenant:
+    /// `ssc up` hands it to the storage SD, never to the provider.
     Create {
         volume: PathBuf,
         #[arg(long)]
         size: String,
+        /// Where the new key goes (not for `luks2`).
         #[arg(long)]
-        key_out: PathBuf,
+        key_out: Option<PathBuf>,
+        /// `luks2`: the passphrase file (cryptsetup formats the volume:
+        /// aes-xts-plain64, 4096-byte sectors, argon2id; `ssc up` unlocks it
+        /// with `luks_passphrase`, and so can cryptsetup/dm-crypt).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// `luks2`: the time cryptsetup tunes the KDF to (ms).
+        #[arg(long, default_value_t = 2000)]
+        iter_time: u32,
         /// `native`: aes-xts-plain64 with a header that lets the SD refuse a
         /// wrong key (data from 1 MiB); `raw`: plain aes-xts-plain64 from
         /// byte 0; `auth`: the authenticated mode (AES-256-GCM per 4 KiB
         /// sector, Merkle root, tampering and rollback detected; ~1.6% of the
         /// volume holds metadata) plus the tenant's generation record
-        /// KEY_OUT.generation, which `ssc up` keeps current.
-        #[arg(long, default_value = "native", value_parser = ["native", "raw", "auth"])]
+        /// KEY_OUT.generation, which `ssc up` keeps current; `luks2`: see
+        /// --passphrase-file.
+        #[arg(long, default_value = "native", value_parser = ["native", "raw", "auth", "luks2"])]
         format: String,
     },
 }
@@ -326,8 +336,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if job.is_none() || passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Cmd::Volume(VolumeCmd::Create { volume, size, key_out, format }) => {
+        Cmd::Volume(VolumeCmd::Create { volume, size, key_out, passphrase_file, iter_time, format }) => {
             let bytes = ssc::chain::parse_size(&size)?;
+            if format == "luks2" {
+                let Some(pass) = passphrase_file else {
+                    bail!("--format luks2 needs --passphrase-file (the tenant's passphrase)");
+                };
+                ssc::luks::create_luks2(&volume, bytes, &pass, iter_time)?;
+                let u = ssc::luks::unlock(&volume, &ssc::luks::read_passphrase(&pass)?)?;
+                println!(
+                    "volume {} ({} MiB): LUKS2, aes-xts-plain64, {}-byte sectors, data at {} KiB; \
+                     opens with the passphrase in {} (keep it: it never goes to the provider)",
+                    volume.display(),
+                    bytes >> 20,
+                    u.sector_size,
+                    u.data_offset >> 10,
+                    pass.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            if passphrase_file.is_some() {
+                bail!("--passphrase-file is for --format luks2; {format} volumes use a key file (--key-out)");
+            }
+            let Some(key_out) = key_out else {
+                bail!("{format} volumes need --key-out FILE: where the new key goes (it stays with the tenant)");
+            };
             let format = match format.as_str() {
                 "raw" => ssc::chain::VolumeFormat::Raw,
                 "auth" => ssc::chain::VolumeFormat::Auth,

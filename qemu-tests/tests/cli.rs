@@ -459,22 +459,29 @@ fn sd_storage_crypt_key(path: &std::path::Path) -> Vec<u8> {
 }
 
 #[test]
-fn ssc_up_unlocks_a_cryptsetup_luks2_volume_on_the_tenant_side() {
+fn ssc_up_unlocks_a_luks2_volume_made_by_ssc_volume_create_on_the_tenant_side() {
     let tmp = tempfile::tempdir().unwrap();
     let vol = tmp.path().join("vol.img");
-    std::fs::File::create(&vol).unwrap().set_len(48 << 20).unwrap();
-    std::fs::write(tmp.path().join("pass"), "luks2 passphrase\n").unwrap();
+    let pass = tmp.path().join("pass");
+    std::fs::write(&pass, "luks2 passphrase\n").unwrap();
+    let (v, p) = (vol.to_str().unwrap(), pass.to_str().unwrap());
+    let args =
+        ["volume", "create", v, "--size", "48M", "--format", "luks2", "--passphrase-file", p, "--iter-time", "100"];
+    let r = run_ssc(&args, T);
+    assert!(r.code() == Some(0) && r.stdout().contains("LUKS2, aes-xts-plain64, 4096-byte sectors"), "{}", r.all());
+    // cryptsetup, the reference, opens it with the same passphrase (no trailing newline).
     std::fs::write(tmp.path().join("pass.raw"), "luks2 passphrase").unwrap();
-    let (ok, out) = peer(
-        "cryptsetup",
-        &["luksFormat", "--type", "luks2", "--batch-mode", "--sector-size", "4096", "--pbkdf", "argon2id"]
-            .into_iter()
-            .chain(["--pbkdf-force-iterations", "4", "--pbkdf-memory", "32768", "--key-file"])
-            .chain([tmp.path().join("pass.raw").to_str().unwrap(), vol.to_str().unwrap()])
-            .collect::<Vec<_>>(),
-        T,
-    );
-    assert!(ok, "cryptsetup luksFormat: {out}");
+    let raw = tmp.path().join("pass.raw");
+    let (ok, out) = peer("cryptsetup", &["open", "--test-passphrase", "--key-file", raw.to_str().unwrap(), v], T);
+    assert!(ok, "cryptsetup does not open it: {out}");
+    // Refusals: an existing volume, a missing passphrase file.
+    let r = run_ssc(&args, T);
+    assert!(r.code() == Some(1) && r.stderr().contains("must not exist yet"), "{}", r.all());
+    let r = run_ssc(&["volume", "create", "x.img", "--size", "8M", "--format", "luks2"], T);
+    assert!(r.code() == Some(1) && r.stderr().contains("--passphrase-file"), "{}", r.all());
+    let r = run_ssc(&["volume", "create", "x.img", "--size", "8M"], T);
+    assert!(r.code() == Some(1) && r.stderr().contains("--key-out"), "{}", r.all());
+    assert!(!std::path::Path::new("x.img").exists());
     let chain = write_chain(tmp.path(), "\"unused\"", "\"storage-crypt\"");
     let text = std::fs::read_to_string(&chain).unwrap().replace("key = \"unused\"", "luks_passphrase = \"pass\"");
     std::fs::write(&chain, text).unwrap();
