@@ -28,6 +28,8 @@ extern crate std;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
+pub mod memory;
+
 /// The ABI version this crate speaks.
 pub const VERSION: u16 = 2;
 /// Largest payload accepted or produced, in bytes.

@@ -13,6 +13,7 @@
 //! The `ssc` binary (src/main.rs) is a thin clap front end over these.
 
 pub mod bench;
+pub mod bench_checkpoint;
 pub mod bench_storage;
 pub mod bench_storage_e2e;
 pub mod builder;

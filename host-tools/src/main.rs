@@ -212,6 +212,16 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The checkpoint SD's core natively: full and delta save, verify +
+    /// restore, with and without lz4, over a memory image with zero, text
+    /// and random pages; beside memcpy, lz4 and AES-GCM alone. --release.
+    CheckpointCore {
+        /// Memory image size (MiB).
+        #[arg(long, default_value_t = 1024)]
+        size_mib: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot time of every catalog image (median of --runs boots) per
     /// accelerator, machine type and firmware.
     Boot {
@@ -401,6 +411,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&cells)?);
             } else {
                 print!("{}", ssc::bench_storage_e2e::render(&cells, accel));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::CheckpointCore { size_mib, json }) => {
+            if cfg!(debug_assertions) {
+                eprintln!("ssc: warning: this ssc is a debug build; core figures are meaningless (use `make bench`)");
+            }
+            let rows = ssc::bench_checkpoint::run(size_mib << 20)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", ssc::bench_storage::render_with(&rows, ssc::bench_checkpoint::ANCHORS));
             }
             Ok(ExitCode::SUCCESS)
         }
