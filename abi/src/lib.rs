@@ -79,6 +79,24 @@ pub enum Body<'a> {
     /// Storage SD → tenant side, unsolicited: a sector failed
     /// authentication (tampered with, or torn by a crash); the read got EIO.
     IntegrityFailure { sector: u64 },
+    /// Tenant side → checkpoint SD: the client's 16-byte id and the
+    /// checkpoint key (never logged).
+    CheckpointKey { client: &'a [u8], key: &'a [u8] },
+    /// Either way: a piece of QEMU's device state (`total` bytes in all),
+    /// host → SD before a save, SD → host after a restore.
+    DeviceState { offset: u64, total: u64, bytes: &'a [u8] },
+    /// Tenant side → checkpoint SD: write a checkpoint at byte `at` of the
+    /// SD's disk (a multiple of 4096). `base` lists the streams it is a
+    /// delta against (full first, as `offset, length` u64 LE pairs; empty:
+    /// a full checkpoint). `salt`: 16 fresh random bytes.
+    SaveCheckpoint { generation: u64, at: u64, base: &'a [u8], compress: bool, salt: &'a [u8] },
+    /// Checkpoint SD → tenant side: the reply to `SaveCheckpoint`.
+    CheckpointSaved { generation: u64, length: u64, pages_read: u64, pages_stored: u64, micros: u64 },
+    /// Tenant side → checkpoint SD: verify the streams (full first, then
+    /// deltas; `offset, length` u64 LE pairs) and write them into the
+    /// client's memory window; the device state comes back in
+    /// `DeviceState` frames before the `Ack`.
+    RestoreCheckpoint { streams: &'a [u8] },
 }
 
 /// Parameters of an encrypted volume (dm-crypt/LUKS data-segment terms).

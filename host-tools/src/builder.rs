@@ -151,6 +151,10 @@ pub struct DomainSpec {
     pub append: String,
     pub machine: Machine,
     pub firmware: Firmware,
+    /// The domain's RAM as a shared memory file (`share=on`), so granted
+    /// SDs can map it as a window and QEMU's migration can skip it
+    /// (`x-ignore-shared`). File offset = guest-physical address.
+    pub memory_file: Option<PathBuf>,
 }
 
 impl DomainSpec {
@@ -168,6 +172,7 @@ impl DomainSpec {
             append: String::new(),
             machine: Machine::Q35,
             firmware: Firmware::Auto,
+            memory_file: None,
         }
     }
 }
@@ -181,7 +186,17 @@ fn opt_path(p: &Path) -> String {
 pub fn qemu_args(spec: &DomainSpec, accel: Accel, run_dir: &Path) -> Vec<OsString> {
     let mut a: Vec<String> = vec![];
     let (_, bios) = spec.firmware.resolve();
-    a.extend(["-name".into(), spec.name.clone(), "-machine".into(), spec.machine.name().into()]);
+    let machine = match &spec.memory_file {
+        Some(_) => format!("{},memory-backend=mem", spec.machine.name()),
+        None => spec.machine.name().into(),
+    };
+    a.extend(["-name".into(), spec.name.clone(), "-machine".into(), machine]);
+    if let Some(f) = &spec.memory_file {
+        a.extend([
+            "-object".into(),
+            format!("memory-backend-file,id=mem,size={}M,mem-path={},share=on", spec.mem_mib, opt_path(f)),
+        ]);
+    }
     if let Some(b) = bios {
         a.extend(["-bios".into(), opt_path(&b)]);
     }
@@ -395,6 +410,22 @@ pub enum ControlEvent {
     IntegrityFailure {
         sector: u64,
     },
+    /// A piece of device state from a checkpoint SD's restore.
+    DeviceState {
+        request_id: u64,
+        offset: u64,
+        total: u64,
+        bytes: Vec<u8>,
+    },
+    /// A checkpoint SD's reply to `SaveCheckpoint`.
+    CheckpointSaved {
+        request_id: u64,
+        generation: u64,
+        length: u64,
+        pages_read: u64,
+        pages_stored: u64,
+        micros: u64,
+    },
     Other(String),
     /// The link failed (bad frame, closed): the reason.
     Broken(String),
@@ -411,6 +442,19 @@ fn owned(env: Envelope<'_>) -> ControlEvent {
         Body::Ack => ControlEvent::Ack { request_id: env.request_id },
         Body::VolumeCommitted { generation } => ControlEvent::VolumeCommitted { generation },
         Body::IntegrityFailure { sector } => ControlEvent::IntegrityFailure { sector },
+        Body::DeviceState { offset, total, bytes } => {
+            ControlEvent::DeviceState { request_id: env.request_id, offset, total, bytes: bytes.into() }
+        }
+        Body::CheckpointSaved { generation, length, pages_read, pages_stored, micros } => {
+            ControlEvent::CheckpointSaved {
+                request_id: env.request_id,
+                generation,
+                length,
+                pages_read,
+                pages_stored,
+                micros,
+            }
+        }
         other => ControlEvent::Other(format!("{other:?}")),
     }
 }
@@ -658,6 +702,20 @@ impl Domain {
                 bail!("disk {} does not exist (create it with `truncate -s 64M {}`)", d.display(), d.display());
             }
         }
+        if let Some(f) = &spec.memory_file
+            && !f.exists()
+        {
+            // Created here (private to the builder, sized, sparse) so a
+            // window on it can be attached before QEMU has started.
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(f)
+                .and_then(|file| file.set_len(u64::from(spec.mem_mib) << 20))
+                .with_context(|| format!("creating memory file {}", f.display()))?;
+        }
         for w in &spec.windows {
             window_size(w)?;
         }
@@ -863,6 +921,11 @@ impl Domain {
     }
 
     /// The control link, once connected.
+    /// A QMP session with this domain's QEMU.
+    pub fn qmp(&self, timeout: Duration) -> Result<crate::qmp::Qmp> {
+        crate::qmp::Qmp::connect(&self.qmp, timeout)
+    }
+
     /// The control link, shared (its state and events are behind locks).
     pub fn control_ref(&self) -> Option<&ControlLink> {
         self.control.as_ref()

@@ -56,6 +56,9 @@ pub struct ImageEntry {
     /// Data links the image opens by name.
     #[serde(default)]
     pub links: Vec<String>,
+    /// Memory windows (another domain's RAM) the image expects.
+    #[serde(default)]
+    pub windows: u32,
 }
 
 /// The publisher's signature over an [`ImageEntry`].
@@ -92,6 +95,9 @@ pub struct ImageSource {
     /// Data links the image opens by name.
     #[serde(default)]
     pub links: Vec<String>,
+    /// Memory windows the image expects.
+    #[serde(default)]
+    pub windows: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,6 +227,7 @@ pub fn build(images_toml: &Path, bin_dir: &Path, version: &str, key: &Path, out:
             description: src.description,
             disks: src.disks,
             links: src.links,
+            windows: src.windows,
         };
         check_permissions(&entry)?;
         let sig = pair.sign(&signed_bytes(&entry));
@@ -295,8 +302,9 @@ pub struct VerifiedImage {
 }
 
 impl VerifiedImage {
-    /// A spec that boots this image on its own: the scratch disks (16 MiB,
-    /// created in `scratch`) and link sockets its manifest declares.
+    /// A spec that boots this image on its own: the scratch disks and
+    /// memory windows (16 MiB each, created in `scratch`) and link sockets
+    /// its manifest declares.
     pub fn standalone_spec(&self, scratch: &Path) -> Result<crate::builder::DomainSpec> {
         let m = &self.manifest.image;
         let mut spec = crate::builder::DomainSpec::new(&m.name, &self.path);
@@ -306,6 +314,13 @@ impl VerifiedImage {
                 .and_then(|f| f.set_len(16 << 20))
                 .with_context(|| format!("creating scratch disk {}", disk.display()))?;
             spec.disks.push(disk);
+        }
+        for i in 0..m.windows {
+            let file = scratch.join(format!("{}-{i}.mem", m.name));
+            std::fs::File::create(&file)
+                .and_then(|f| f.set_len(16 << 20))
+                .with_context(|| format!("creating scratch memory window {}", file.display()))?;
+            spec.windows.push(crate::builder::WindowSpec { file, writable: false });
         }
         for l in &m.links {
             let socket = scratch.join(format!("{}-{l}.sock", m.name));
@@ -360,6 +375,7 @@ mod tests {
             description: "test".into(),
             disks: 0,
             links: vec![],
+            windows: 0,
         };
         let pair = load_key(&key).unwrap();
         let sig = pair.sign(&signed_bytes(&entry));

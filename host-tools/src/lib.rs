@@ -19,6 +19,7 @@ pub mod bench_storage_e2e;
 pub mod builder;
 pub mod catalog;
 pub mod chain;
+pub mod checkpoint;
 pub mod doctor;
 pub mod luks;
 pub mod qemu;

@@ -102,8 +102,9 @@ impl<'k> Restorer<'k> {
     }
 
     /// Checks every record of `streams` (a full checkpoint, then deltas in
-    /// order); returns their headers. Writes nothing.
-    pub fn verify(&self, streams: &mut [&mut dyn Source]) -> Result<Vec<Header>, CheckpointError> {
+    /// order); returns their headers and the page hashes of the memory they
+    /// describe (the base for a next delta). Writes nothing.
+    pub fn verify(&self, streams: &mut [&mut dyn Source]) -> Result<(Vec<Header>, PageHashes), CheckpointError> {
         let mut headers = vec![];
         let mut walk = Walk::new(None, false, self.memory_size);
         for src in streams.iter_mut() {
@@ -111,10 +112,9 @@ impl<'k> Restorer<'k> {
             self.walk(&mut **src, &h, &mut walk)?;
             headers.push(h);
         }
-        if headers.is_empty() {
-            return Err(CheckpointError::NotACheckpoint);
-        }
-        Ok(headers)
+        let Some(last) = headers.last() else { return Err(CheckpointError::NotACheckpoint) };
+        let hashes = PageHashes { client_id: self.client_id, generation: last.generation, hashes: walk.hashes };
+        Ok((headers, hashes))
     }
 
     /// Verifies everything, then writes the pages into `mem`. With
@@ -129,7 +129,7 @@ impl<'k> Restorer<'k> {
         if mem.size() != self.memory_size {
             return Err(CheckpointError::Mismatch("the memory window's size differs from the client's"));
         }
-        let headers = self.verify(streams)?;
+        let (headers, _) = self.verify(streams)?;
         let mut walk = Walk::new(Some(mem), !target_is_zero, self.memory_size);
         for (src, h) in streams.iter_mut().zip(&headers) {
             self.walk(&mut **src, h, &mut walk)?;

@@ -24,19 +24,8 @@ pub struct MemoryWindow {
     len: u64,
 }
 
-/// An access outside the window.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OutOfWindow {
-    pub offset: u64,
-    pub len: usize,
-    pub window: u64,
-}
-
-impl core::fmt::Display for OutOfWindow {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "access at {:#x}+{} is outside the {}-byte memory window", self.offset, self.len, self.window)
-    }
-}
+/// An access outside the window (the ABI's type, shared with the cores).
+pub use ssc_abi::memory::OutOfRange as OutOfWindow;
 
 impl MemoryWindow {
     /// Maps BAR2 of an ivshmem function.
@@ -64,7 +53,7 @@ impl MemoryWindow {
     fn check(&self, offset: u64, len: usize) -> Result<*mut u8, OutOfWindow> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.len => Ok((self.base + offset) as *mut u8),
-            _ => Err(OutOfWindow { offset, len, window: self.len }),
+            _ => Err(OutOfWindow { gpa: offset, len, size: self.len }),
         }
     }
 
@@ -85,5 +74,21 @@ impl MemoryWindow {
         // SAFETY: as for `read`; `&mut self` keeps our own accesses ordered.
         unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), dst, buf.len()) };
         Ok(())
+    }
+}
+
+/// What service cores see: the window as the other domain's
+/// guest-physical memory.
+impl ssc_abi::memory::GuestMemory for MemoryWindow {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), OutOfWindow> {
+        MemoryWindow::read(self, gpa, buf)
+    }
+
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), OutOfWindow> {
+        MemoryWindow::write(self, gpa, data)
     }
 }

@@ -1,0 +1,328 @@
+//! The checkpoint service domain.
+//!
+//! It sees one client's memory through a memory window (read-only for a
+//! save, write-granted for a restore onto a fresh memory file) and keeps
+//! checkpoint streams on its own virtio-blk disk. The tenant side drives
+//! it on the control link: `CheckpointKey` (client id and key), then
+//! `DeviceState` frames (QEMU's device state, taken by the builder with
+//! `x-ignore-shared` migration) and `SaveCheckpoint`, or
+//! `RestoreCheckpoint`, which verifies every stream before writing a page
+//! and sends the device state back. The domain keeps no state between
+//! operations: a delta's base is re-verified from the disk, which also
+//! proves it is intact.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::string::ToString;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use core::time::Duration;
+
+use runtime::blk::BlockDevice;
+use runtime::clock::Instant;
+use runtime::control::ControlLink;
+use runtime::log::{info, warn};
+use runtime::vserial::VirtioSerial;
+use runtime::window::MemoryWindow;
+use runtime::{Boot, ImageResult, bail};
+use sd_checkpoint::{CheckpointError, Restorer, SaveOptions, Saver, Source};
+use ssc_abi::{Body, Envelope, ErrorCode};
+
+runtime::entry!(main);
+
+const IMAGE: &str = "checkpoint";
+/// Bytes of device state per control frame.
+const STATE_CHUNK: usize = 48 * 1024;
+/// Stream bytes written to the disk at a time.
+const FLUSH_AT: usize = 1 << 20;
+
+/// A stream on the disk, read through sector-aligned spans.
+struct DiskSource<'d> {
+    disk: &'d RefCell<BlockDevice>,
+    at: u64,
+    len: u64,
+    span: Vec<u8>,
+}
+
+impl Source for DiskSource<'_> {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), CheckpointError> {
+        if offset + buf.len() as u64 > self.len {
+            return Err(CheckpointError::Truncated { at: self.len });
+        }
+        let start = self.at + offset;
+        let first = start & !511;
+        let end = (start + buf.len() as u64).next_multiple_of(512);
+        self.span.resize((end - first) as usize, 0);
+        self.disk.borrow_mut().read_at(first, &mut self.span).map_err(|_| CheckpointError::Io("reading the disk"))?;
+        let skip = (start - first) as usize;
+        buf.copy_from_slice(&self.span[skip..skip + buf.len()]);
+        Ok(())
+    }
+}
+
+/// `offset, length` pairs (u64 LE) → sources on the disk.
+fn sources<'d>(disk: &'d RefCell<BlockDevice>, pairs: &[u8]) -> Result<Vec<DiskSource<'d>>, &'static str> {
+    if !pairs.len().is_multiple_of(16) {
+        return Err("stream list is not offset/length pairs");
+    }
+    let capacity = disk.borrow().capacity();
+    let mut out = vec![];
+    for p in pairs.chunks(16) {
+        let at = u64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
+        let len = u64::from_le_bytes(p[8..].try_into().expect("8 bytes"));
+        if !at.is_multiple_of(512) || at.checked_add(len).is_none_or(|e| e > capacity) {
+            return Err("a stream lies outside the checkpoint disk");
+        }
+        out.push(DiskSource { disk, at, len, span: Vec::new() });
+    }
+    Ok(out)
+}
+
+/// What the tenant side configured.
+struct Job {
+    client: [u8; 16],
+    key: Vec<u8>,
+}
+
+type Reply = Result<(), (ErrorCode, alloc::string::String)>;
+
+fn main(mut boot: Boot) -> ImageResult {
+    let mut disks = boot.platform.block_devices()?;
+    if disks.is_empty() {
+        bail!("checkpoint needs a disk for its checkpoints: start it with --disk FILE");
+    }
+    let disk = RefCell::new(disks.remove(0));
+    let mut windows = boot.platform.memory_windows()?;
+    if windows.is_empty() {
+        bail!("checkpoint needs the client's memory window (a grant: --window FILE[:rw])");
+    }
+    let mut window = windows.remove(0);
+    let Some(mut serial) = boot.platform.serial()? else {
+        bail!("checkpoint needs its control link");
+    };
+    let mut ctl = ControlLink::open(&mut serial, IMAGE, env!("CARGO_PKG_VERSION"), Duration::from_secs(2))?;
+    ctl.ready(&mut serial, IMAGE)?;
+    info!(
+        target: IMAGE,
+        "client memory window {} MiB, checkpoint disk {} MiB; waiting for CheckpointKey",
+        window.len() >> 20,
+        disk.borrow().capacity() >> 20
+    );
+    let mut job: Option<Job> = None;
+    let mut state: Vec<u8> = Vec::new();
+    loop {
+        let Some(payload) = ctl.poll(&mut serial)? else { continue };
+        let env = match Envelope::decode(&payload) {
+            Ok(env) => env,
+            Err(e) => {
+                let msg = e.to_string();
+                ctl.send(&mut serial, &Envelope::new(0, Body::Error { code: ErrorCode::Malformed, message: &msg }))?;
+                continue;
+            }
+        };
+        let id = env.request_id;
+        let reply: Reply = match env.body {
+            Body::Ping { payload } => {
+                ctl.send(&mut serial, &Envelope::new(id, Body::Pong { payload }))?;
+                continue;
+            }
+            Body::Shutdown => {
+                info!(target: IMAGE, "Shutdown");
+                return Ok(());
+            }
+            Body::CheckpointKey { client, key } => match <[u8; 16]>::try_from(client) {
+                Ok(client) if key.len() >= 32 => {
+                    job = Some(Job { client, key: key.to_vec() });
+                    info!(target: IMAGE, "checkpoint key configured for client {:02x}{:02x}…", client[0], client[1]);
+                    Ok(())
+                }
+                _ => {
+                    Err((ErrorCode::Malformed, "CheckpointKey needs a 16-byte client id and a key of 32+ bytes".into()))
+                }
+            },
+            Body::DeviceState { offset, total, bytes } => {
+                if offset == 0 {
+                    state.clear();
+                }
+                if offset != state.len() as u64 || offset + bytes.len() as u64 > total || total > 64 << 20 {
+                    Err((ErrorCode::Malformed, "DeviceState frames out of order or too large".into()))
+                } else {
+                    state.extend_from_slice(bytes);
+                    Ok(())
+                }
+            }
+            Body::SaveCheckpoint { generation, at, base, compress, salt } => match &job {
+                None => Err((ErrorCode::Denied, "no CheckpointKey yet".into())),
+                Some(job) => match save(&disk, &window, job, generation, at, base, compress, salt, &state) {
+                    Ok((length, stats, micros)) => {
+                        let body = Body::CheckpointSaved {
+                            generation,
+                            length,
+                            pages_read: stats.pages_read,
+                            pages_stored: stats.pages_stored,
+                            micros,
+                        };
+                        ctl.send(&mut serial, &Envelope::new(id, body))?;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
+            },
+            Body::RestoreCheckpoint { streams } => match &job {
+                None => Err((ErrorCode::Denied, "no CheckpointKey yet".into())),
+                Some(job) => restore(&disk, &mut window, job, streams).and_then(|device_state| {
+                    send_state(&mut serial, &ctl, id, &device_state)
+                        .map_err(|e| (ErrorCode::Internal, alloc::format!("control link: {}", e.0)))
+                }),
+            },
+            other => Err((ErrorCode::Unsupported, alloc::format!("{IMAGE} does not serve {other:?}"))),
+        };
+        match reply {
+            Ok(()) => ctl.send(&mut serial, &Envelope::new(id, Body::Ack))?,
+            Err((code, message)) => {
+                warn!(target: IMAGE, "request {id} refused: {message}");
+                ctl.send(&mut serial, &Envelope::new(id, Body::Error { code, message: &message }))?
+            }
+        }
+    }
+}
+
+fn refused(e: CheckpointError) -> (ErrorCode, alloc::string::String) {
+    let code = match e {
+        CheckpointError::Io(_) => ErrorCode::Internal,
+        CheckpointError::WrongKey | CheckpointError::Mismatch(_) | CheckpointError::BrokenChain { .. } => {
+            ErrorCode::Denied
+        }
+        _ => ErrorCode::Malformed,
+    };
+    (code, e.to_string())
+}
+
+/// Writes a checkpoint at `at`; returns its length, statistics and time.
+#[allow(clippy::too_many_arguments)]
+fn save(
+    disk: &RefCell<BlockDevice>,
+    window: &MemoryWindow,
+    job: &Job,
+    generation: u64,
+    at: u64,
+    base: &[u8],
+    compress: bool,
+    salt: &[u8],
+    state: &[u8],
+) -> Result<(u64, sd_checkpoint::SaveStats, u64), (ErrorCode, alloc::string::String)> {
+    let start = Instant::now();
+    let salt: [u8; 16] = salt.try_into().map_err(|_| (ErrorCode::Malformed, "the salt must be 16 bytes".into()))?;
+    if !at.is_multiple_of(4096) {
+        return Err((ErrorCode::Malformed, "checkpoints start at a multiple of 4096".into()));
+    }
+    let size = window.len();
+    // A delta: re-verify its base chain from the disk; that yields the
+    // page hashes the delta is computed against.
+    let hashes = if base.is_empty() {
+        None
+    } else {
+        let mut srcs = sources(disk, base).map_err(|e| (ErrorCode::Malformed, e.into()))?;
+        let mut refs: Vec<&mut dyn Source> = srcs.iter_mut().map(|s| s as &mut dyn Source).collect();
+        let (_, hashes) = Restorer::new(&job.key, job.client, size).verify(&mut refs).map_err(refused)?;
+        Some(hashes)
+    };
+    let opts = SaveOptions { compress, pages_per_chunk: 256 };
+    let mut saver = Saver::new(&job.key, job.client, size, generation, hashes.as_ref(), salt, opts).map_err(refused)?;
+    let mut out = Vec::with_capacity(2 * FLUSH_AT);
+    out.extend_from_slice(&saver.header_bytes());
+    let mut written = 0u64;
+    let mut next_report = 64u64 << 20;
+    while saver.next_pages(window, &mut out).map_err(refused)? {
+        if out.len() >= FLUSH_AT {
+            written += flush_out(disk, at + written, &mut out, false)?;
+        }
+        if written >= next_report {
+            info!(target: IMAGE, "save: {} MiB written", written >> 20);
+            next_report += 64 << 20;
+        }
+    }
+    saver.device_state(state, &mut out);
+    let (stats, _) = saver.finish(&mut out).map_err(refused)?;
+    let length = stats.bytes_out;
+    flush_out(disk, at + written, &mut out, true)?;
+    disk.borrow_mut().flush().map_err(|e| (ErrorCode::Internal, alloc::format!("checkpoint disk: {e}")))?;
+    let micros = start.elapsed().as_micros() as u64;
+    info!(
+        target: IMAGE,
+        "saved generation {generation}{}: {} pages read, {} stored, {} KiB in {} ms",
+        if base.is_empty() { "" } else { " (delta)" },
+        stats.pages_read,
+        stats.pages_stored,
+        length >> 10,
+        micros / 1000
+    );
+    Ok((length, stats, micros))
+}
+
+/// Writes the whole 4 KiB blocks of `out` at `at` (with `all`, the tail
+/// too, zero-padded) and drops them from `out`; returns the bytes written.
+fn flush_out(
+    disk: &RefCell<BlockDevice>,
+    at: u64,
+    out: &mut Vec<u8>,
+    all: bool,
+) -> Result<u64, (ErrorCode, alloc::string::String)> {
+    if all {
+        out.resize(out.len().next_multiple_of(4096), 0);
+    }
+    let n = out.len() / 4096 * 4096;
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut d = disk.borrow_mut();
+    if at + n as u64 > d.capacity() {
+        return Err((ErrorCode::Internal, "the checkpoint disk is full".into()));
+    }
+    d.write_at(at, &out[..n]).map_err(|e| (ErrorCode::Internal, alloc::format!("checkpoint disk: {e}")))?;
+    out.drain(..n);
+    Ok(n as u64)
+}
+
+/// Verifies `streams` and writes them into the window; returns the device
+/// state.
+fn restore(
+    disk: &RefCell<BlockDevice>,
+    window: &mut MemoryWindow,
+    job: &Job,
+    streams: &[u8],
+) -> Result<Vec<u8>, (ErrorCode, alloc::string::String)> {
+    let start = Instant::now();
+    let mut srcs = sources(disk, streams).map_err(|e| (ErrorCode::Malformed, e.into()))?;
+    let mut refs: Vec<&mut dyn Source> = srcs.iter_mut().map(|s| s as &mut dyn Source).collect();
+    let size = window.len();
+    // The builder restores onto a fresh (zero) memory file.
+    let r = Restorer::new(&job.key, job.client, size).restore(&mut refs, window, true).map_err(refused)?;
+    info!(
+        target: IMAGE,
+        "restored generation {}: {} pages written, device state {} KiB, in {} ms",
+        r.generation,
+        r.pages_written,
+        r.device_state.len() >> 10,
+        start.elapsed().as_millis()
+    );
+    Ok(r.device_state)
+}
+
+/// Sends the device state in `DeviceState` frames tagged with the request.
+fn send_state(serial: &mut VirtioSerial, ctl: &ControlLink, id: u64, state: &[u8]) -> ImageResult {
+    let total = state.len() as u64;
+    let mut offset = 0;
+    for bytes in state.chunks(STATE_CHUNK) {
+        ctl.send(serial, &Envelope::new(id, Body::DeviceState { offset, total, bytes }))?;
+        offset += bytes.len() as u64;
+    }
+    Ok(())
+}

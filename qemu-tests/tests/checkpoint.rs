@@ -1,0 +1,172 @@
+//! The checkpoint SD with a real Linux client: save a running client's
+//! memory and device state, destroy it, restore it into a fresh QEMU, and
+//! watch it carry on — then the same with a delta checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use qemu_tests::ssc::builder::{Domain, DomainSpec, LogEcho, RunDir, WindowSpec};
+use qemu_tests::ssc::checkpoint::{self, SaveRequest, Stream};
+use qemu_tests::*;
+
+const MEM_MIB: u32 = 256;
+const KEY: [u8; 32] = [0x3c; 32];
+const CLIENT: [u8; 16] = *b"client-under-tst";
+const MARKER: &str = "TMPFS-SECRET-5e21";
+
+/// A client with its RAM in `mem` that counts forever, printing the file it
+/// keeps in tmpfs with each count. `incoming`: start paused, waiting for a
+/// restore.
+fn client(dir: &Path, run: &RunDir, mem: &Path, incoming: bool) -> Domain {
+    let (kernel, _) = client_kernel();
+    let mut spec = DomainSpec::new("client", &kernel);
+    spec.initrd = Some(client_initrd(
+        dir,
+        &format!(
+            "echo {MARKER} > /tmp/f\ni=0\nwhile true; do i=$((i+1)); echo \"count $i $(cat /tmp/f)\"; sleep 0.1; done"
+        ),
+    ));
+    spec.append = "console=ttyS0 quiet".into();
+    spec.mem_mib = MEM_MIB;
+    spec.memory_file = Some(mem.to_path_buf());
+    if incoming {
+        spec.extra_args.extend(["-incoming".into(), "defer".into()]);
+    }
+    let mut d = Domain::launch(&spec, accel(), run, LogEcho::Quiet).unwrap();
+    if !incoming {
+        d.wait_ready(Duration::from_secs(120)).unwrap();
+    }
+    d
+}
+
+/// The checkpoint SD on `disk` with a window on `mem`.
+fn checkpoint_sd(run: &RunDir, mem: &Path, disk: &Path, writable: bool) -> Domain {
+    let mut spec = DomainSpec::new("checkpoint", &image("checkpoint"));
+    spec.disks.push(disk.to_path_buf());
+    spec.windows.push(WindowSpec { file: mem.to_path_buf(), writable });
+    let mut d = Domain::launch(&spec, accel(), run, LogEcho::Stdout("[checkpoint] ".into())).unwrap();
+    d.wait_ready(Duration::from_secs(60)).unwrap();
+    checkpoint::configure(&mut d, CLIENT, &KEY).unwrap();
+    d
+}
+
+/// The highest count the client printed with its tmpfs file intact.
+fn last_count(d: &Domain) -> Option<u64> {
+    d.log()
+        .iter()
+        .filter_map(|l| l.strip_prefix("count "))
+        .filter_map(|r| r.split_once(' '))
+        .filter(|(_, f)| *f == MARKER)
+        .filter_map(|(n, _)| n.parse().ok())
+        .max()
+}
+
+fn wait_count(d: &Domain, above: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        if let Some(n) = last_count(d).filter(|&n| n > above) {
+            return n;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no count above {above}:\n{}", d.log().join("\n"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Restores `streams` into a fresh client on `mem` and checks it counts on
+/// from `saved` (the last count printed before the save).
+fn restore_and_check(dir: &Path, disk: &Path, mem: &Path, streams: &[Stream], saved: u64) -> (RunDir, Domain) {
+    let run = RunDir::create().unwrap();
+    let client = client(dir, &run, mem, true);
+    let mut sd = checkpoint_sd(&run, mem, disk, true);
+    let took = checkpoint::restore(&client, &mut sd, dir, streams).unwrap();
+    eprintln!("restore of {} stream(s) took {took:?}", streams.len());
+    let n = wait_count(&client, saved);
+    // It continued, it did not start over: the first count after the restore
+    // is the saved one plus one (the client was paused right after it).
+    let first = client
+        .log()
+        .iter()
+        .filter_map(|l| l.strip_prefix("count "))
+        .find_map(|r| r.split_once(' '))
+        .map(|(n, _)| n.parse::<u64>().unwrap());
+    assert!(first.is_some_and(|f| f > saved && f <= saved + 2), "restored client began at {first:?}, saved at {saved}");
+    assert!(n > saved);
+    sd.shutdown(Duration::from_secs(10)).unwrap();
+    (run, client)
+}
+
+fn mem_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+#[test]
+fn a_linux_client_is_saved_destroyed_and_restored_and_carries_on_also_from_a_delta() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let disk = dir.join("checkpoints.img");
+    std::fs::File::create(&disk).unwrap().set_len((2 * u64::from(MEM_MIB)) << 20).unwrap();
+
+    // 1. A running client, a full checkpoint, the client destroyed.
+    let run = RunDir::create().unwrap();
+    let mem1 = mem_file(dir, "client1.mem");
+    let mut c1 = client(dir, &run, &mem1, false);
+    wait_count(&c1, 5);
+    let mut sd = checkpoint_sd(&run, &mem1, &disk, false);
+    let req = SaveRequest { generation: 1, at: 0, base: &[], compress: true, leave_paused: true };
+    let full = checkpoint::save(&c1, &mut sd, dir, req).unwrap();
+    let saved = last_count(&c1).unwrap();
+    eprintln!("full save: {full:?}");
+    assert!(full.pages_stored > 1000 && full.device_state_bytes > 10_000, "{full:?}");
+    sd.shutdown(Duration::from_secs(10)).unwrap();
+    c1.kill();
+    let file = std::fs::read(&disk).unwrap();
+    assert!(!file.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()), "client plaintext in the checkpoint disk");
+    assert!(
+        std::fs::read(&mem1).unwrap().windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+        "the marker was never in client memory: the test proves nothing"
+    );
+
+    // 2. Restored into a fresh QEMU on a fresh memory file: it carries on.
+    let mem2 = mem_file(dir, "client2.mem");
+    let (_run2, c2) = restore_and_check(dir, &disk, &mem2, &[full.stream], saved);
+
+    // 3. A delta of the restored client (base re-verified by the SD), then
+    //    full + delta restored into a third QEMU.
+    wait_count(&c2, saved + 5);
+    let run3 = RunDir::create().unwrap();
+    let mut sd = checkpoint_sd(&run3, &mem2, &disk, false);
+    let req =
+        SaveRequest { generation: 2, at: full.stream.end(), base: &[full.stream], compress: true, leave_paused: true };
+    let delta = checkpoint::save(&c2, &mut sd, dir, req).unwrap();
+    let saved2 = last_count(&c2).unwrap();
+    eprintln!("delta save: {delta:?}");
+    assert!(delta.pages_stored < full.pages_stored / 2, "delta stored {} of {}", delta.pages_stored, full.pages_stored);
+    sd.shutdown(Duration::from_secs(10)).unwrap();
+    drop(c2);
+    let mem3 = mem_file(dir, "client3.mem");
+    restore_and_check(dir, &disk, &mem3, &[full.stream, delta.stream], saved2);
+
+    // 4. A flipped byte in the delta: the restore is refused before any page
+    //    is written, and the client never starts half-restored.
+    let mut bytes = std::fs::read(&disk).unwrap();
+    let at = (delta.stream.at + delta.stream.length / 2) as usize;
+    bytes[at] ^= 0x10;
+    std::fs::write(&disk, &bytes).unwrap();
+    let run4 = RunDir::create().unwrap();
+    let mem4 = mem_file(dir, "client4.mem");
+    let c4 = client(dir, &run4, &mem4, true);
+    let mut sd = checkpoint_sd(&run4, &mem4, &disk, true);
+    let e = checkpoint::restore(&c4, &mut sd, dir, &[full.stream, delta.stream]).unwrap_err().to_string();
+    assert!(e.contains("fails authentication"), "{e}");
+    assert_eq!(c4.qmp(Duration::from_secs(5)).unwrap().status().unwrap(), "inmigrate");
+    let allocated = std::process::Command::new("du").args(["-k", mem4.to_str().unwrap()]).output().unwrap();
+    let kib: u64 = String::from_utf8_lossy(&allocated.stdout).split_whitespace().next().unwrap().parse().unwrap();
+    assert!(kib < 1024, "a refused restore wrote {kib} KiB into the client's memory");
+    // The wrong key is named.
+    sd.shutdown(Duration::from_secs(10)).unwrap();
+    let mut sd2 = checkpoint_sd(&run4, &mem4, &disk, true);
+    let ctl = sd2.control().unwrap();
+    ctl.request(ssc_abi::Body::CheckpointKey { client: &CLIENT, key: &[9; 32] }, Duration::from_secs(10)).unwrap();
+    let e = checkpoint::restore(&c4, &mut sd2, dir, &[full.stream]).unwrap_err().to_string();
+    assert!(e.contains("wrong key"), "{e}");
+}
