@@ -88,8 +88,10 @@ pub enum Body<'a> {
     /// Tenant side → checkpoint SD: write a checkpoint at byte `at` of the
     /// SD's disk (a multiple of 4096). `base` lists the streams it is a
     /// delta against (full first, as `offset, length` u64 LE pairs; empty:
-    /// a full checkpoint). `salt`: 16 fresh random bytes.
-    SaveCheckpoint { generation: u64, at: u64, base: &'a [u8], compress: bool, salt: &'a [u8] },
+    /// a full checkpoint). `salt`: 16 fresh random bytes. `extents`: the
+    /// allocated byte ranges of the client's memory file (u64 LE pairs;
+    /// empty: all of it) — the rest is holes, known zero and never read.
+    SaveCheckpoint { generation: u64, at: u64, base: &'a [u8], compress: bool, salt: &'a [u8], extents: &'a [u8] },
     /// Checkpoint SD → tenant side: the reply to `SaveCheckpoint`.
     CheckpointSaved { generation: u64, length: u64, pages_read: u64, pages_stored: u64, micros: u64 },
     /// Tenant side → checkpoint SD: verify the streams (full first, then

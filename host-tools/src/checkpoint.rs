@@ -38,7 +38,49 @@ impl Stream {
 }
 
 fn pairs(streams: &[Stream]) -> Vec<u8> {
-    streams.iter().flat_map(|s| s.at.to_le_bytes().into_iter().chain(s.length.to_le_bytes())).collect()
+    encode_pairs(streams.iter().map(|s| (s.at, s.length)))
+}
+
+fn encode_pairs(p: impl Iterator<Item = (u64, u64)>) -> Vec<u8> {
+    p.flat_map(|(a, b)| a.to_le_bytes().into_iter().chain(b.to_le_bytes())).collect()
+}
+
+/// Most extents one `SaveCheckpoint` frame carries (16 bytes each).
+const MAX_EXTENTS: usize = 3000;
+
+/// The allocated byte ranges of a (sparse) file, from `SEEK_DATA` /
+/// `SEEK_HOLE`: everything else is a hole, known zero. Ranges closer than a
+/// gap are merged until at most `MAX_EXTENTS` remain (reading a merged gap
+/// allocates it, so the gap starts at one page and grows only as needed).
+pub fn allocated_extents(file: &Path) -> Result<Vec<(u64, u64)>> {
+    use rustix::fs::{SeekFrom, seek};
+    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let len = f.metadata()?.len();
+    let mut out: Vec<(u64, u64)> = vec![];
+    let mut pos = 0;
+    while pos < len {
+        let start = match seek(&f, SeekFrom::Data(pos)) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e).with_context(|| format!("SEEK_DATA in {}", file.display())),
+        };
+        let end = seek(&f, SeekFrom::Hole(start)).with_context(|| format!("SEEK_HOLE in {}", file.display()))?;
+        out.push((start, end - start));
+        pos = end;
+    }
+    let mut gap = 4096;
+    while out.len() > MAX_EXTENTS {
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(out.len());
+        for (s, l) in out {
+            match merged.last_mut() {
+                Some((ps, pl)) if s - (*ps + *pl) <= gap => *pl = s + l - *ps,
+                _ => merged.push((s, l)),
+            }
+        }
+        out = merged;
+        gap *= 2;
+    }
+    Ok(out)
 }
 
 /// What a save reported.
@@ -94,9 +136,10 @@ pub struct SaveRequest<'a> {
     pub leave_paused: bool,
 }
 
-/// Saves `client` (its RAM a shared memory file mapped by `sd`) as `req`
-/// says. The client is paused for the duration.
-pub fn save(client: &Domain, sd: &mut Domain, scratch: &Path, req: SaveRequest<'_>) -> Result<Saved> {
+/// Saves `client` (its RAM the shared memory file `memory`, mapped by
+/// `sd`) as `req` says. The client is paused for the duration. Only the
+/// file's allocated extents are read.
+pub fn save(client: &Domain, memory: &Path, sd: &mut Domain, scratch: &Path, req: SaveRequest<'_>) -> Result<Saved> {
     let SaveRequest { generation, at, base, compress, leave_paused } = req;
     let start = Instant::now();
     let mut qmp = client.qmp(T)?;
@@ -119,7 +162,9 @@ pub fn save(client: &Domain, sd: &mut Domain, scratch: &Path, req: SaveRequest<'
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
             .map_err(|_| anyhow::anyhow!("no randomness for the salt"))?;
         let base = pairs(base);
-        let id = ctl.send(Body::SaveCheckpoint { generation, at, base: &base, compress, salt: &salt })?;
+        let extents = encode_pairs(allocated_extents(memory)?.into_iter());
+        let id =
+            ctl.send(Body::SaveCheckpoint { generation, at, base: &base, compress, salt: &salt, extents: &extents })?;
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
             let left = deadline.checked_duration_since(Instant::now()).context("the checkpoint SD did not answer")?;

@@ -95,6 +95,12 @@ fn restore_and_check(dir: &Path, disk: &Path, mem: &Path, streams: &[Stream], sa
     (run, client)
 }
 
+/// Allocated KiB of a file (`du -k`).
+fn allocated_kib(f: &Path) -> u64 {
+    let out = std::process::Command::new("du").args(["-k", f.to_str().unwrap()]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().parse().unwrap()
+}
+
 fn mem_file(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
@@ -113,7 +119,12 @@ fn a_linux_client_is_saved_destroyed_and_restored_and_carries_on_also_from_a_del
     wait_count(&c1, 5);
     let mut sd = checkpoint_sd(&run, &mem1, &disk, false);
     let req = SaveRequest { generation: 1, at: 0, base: &[], compress: true, leave_paused: true };
-    let full = checkpoint::save(&c1, &mut sd, dir, req).unwrap();
+    let before = allocated_kib(&mem1);
+    let full = checkpoint::save(&c1, &mem1, &mut sd, dir, req).unwrap();
+    // Holes were skipped, not read: the client's memory file did not grow.
+    let after = allocated_kib(&mem1);
+    assert!(after <= before + 64, "saving allocated the memory file's holes: {before} KiB -> {after} KiB");
+    assert!(full.pages_read < 65536, "{full:?}");
     let saved = last_count(&c1).unwrap();
     eprintln!("full save: {full:?}");
     assert!(full.pages_stored > 1000 && full.device_state_bytes > 10_000, "{full:?}");
@@ -137,7 +148,7 @@ fn a_linux_client_is_saved_destroyed_and_restored_and_carries_on_also_from_a_del
     let mut sd = checkpoint_sd(&run3, &mem2, &disk, false);
     let req =
         SaveRequest { generation: 2, at: full.stream.end(), base: &[full.stream], compress: true, leave_paused: true };
-    let delta = checkpoint::save(&c2, &mut sd, dir, req).unwrap();
+    let delta = checkpoint::save(&c2, &mem2, &mut sd, dir, req).unwrap();
     let saved2 = last_count(&c2).unwrap();
     eprintln!("delta save: {delta:?}");
     assert!(delta.pages_stored < full.pages_stored / 2, "delta stored {} of {}", delta.pages_stored, full.pages_stored);
@@ -159,8 +170,7 @@ fn a_linux_client_is_saved_destroyed_and_restored_and_carries_on_also_from_a_del
     let e = checkpoint::restore(&c4, &mut sd, dir, &[full.stream, delta.stream]).unwrap_err().to_string();
     assert!(e.contains("fails authentication"), "{e}");
     assert_eq!(c4.qmp(Duration::from_secs(5)).unwrap().status().unwrap(), "inmigrate");
-    let allocated = std::process::Command::new("du").args(["-k", mem4.to_str().unwrap()]).output().unwrap();
-    let kib: u64 = String::from_utf8_lossy(&allocated.stdout).split_whitespace().next().unwrap().parse().unwrap();
+    let kib = allocated_kib(&mem4);
     assert!(kib < 1024, "a refused restore wrote {kib} KiB into the client's memory");
     // The wrong key is named.
     sd.shutdown(Duration::from_secs(10)).unwrap();

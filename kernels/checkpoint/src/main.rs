@@ -69,14 +69,10 @@ impl Source for DiskSource<'_> {
 
 /// `offset, length` pairs (u64 LE) → sources on the disk.
 fn sources<'d>(disk: &'d RefCell<BlockDevice>, pairs: &[u8]) -> Result<Vec<DiskSource<'d>>, &'static str> {
-    if !pairs.len().is_multiple_of(16) {
-        return Err("stream list is not offset/length pairs");
-    }
+    let list = u64_pairs(pairs).ok_or("stream list is not offset/length pairs")?;
     let capacity = disk.borrow().capacity();
     let mut out = vec![];
-    for p in pairs.chunks(16) {
-        let at = u64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
-        let len = u64::from_le_bytes(p[8..].try_into().expect("8 bytes"));
+    for (at, len) in list {
         if !at.is_multiple_of(512) || at.checked_add(len).is_none_or(|e| e > capacity) {
             return Err("a stream lies outside the checkpoint disk");
         }
@@ -158,22 +154,25 @@ fn main(mut boot: Boot) -> ImageResult {
                     Ok(())
                 }
             }
-            Body::SaveCheckpoint { generation, at, base, compress, salt } => match &job {
+            Body::SaveCheckpoint { generation, at, base, compress, salt, extents } => match &job {
                 None => Err((ErrorCode::Denied, "no CheckpointKey yet".into())),
-                Some(job) => match save(&disk, &window, job, generation, at, base, compress, salt, &state) {
-                    Ok((length, stats, micros)) => {
-                        let body = Body::CheckpointSaved {
-                            generation,
-                            length,
-                            pages_read: stats.pages_read,
-                            pages_stored: stats.pages_stored,
-                            micros,
-                        };
-                        ctl.send(&mut serial, &Envelope::new(id, body))?;
-                        continue;
+                Some(job) => {
+                    match save(&disk, &window, job, &SaveReq { generation, at, base, compress, salt, extents }, &state)
+                    {
+                        Ok((length, stats, micros)) => {
+                            let body = Body::CheckpointSaved {
+                                generation,
+                                length,
+                                pages_read: stats.pages_read,
+                                pages_stored: stats.pages_stored,
+                                micros,
+                            };
+                            ctl.send(&mut serial, &Envelope::new(id, body))?;
+                            continue;
+                        }
+                        Err(e) => Err(e),
                     }
-                    Err(e) => Err(e),
-                },
+                }
             },
             Body::RestoreCheckpoint { streams } => match &job {
                 None => Err((ErrorCode::Denied, "no CheckpointKey yet".into())),
@@ -205,19 +204,37 @@ fn refused(e: CheckpointError) -> (ErrorCode, alloc::string::String) {
     (code, e.to_string())
 }
 
-/// Writes a checkpoint at `at`; returns its length, statistics and time.
-#[allow(clippy::too_many_arguments)]
+/// A `SaveCheckpoint` request's fields.
+struct SaveReq<'a> {
+    generation: u64,
+    at: u64,
+    base: &'a [u8],
+    compress: bool,
+    salt: &'a [u8],
+    extents: &'a [u8],
+}
+
+/// u64 LE pairs.
+fn u64_pairs(b: &[u8]) -> Option<Vec<(u64, u64)>> {
+    b.len().is_multiple_of(16).then(|| {
+        b.chunks(16)
+            .map(|p| {
+                let a = u64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
+                (a, u64::from_le_bytes(p[8..].try_into().expect("8 bytes")))
+            })
+            .collect()
+    })
+}
+
+/// Writes a checkpoint at `req.at`; returns its length, statistics and time.
 fn save(
     disk: &RefCell<BlockDevice>,
     window: &MemoryWindow,
     job: &Job,
-    generation: u64,
-    at: u64,
-    base: &[u8],
-    compress: bool,
-    salt: &[u8],
+    req: &SaveReq<'_>,
     state: &[u8],
 ) -> Result<(u64, sd_checkpoint::SaveStats, u64), (ErrorCode, alloc::string::String)> {
+    let SaveReq { generation, at, base, compress, salt, extents } = *req;
     let start = Instant::now();
     let salt: [u8; 16] = salt.try_into().map_err(|_| (ErrorCode::Malformed, "the salt must be 16 bytes".into()))?;
     if !at.is_multiple_of(4096) {
@@ -236,6 +253,10 @@ fn save(
     };
     let opts = SaveOptions { compress, pages_per_chunk: 256 };
     let mut saver = Saver::new(&job.key, job.client, size, generation, hashes.as_ref(), salt, opts).map_err(refused)?;
+    if !extents.is_empty() {
+        let ext = u64_pairs(extents).ok_or((ErrorCode::Malformed, "extents are not offset/length pairs".into()))?;
+        saver.set_extents(ext);
+    }
     let mut out = Vec::with_capacity(2 * FLUSH_AT);
     out.extend_from_slice(&saver.header_bytes());
     let mut written = 0u64;
@@ -257,10 +278,11 @@ fn save(
     let micros = start.elapsed().as_micros() as u64;
     info!(
         target: IMAGE,
-        "saved generation {generation}{}: {} pages read, {} stored, {} KiB in {} ms",
+        "saved generation {generation}{}: {} pages read, {} stored, {} zero, {} KiB in {} ms",
         if base.is_empty() { "" } else { " (delta)" },
         stats.pages_read,
         stats.pages_stored,
+        stats.zero_pages,
         length >> 10,
         micros / 1000
     );
