@@ -206,6 +206,22 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Checkpoints of an idle Linux client end to end: the checkpoint SD's
+    /// full save, delta save and restore beside QEMU's migrate-to-file and a
+    /// raw copy of the memory file, per client size.
+    Checkpoint {
+        #[arg(long)]
+        catalog: PathBuf,
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        /// Client memory sizes (MiB, powers of two).
+        #[arg(long, value_delimiter = ',', default_values_t = [512, 1024])]
+        sizes: Vec<u32>,
+        #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+        accel: AccelChoice,
+        #[arg(long)]
+        json: bool,
+    },
     /// The storage SD's core natively: aes-xts-plain64 beside `openssl speed`
     /// in the same run, and NBD requests/s over memory. Build with --release.
     StorageCore {
@@ -411,6 +427,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&cells)?);
             } else {
                 print!("{}", ssc::bench_storage_e2e::render(&cells, accel));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::Checkpoint { catalog: dir, trust, sizes, accel, json }) => {
+            if let Some(bad) = sizes.iter().find(|s| !s.is_power_of_two() || **s < 128) {
+                bail!("client size {bad} MiB: a memory window needs a power of two of at least 128 MiB");
+            }
+            let image = catalog::find(&dir, &catalog::load_trusted(&trust)?, "checkpoint")?;
+            let (kernel, initrd) =
+                (PathBuf::from("build/client/vmlinuz"), PathBuf::from("build/client/initrd.cpio.gz"));
+            if !kernel.is_file() || !initrd.is_file() {
+                bail!("no client VM in build/client: run `make client`");
+            }
+            let (accel, why) = qemu::resolve_accel(accel, Some(&image.path))?;
+            eprintln!("ssc: accelerator {accel} ({why})");
+            let cells = ssc::bench_checkpoint_e2e::run(&image, &kernel, &initrd, accel, &sizes)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&cells)?);
+            } else {
+                print!("{}", ssc::bench_checkpoint_e2e::render(&cells, accel));
             }
             Ok(ExitCode::SUCCESS)
         }

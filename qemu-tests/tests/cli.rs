@@ -499,3 +499,23 @@ fn ssc_up_unlocks_a_luks2_volume_made_by_ssc_volume_create_on_the_tenant_side() 
     sd_storage_crypt::xts::Xts::new(&u.key).unwrap().decrypt_sector(100 * 8, &mut sector);
     assert!(sector.starts_with(b"LUKS2-MARKER-17b9"), "the marker is not where dm-crypt would read it");
 }
+
+#[test]
+fn bench_checkpoint_measures_the_sd_beside_qemus_migration_in_one_invocation() {
+    let (dir, key) = catalog_args();
+    let r = run_ssc(&["bench", "checkpoint", "--catalog", &dir, "--trust", &key, "--sizes", "256"], T);
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    let out = r.stdout();
+    for want in [
+        "Accelerator:",
+        "SD full save",
+        "SD delta save",
+        "SD restore (full + delta)",
+        "QEMU stop + migrate",
+        "raw copy",
+    ] {
+        assert!(out.contains(want), "missing `{want}`:\n{}", r.all());
+    }
+    let r = run_ssc(&["bench", "checkpoint", "--catalog", &dir, "--trust", &key, "--sizes", "300"], T);
+    assert!(r.code() == Some(1) && r.stderr().contains("power of two"), "{}", r.all());
+}
