@@ -899,25 +899,34 @@ impl Domain {
     pub fn wait_exit(&mut self, timeout: Option<Duration>) -> Result<ImageExit> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            if crate::interrupted() {
-                return Err(self.failure("interrupted".into()));
-            }
-            if let Err(e) = self.service_control() {
-                return Err(self.failure(format!("{e:#}")));
-            }
-            while self.take_line(Duration::from_millis(0)).is_some() {}
-            let Some(child) = self.child.as_mut() else { bail!("domain `{}` was not started", self.name) };
-            if let Some(status) = child.try_wait()? {
-                self.drain_lines();
-                self.child = None;
-                return Ok(ImageExit::from_status(status));
+            if let Some(exit) = self.poll_exit()? {
+                return Ok(exit);
             }
             if deadline.is_some_and(|d| Instant::now() > d) {
                 return Err(self
                     .failure(format!("still running after {} s; stopped it", timeout.unwrap_or_default().as_secs())));
             }
-            let _ = self.take_line(Duration::from_millis(20));
         }
+    }
+
+    /// One step of [`Domain::wait_exit`] (about 20 ms): the exit, if the
+    /// domain has ended.
+    pub fn poll_exit(&mut self) -> Result<Option<ImageExit>> {
+        if crate::interrupted() {
+            return Err(self.failure("interrupted".into()));
+        }
+        if let Err(e) = self.service_control() {
+            return Err(self.failure(format!("{e:#}")));
+        }
+        while self.take_line(Duration::from_millis(0)).is_some() {}
+        let Some(child) = self.child.as_mut() else { bail!("domain `{}` was not started", self.name) };
+        if let Some(status) = child.try_wait()? {
+            self.drain_lines();
+            self.child = None;
+            return Ok(Some(ImageExit::from_status(status)));
+        }
+        let _ = self.take_line(Duration::from_millis(20));
+        Ok(None)
     }
 
     /// The control link, once connected.

@@ -93,7 +93,9 @@ struct ChainFile {
     catalog: CatalogRef,
     #[serde(default)]
     client: ClientSection,
+    #[serde(default)]
     disk: Vec<DiskSection>,
+    checkpoint: Option<Spanned<crate::chain_checkpoint::CheckpointSection>>,
 }
 
 /// The tenant-side secret of one disk.
@@ -122,6 +124,10 @@ pub struct Plan {
     pub memory: u32,
     pub append: String,
     pub disks: Vec<PlannedDisk>,
+    /// The chain file's `[checkpoint]`, checked.
+    pub checkpoint: Option<crate::chain_checkpoint::CheckpointPlan>,
+    /// The chain file (its command socket sits beside it).
+    pub path: PathBuf,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -151,8 +157,8 @@ pub fn plan(path: &Path) -> Result<Plan> {
     let at = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
     let trusted = catalog::load_trusted(&file.catalog.trust.iter().map(|p| at(p)).collect::<Vec<_>>())?;
     let catalog_dir = at(&file.catalog.path);
-    if file.disk.is_empty() {
-        bail!("{name}: no [[disk]]: a chain needs at least one disk");
+    if file.disk.is_empty() && file.checkpoint.is_none() {
+        bail!("{name}: no [[disk]] and no [checkpoint]: a chain needs at least one service domain");
     }
     let mut disks = vec![];
     for d in file.disk {
@@ -224,6 +230,27 @@ pub fn plan(path: &Path) -> Result<Plan> {
         };
         disks.push(PlannedDisk { volume, sds, secret_kind, secret, outer_keys });
     }
+    let checkpoint = match file.checkpoint {
+        None => None,
+        Some(c) => {
+            let line = format!("{name}:{}", line_of(&text, c.span().start));
+            let c = c.into_inner();
+            let image = catalog::find(&catalog_dir, &trusted, "checkpoint")
+                .map_err(|e| anyhow!("{line}: [checkpoint] needs the `checkpoint` image: {e:#}"))?;
+            let m = &image.manifest.image;
+            if m.windows < 1 || !m.permissions.iter().any(|p| p == "mem-read") {
+                bail!("{line}: `{}` does not declare a memory window with mem-read", m.name);
+            }
+            let key_path = at(&c.key);
+            Some(crate::chain_checkpoint::CheckpointPlan {
+                image,
+                disk: at(&c.disk),
+                key: read_key(&key_path).map_err(|e| anyhow!("{line}: {e:#}"))?,
+                key_path,
+                compress: c.compress.unwrap_or(true),
+            })
+        }
+    };
     let client_dir = Path::new("build/client");
     let c = file.client;
     let kernel = c.kernel.map(|p| at(&p)).unwrap_or_else(|| client_dir.join("vmlinuz"));
@@ -239,6 +266,8 @@ pub fn plan(path: &Path) -> Result<Plan> {
         memory: c.memory.unwrap_or(512),
         append: c.append.unwrap_or_else(|| "console=ttyS0 quiet".into()),
         disks,
+        checkpoint,
+        path: path.to_path_buf(),
     })
 }
 
@@ -246,6 +275,8 @@ pub fn plan(path: &Path) -> Result<Plan> {
 pub struct Running {
     pub sds: MetaDomain,
     pub client: Domain,
+    checkpoint: Option<crate::chain_checkpoint::Session>,
+    commands: Option<crate::chain_checkpoint::CommandSocket>,
     /// Holds the NBD sockets; dropped after the domains.
     _scratch: crate::builder::RunDir,
 }
@@ -301,10 +332,18 @@ fn key_volume_sd(ctl: &ControlLink, name: &str, d: &PlannedDisk, i: usize) -> Re
 /// Starts the plan: each disk's SDs from the volume up (each keyed before
 /// the one above it connects to its export), then the client on the first
 /// SDs' NBD links. Progress goes to stderr.
-pub fn up(plan: &Plan, accel: Accel, echo: bool, initrd_override: Option<&Path>) -> Result<Running> {
+pub fn up(
+    plan: &Plan,
+    accel: Accel,
+    echo: bool,
+    initrd_override: Option<&Path>,
+    restore: Option<u64>,
+) -> Result<Running> {
     let scratch = crate::builder::RunDir::create()?;
     let total: usize = plan.disks.iter().map(|d| d.sds.len()).sum();
-    eprintln!("ssc up: starting {total} service domain(s)");
+    if total > 0 {
+        eprintln!("ssc up: starting {total} storage service domain(s)");
+    }
     let mut sds = MetaDomain::new()?;
     let mut sockets = vec![];
     for (i, d) in plan.disks.iter().enumerate() {
@@ -340,17 +379,69 @@ pub fn up(plan: &Plan, accel: Accel, echo: bool, initrd_override: Option<&Path>)
     client.mem_mib = plan.memory;
     client.append = plan.append.clone();
     client.nbd_disks = sockets.iter().map(|s| NbdDisk { socket: s.clone(), export: "vol".into() }).collect();
+    let memory = scratch.path().join("client.mem");
+    if plan.checkpoint.is_some() {
+        // Shared RAM: the checkpoint SD's window, skipped by migration.
+        client.memory_file = Some(memory.clone());
+    }
+    if restore.is_some() {
+        client.extra_args.extend(["-incoming".into(), "defer".into()]);
+    }
     let log = if echo { LogEcho::Stdout("[client] ".into()) } else { LogEcho::Quiet };
     let mut client = Domain::launch(&client, accel, &scratch, log)?;
-    client.wait_ready(Duration::from_secs(180))?;
-    eprintln!("ssc up: client ready with {} disk(s) (/dev/vda…)", plan.disks.len());
-    Ok(Running { sds, client, _scratch: scratch })
+    let mut session = match &plan.checkpoint {
+        Some(c) => Some(crate::chain_checkpoint::start_sd(c, &mut sds, accel, echo, &memory, plan.memory)?),
+        None => None,
+    };
+    let commands = match &session {
+        Some(_) => Some(crate::chain_checkpoint::CommandSocket::bind(&plan.path)?),
+        None => None,
+    };
+    match (restore, session.as_mut()) {
+        (Some(g), Some(s)) => s.restore(&client, &mut sds, scratch.path(), g)?,
+        (Some(_), None) => bail!("--restore needs a [checkpoint] section in the chain file"),
+        _ => {
+            client.wait_ready(Duration::from_secs(180))?;
+            eprintln!("ssc up: client ready with {} disk(s) (/dev/vda…)", plan.disks.len());
+        }
+    }
+    if session.is_some() {
+        eprintln!(
+            "ssc up: checkpoints: `ssc checkpoint save {}` (listening on {})",
+            plan.path.display(),
+            crate::chain_checkpoint::socket_path(&plan.path).display()
+        );
+    }
+    Ok(Running { sds, client, checkpoint: session, commands, _scratch: scratch })
 }
 
 impl Running {
     /// Waits for the client to finish (or Ctrl-C), then stops the SDs.
+    /// Meanwhile it serves `ssc checkpoint save` on the command socket.
     pub fn wait(mut self, timeout: Option<Duration>) -> Result<(ImageExit, Vec<String>)> {
-        let exit = self.client.wait_exit(timeout);
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let exit = loop {
+            match self.client.poll_exit() {
+                Ok(Some(exit)) => break Ok(exit),
+                Err(e) => break Err(e),
+                Ok(None) => {}
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() > d) {
+                self.client.stop();
+                break Err(anyhow!(
+                    "the client was still running after {} s; stopped it",
+                    timeout.unwrap_or_default().as_secs()
+                ));
+            }
+            if let (Some(cmds), Some(session)) = (self.commands.as_mut(), self.checkpoint.as_mut()) {
+                let (client, sds, scratch) = (&self.client, &mut self.sds, self._scratch.path());
+                cmds.poll(|cmd| match cmd {
+                    "save" => session.save(client, sds, scratch, false),
+                    "save full" => session.save(client, sds, scratch, true),
+                    other => bail!("unknown command `{other}` (save, save full)"),
+                });
+            }
+        };
         let log = self.client.log();
         for d in self.sds.domains() {
             let failed = d.control_ref().map(|c| c.integrity_failures()).unwrap_or_default();

@@ -20,6 +20,7 @@ pub mod bench_storage_e2e;
 pub mod builder;
 pub mod catalog;
 pub mod chain;
+pub mod chain_checkpoint;
 pub mod checkpoint;
 pub mod doctor;
 pub mod luks;

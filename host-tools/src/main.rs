@@ -92,7 +92,19 @@ enum Cmd {
         /// Check the chain file and the catalog, start nothing.
         #[arg(long)]
         check: bool,
+        /// Start the client from a checkpoint (a generation or `latest`)
+        /// instead of booting it; needs a [checkpoint] section.
+        #[arg(long)]
+        restore: Option<String>,
+        /// Allow restoring a generation that was restored before (its RNG
+        /// state and one-time secrets are replayed).
+        #[arg(long)]
+        allow_rollback: bool,
     },
+    /// Checkpoints of a running chain's client (see `[checkpoint]` in the
+    /// chain file).
+    #[command(subcommand)]
+    Checkpoint(CheckpointCmd),
     /// Tenant volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -110,6 +122,19 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum CheckpointCmd {
+    /// Save the client of the `ssc up CHAIN` running now: a delta of what
+    /// it was restored from or last saved, or `--full`.
+    Save {
+        chain: PathBuf,
+        #[arg(long)]
+        full: bool,
+    },
+    /// The checkpoints in the tenant's record.
+    List { chain: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -323,7 +348,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             })
         }
-        Cmd::Up { chain, job, accel, check } => {
+        Cmd::Up { chain, job, accel, check, restore, allow_rollback } => {
             let plan = ssc::chain::plan(&chain)?;
             for (i, d) in plan.disks.iter().enumerate() {
                 let sds: Vec<String> = d
@@ -337,7 +362,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 eprintln!("ssc up: {} checks out", chain.display());
                 return Ok(ExitCode::SUCCESS);
             }
-            let probe = plan.disks[0].sds[0].path.clone();
+            let probe = match (plan.disks.first(), &plan.checkpoint) {
+                (Some(d), _) => d.sds[0].path.clone(),
+                (None, Some(c)) => c.image.path.clone(),
+                (None, None) => unreachable!("plan() refuses a chain without service domains"),
+            };
             let (accel, why) = qemu::resolve_accel(accel, Some(&probe))?;
             eprintln!("ssc: accelerator {accel} ({why})");
             let tmp = RunDir::create()?;
@@ -350,7 +379,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 None => None,
             };
-            let running = ssc::chain::up(&plan, accel, true, initrd.as_deref())?;
+            let restore = match restore {
+                Some(choice) => {
+                    let c =
+                        plan.checkpoint.as_ref().context("--restore needs a [checkpoint] section in the chain file")?;
+                    let record = ssc::chain_checkpoint::Record::load(&c.key_path)?;
+                    Some(record.choose(&choice, allow_rollback)?)
+                }
+                None => None,
+            };
+            let running = ssc::chain::up(&plan, accel, true, initrd.as_deref(), restore)?;
             let (exit, log) = running.wait(None)?;
             let passed = log.iter().any(|l| l == "client: job passed");
             match exit {
@@ -399,6 +437,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bytes >> 20,
                 key_out.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Checkpoint(CheckpointCmd::Save { chain, full }) => {
+            eprintln!("ssc checkpoint: saving (the client is paused meanwhile)…");
+            let msg = ssc::chain_checkpoint::request(&chain, if full { "save full" } else { "save" })?;
+            println!("saved {msg}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Checkpoint(CheckpointCmd::List { chain }) => {
+            let plan = ssc::chain::plan(&chain)?;
+            let c = plan.checkpoint.as_ref().context("the chain file has no [checkpoint] section")?;
+            let record = ssc::chain_checkpoint::Record::load(&c.key_path)?;
+            println!("client {}", record.client_id);
+            for e in &record.entries {
+                let kind = if e.base.is_empty() { "full".to_string() } else { format!("delta of {:?}", e.base) };
+                let restored = if record.restored.contains(&e.generation) { ", restored" } else { "" };
+                println!(
+                    "generation {}: {kind}, {:.1} MiB at {} MiB, {} MiB client{restored}",
+                    e.generation,
+                    e.length as f64 / (1 << 20) as f64,
+                    e.at >> 20,
+                    e.memory_mib
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Doctor { image, json } => {

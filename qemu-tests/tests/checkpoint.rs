@@ -180,3 +180,109 @@ fn a_linux_client_is_saved_destroyed_and_restored_and_carries_on_also_from_a_del
     let e = checkpoint::restore(&c4, &mut sd2, dir, &[full.stream]).unwrap_err().to_string();
     assert!(e.contains("wrong key"), "{e}");
 }
+
+/// `ssc up` in the background, its stdout in a file.
+struct Up {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Up {
+    fn start(dir: &Path, args: &[&str], name: &str) -> Up {
+        let out = dir.join(format!("{name}.out"));
+        let child = std::process::Command::new(ssc_bin())
+            .args(args)
+            .env("SSC_ACCEL", accel().to_string())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .unwrap();
+        Up { child, out }
+    }
+
+    /// Counts the client printed with its tmpfs file intact.
+    fn counts(&self) -> Vec<u64> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("[client] count "))
+            .filter_map(|r| r.split_once(' '))
+            .filter(|(_, f)| *f == MARKER)
+            .filter_map(|(n, _)| n.parse().ok())
+            .collect()
+    }
+
+    fn wait_counts(&self, n: usize) {
+        let start = Instant::now();
+        while self.counts().len() < n {
+            assert!(start.elapsed() < Duration::from_secs(180), "the client never counted to {n}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(mut self) {
+        std::process::Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().unwrap();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn ssc_checkpoint_save_and_ssc_up_restore_work_on_a_running_chain_and_refuse_a_second_restore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (catalog_dir, trust) = catalog();
+    let (kernel, initrd) = client_kernel();
+    std::fs::write(dir.join("ck.key"), noise(64, 99).iter().map(|b| format!("{b:02x}")).collect::<String>()).unwrap();
+    let chain = dir.join("chain.toml");
+    std::fs::write(
+        &chain,
+        format!(
+            "[catalog]\npath = \"{}\"\ntrust = [\"{}\"]\n[client]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory = {MEM_MIB}\n\
+             [checkpoint]\ndisk = \"ckpt.img\"\nkey = \"ck.key\"\n",
+            catalog_dir.display(),
+            trust.display(),
+            kernel.display(),
+            initrd.display()
+        ),
+    )
+    .unwrap();
+    let job = dir.join("job.sh");
+    std::fs::write(
+        &job,
+        format!(
+            "echo {MARKER} > /tmp/f\ni=0\nwhile true; do i=$((i+1)); echo \"count $i $(cat /tmp/f)\"; sleep 0.1; done\n"
+        ),
+    )
+    .unwrap();
+    let c = chain.to_str().unwrap();
+    let r = run_ssc(&["checkpoint", "save", c], Duration::from_secs(30));
+    assert!(r.code() == Some(1) && r.stderr().contains("is running"), "{}", r.all());
+
+    // Boot, save (full), stop.
+    let up = Up::start(dir, &["up", c, "--job", job.to_str().unwrap()], "up1");
+    up.wait_counts(10);
+    let r = run_ssc(&["checkpoint", "save", c], Duration::from_secs(300));
+    assert!(r.code() == Some(0) && r.stdout().contains("saved generation 1 (full)"), "{}", r.all());
+    let saved = *up.counts().iter().max().unwrap();
+    up.stop();
+
+    // Restore it: the client counts on from where it was saved.
+    let up = Up::start(dir, &["up", c, "--restore", "latest"], "up2");
+    up.wait_counts(3);
+    let first = up.counts()[0];
+    assert!(first > 10 && first <= saved + 2, "restored client began at {first}, saved around {saved}");
+    let r = run_ssc(&["checkpoint", "save", c], Duration::from_secs(300));
+    assert!(r.code() == Some(0) && r.stdout().contains("saved generation 2 (delta of 1)"), "{}", r.all());
+    up.stop();
+
+    // Generation 1 again: refused; the list shows both.
+    let r = run_ssc(&["up", c, "--restore", "1"], Duration::from_secs(60));
+    assert!(r.code() == Some(1) && r.stderr().contains("--allow-rollback"), "{}", r.all());
+    let r = run_ssc(&["checkpoint", "list", c], Duration::from_secs(30));
+    assert!(
+        r.stdout().contains("generation 1: full") && r.stdout().contains("generation 2: delta of [1]"),
+        "{}",
+        r.all()
+    );
+    assert!(!chain.with_extension("toml.sock").exists(), "the command socket outlived ssc up");
+}

@@ -7,9 +7,10 @@
 //! `DeviceState` frames (QEMU's device state, taken by the builder with
 //! `x-ignore-shared` migration) and `SaveCheckpoint`, or
 //! `RestoreCheckpoint`, which verifies every stream before writing a page
-//! and sends the device state back. The domain keeps no state between
-//! operations: a delta's base is re-verified from the disk, which also
-//! proves it is intact.
+//! and sends the device state back. Between operations it keeps only the
+//! page hashes of the generation it last wrote or restored; a delta
+//! against anything else re-verifies its base from the disk, which yields
+//! the hashes and proves the base intact.
 #![no_std]
 #![no_main]
 
@@ -81,10 +82,12 @@ fn sources<'d>(disk: &'d RefCell<BlockDevice>, pairs: &[u8]) -> Result<Vec<DiskS
     Ok(out)
 }
 
-/// What the tenant side configured.
+/// What the tenant side configured, and the page hashes of the last
+/// checkpoint this domain wrote or restored (the base of the next delta).
 struct Job {
     client: [u8; 16],
     key: Vec<u8>,
+    hashes: Option<sd_checkpoint::PageHashes>,
 }
 
 type Reply = Result<(), (ErrorCode, alloc::string::String)>;
@@ -135,7 +138,7 @@ fn main(mut boot: Boot) -> ImageResult {
             }
             Body::CheckpointKey { client, key } => match <[u8; 16]>::try_from(client) {
                 Ok(client) if key.len() >= 32 => {
-                    job = Some(Job { client, key: key.to_vec() });
+                    job = Some(Job { client, key: key.to_vec(), hashes: None });
                     info!(target: IMAGE, "checkpoint key configured for client {:02x}{:02x}…", client[0], client[1]);
                     Ok(())
                 }
@@ -154,7 +157,7 @@ fn main(mut boot: Boot) -> ImageResult {
                     Ok(())
                 }
             }
-            Body::SaveCheckpoint { generation, at, base, compress, salt, extents } => match &job {
+            Body::SaveCheckpoint { generation, at, base, compress, salt, extents } => match job.as_mut() {
                 None => Err((ErrorCode::Denied, "no CheckpointKey yet".into())),
                 Some(job) => {
                     match save(&disk, &window, job, &SaveReq { generation, at, base, compress, salt, extents }, &state)
@@ -174,7 +177,7 @@ fn main(mut boot: Boot) -> ImageResult {
                     }
                 }
             },
-            Body::RestoreCheckpoint { streams } => match &job {
+            Body::RestoreCheckpoint { streams } => match job.as_mut() {
                 None => Err((ErrorCode::Denied, "no CheckpointKey yet".into())),
                 Some(job) => restore(&disk, &mut window, job, streams).and_then(|device_state| {
                     send_state(&mut serial, &ctl, id, &device_state)
@@ -230,7 +233,7 @@ fn u64_pairs(b: &[u8]) -> Option<Vec<(u64, u64)>> {
 fn save(
     disk: &RefCell<BlockDevice>,
     window: &MemoryWindow,
-    job: &Job,
+    job: &mut Job,
     req: &SaveReq<'_>,
     state: &[u8],
 ) -> Result<(u64, sd_checkpoint::SaveStats, u64), (ErrorCode, alloc::string::String)> {
@@ -243,13 +246,24 @@ fn save(
     let size = window.len();
     // A delta: re-verify its base chain from the disk; that yields the
     // page hashes the delta is computed against.
+    // A delta: the hashes this domain kept from the base's last generation
+    // if it wrote or restored it; otherwise re-verify the base chain from
+    // the disk, which yields them (and proves the base intact).
     let hashes = if base.is_empty() {
         None
     } else {
         let mut srcs = sources(disk, base).map_err(|e| (ErrorCode::Malformed, e.into()))?;
-        let mut refs: Vec<&mut dyn Source> = srcs.iter_mut().map(|s| s as &mut dyn Source).collect();
-        let (_, hashes) = Restorer::new(&job.key, job.client, size).verify(&mut refs).map_err(refused)?;
-        Some(hashes)
+        let mut head = [0u8; 96];
+        srcs.last_mut().expect("non-empty").read_at(0, &mut head).map_err(refused)?;
+        let last = sd_checkpoint::Header::decode(&head).map_err(refused)?.generation;
+        match job.hashes.take() {
+            Some(h) if h.generation == last && h.client_id == job.client => Some(h),
+            _ => {
+                info!(target: IMAGE, "delta base generation {last} not in memory: verifying it from the disk");
+                let mut refs: Vec<&mut dyn Source> = srcs.iter_mut().map(|s| s as &mut dyn Source).collect();
+                Some(Restorer::new(&job.key, job.client, size).verify(&mut refs).map_err(refused)?.1)
+            }
+        }
     };
     let opts = SaveOptions { compress, pages_per_chunk: 256 };
     let mut saver = Saver::new(&job.key, job.client, size, generation, hashes.as_ref(), salt, opts).map_err(refused)?;
@@ -271,10 +285,11 @@ fn save(
         }
     }
     saver.device_state(state, &mut out);
-    let (stats, _) = saver.finish(&mut out).map_err(refused)?;
+    let (stats, new_hashes) = saver.finish(&mut out).map_err(refused)?;
     let length = stats.bytes_out;
     flush_out(disk, at + written, &mut out, true)?;
     disk.borrow_mut().flush().map_err(|e| (ErrorCode::Internal, alloc::format!("checkpoint disk: {e}")))?;
+    job.hashes = Some(new_hashes);
     let micros = start.elapsed().as_micros() as u64;
     info!(
         target: IMAGE,
@@ -318,7 +333,7 @@ fn flush_out(
 fn restore(
     disk: &RefCell<BlockDevice>,
     window: &mut MemoryWindow,
-    job: &Job,
+    job: &mut Job,
     streams: &[u8],
 ) -> Result<Vec<u8>, (ErrorCode, alloc::string::String)> {
     let start = Instant::now();
@@ -335,6 +350,7 @@ fn restore(
         r.device_state.len() >> 10,
         start.elapsed().as_millis()
     );
+    job.hashes = Some(r.hashes);
     Ok(r.device_state)
 }
 

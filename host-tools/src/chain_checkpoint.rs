@@ -1,0 +1,314 @@
+//! Checkpoints of a chain's client: the `[checkpoint]` section of a chain
+//! file, the tenant's record of checkpoints, the command socket through
+//! which `ssc checkpoint save` reaches a running `ssc up`, and restore at
+//! start (`ssc up --restore`).
+//!
+//! ```toml
+//! [checkpoint]
+//! disk = "checkpoints.img"   # the provider's disk for sealed checkpoints (created if missing)
+//! key = "checkpoint.key"     # tenant key (hex, 64 bytes; `ssc volume create` makes one)
+//! # compress = false         # lz4 (default true)
+//! ```
+//!
+//! The record (`KEY.checkpoints`, JSON, kept with the key) lists every
+//! stream on the disk — generation, place, the chain it is a delta of —
+//! and the generations already restored: restoring one twice replays its
+//! RNG state and one-time secrets, so it is refused unless the tenant says
+//! `--allow-rollback`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::builder::{Domain, DomainSpec, MetaDomain, WindowSpec};
+use crate::catalog::VerifiedImage;
+use crate::checkpoint::{self, SaveRequest, Stream};
+use crate::qemu::Accel;
+
+/// The chain file's `[checkpoint]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    pub disk: PathBuf,
+    pub key: PathBuf,
+    pub compress: Option<bool>,
+}
+
+/// A checked `[checkpoint]`.
+pub struct CheckpointPlan {
+    pub image: VerifiedImage,
+    pub disk: PathBuf,
+    pub key: Vec<u8>,
+    pub key_path: PathBuf,
+    pub compress: bool,
+}
+
+/// One stream in the record.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Entry {
+    pub generation: u64,
+    pub at: u64,
+    pub length: u64,
+    /// Generations of the chain it is a delta against (full first).
+    pub base: Vec<u64>,
+    pub memory_mib: u32,
+}
+
+/// The tenant's record of checkpoints.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Record {
+    /// Hex, 16 bytes: binds every stream to this client.
+    pub client_id: String,
+    pub entries: Vec<Entry>,
+    pub restored: Vec<u64>,
+}
+
+impl Record {
+    pub fn path(key: &Path) -> PathBuf {
+        let mut p = key.as_os_str().to_owned();
+        p.push(".checkpoints");
+        PathBuf::from(p)
+    }
+
+    /// Loads the record, or starts one with a fresh client id.
+    pub fn load(key: &Path) -> Result<Record> {
+        let path = Record::path(key);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => serde_json::from_str(&t).with_context(|| format!("{} is not a checkpoint record", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut id = [0u8; 16];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+                    .map_err(|_| anyhow!("no randomness for the client id"))?;
+                Ok(Record { client_id: crate::catalog::hex(&id), ..Record::default() })
+            }
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Writes the record atomically (a crash leaves the old or the new).
+    pub fn store(&self, key: &Path) -> Result<()> {
+        let path = Record::path(key);
+        let tmp = path.with_extension("checkpoints.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    }
+
+    pub fn client(&self) -> Result<[u8; 16]> {
+        let b = crate::catalog::unhex(&self.client_id).context("client id")?;
+        b.try_into().map_err(|_| anyhow!("the record's client id is not 16 bytes"))
+    }
+
+    fn entry(&self, generation: u64) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.generation == generation)
+    }
+
+    /// The streams that restore `generation` (its base chain, then itself).
+    pub fn chain(&self, generation: u64) -> Result<Vec<Stream>> {
+        let e =
+            self.entry(generation).ok_or_else(|| anyhow!("no checkpoint of generation {generation} in the record"))?;
+        let mut out = vec![];
+        for g in e.base.iter().chain([&generation]) {
+            let b = self
+                .entry(*g)
+                .ok_or_else(|| anyhow!("generation {generation} needs {g}, which is not in the record"))?;
+            out.push(Stream { generation: b.generation, at: b.at, length: b.length });
+        }
+        Ok(out)
+    }
+
+    fn next_generation(&self) -> u64 {
+        self.entries.iter().map(|e| e.generation).max().unwrap_or(0) + 1
+    }
+
+    fn next_offset(&self) -> u64 {
+        self.entries.iter().map(|e| (e.at + e.length).next_multiple_of(4096)).max().unwrap_or(0)
+    }
+
+    /// Which generation `--restore` means, refusing a second restore of the
+    /// same one without `allow_rollback`.
+    pub fn choose(&self, choice: &str, allow_rollback: bool) -> Result<u64> {
+        let g = match choice {
+            "latest" => self.entries.iter().map(|e| e.generation).max().ok_or_else(|| anyhow!("no checkpoints yet"))?,
+            n => n.parse().map_err(|_| anyhow!("--restore takes a generation number or `latest`, not `{n}`"))?,
+        };
+        self.entry(g).ok_or_else(|| anyhow!("no checkpoint of generation {g} in the record"))?;
+        if self.restored.contains(&g) && !allow_rollback {
+            bail!(
+                "generation {g} was already restored once; restoring it again replays its RNG state and one-time \
+                 secrets. Pass --allow-rollback if you mean it"
+            );
+        }
+        Ok(g)
+    }
+}
+
+/// The checkpoint SD of a running chain and what it has saved.
+pub struct Session {
+    pub plan_disk: PathBuf,
+    pub key: Vec<u8>,
+    pub key_path: PathBuf,
+    pub compress: bool,
+    pub memory: PathBuf,
+    pub memory_mib: u32,
+    pub sd_name: String,
+    /// The chain the running client descends from (empty after a fresh boot).
+    pub lineage: Vec<u64>,
+}
+
+/// Starts the checkpoint SD beside the client (its window on `memory`).
+pub fn start_sd(
+    plan: &CheckpointPlan,
+    sds: &mut MetaDomain,
+    accel: Accel,
+    echo: bool,
+    memory: &Path,
+    memory_mib: u32,
+) -> Result<Session> {
+    if !plan.disk.exists() {
+        std::fs::File::create(&plan.disk)
+            .and_then(|f| f.set_len((u64::from(memory_mib) * 8 + 64) << 20))
+            .with_context(|| format!("creating checkpoint disk {}", plan.disk.display()))?;
+        eprintln!("ssc up: created checkpoint disk {} (sparse)", plan.disk.display());
+    }
+    let mut spec = DomainSpec::new("checkpoint", &plan.image.path);
+    spec.disks.push(plan.disk.clone());
+    spec.windows.push(WindowSpec { file: memory.to_path_buf(), writable: true });
+    let dom = sds.start(&spec, accel, echo, Duration::from_secs(60))?;
+    // The client id is fixed by the first record written (now, if new).
+    let record = Record::load(&plan.key_path)?;
+    record.store(&plan.key_path)?;
+    checkpoint::configure(dom, record.client()?, &plan.key)?;
+    Ok(Session {
+        plan_disk: plan.disk.clone(),
+        key: plan.key.clone(),
+        key_path: plan.key_path.clone(),
+        compress: plan.compress,
+        memory: memory.to_path_buf(),
+        memory_mib,
+        sd_name: spec.name,
+        lineage: vec![],
+    })
+}
+
+impl Session {
+    /// Restores `generation` into `client` (started with `-incoming defer`).
+    pub fn restore(&mut self, client: &Domain, sds: &mut MetaDomain, scratch: &Path, generation: u64) -> Result<()> {
+        let mut record = Record::load(&self.key_path)?;
+        let streams = record.chain(generation)?;
+        let sd = sds.domain(&self.sd_name).context("the checkpoint SD is gone")?;
+        eprintln!("ssc up: restoring generation {generation} ({} stream(s))…", streams.len());
+        let took = checkpoint::restore(client, sd, scratch, &streams)?;
+        record.restored.push(generation);
+        record.store(&self.key_path)?;
+        self.lineage = streams.iter().map(|s| s.generation).collect();
+        eprintln!("ssc up: restored generation {generation} in {:.1} s; the client runs on", took.as_secs_f64());
+        Ok(())
+    }
+
+    /// Saves the running client: a delta of its lineage, or full.
+    pub fn save(&mut self, client: &Domain, sds: &mut MetaDomain, scratch: &Path, full: bool) -> Result<String> {
+        let mut record = Record::load(&self.key_path)?;
+        let generation = record.next_generation();
+        let at = record.next_offset();
+        let full = full || self.lineage.is_empty() || self.lineage.len() >= 16;
+        let base: Vec<Stream> = if full { vec![] } else { record.chain(*self.lineage.last().expect("not empty"))? };
+        let sd = sds.domain(&self.sd_name).context("the checkpoint SD is gone")?;
+        let req = SaveRequest { generation, at, base: &base, compress: self.compress, leave_paused: false };
+        let saved = checkpoint::save(client, &self.memory, sd, scratch, req)?;
+        record.entries.push(Entry {
+            generation,
+            at,
+            length: saved.stream.length,
+            base: base.iter().map(|s| s.generation).collect(),
+            memory_mib: self.memory_mib,
+        });
+        record.store(&self.key_path)?;
+        if full {
+            self.lineage.clear();
+        }
+        self.lineage.push(generation);
+        Ok(format!(
+            "generation {generation} ({}): {} pages stored of {} read, {:.1} MiB on {}, client paused {:.2} s",
+            if full { "full".to_string() } else { format!("delta of {}", base.len()) },
+            saved.pages_stored,
+            saved.pages_read,
+            saved.stream.length as f64 / (1 << 20) as f64,
+            self.plan_disk.display(),
+            saved.paused.as_secs_f64()
+        ))
+    }
+}
+
+/// Where `ssc up` listens for commands about `chain`.
+pub fn socket_path(chain: &Path) -> PathBuf {
+    let mut p = chain.as_os_str().to_owned();
+    p.push(".sock");
+    PathBuf::from(p)
+}
+
+/// The command socket of a running `ssc up` (mode 0600, removed on drop).
+pub struct CommandSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl CommandSocket {
+    pub fn bind(chain: &Path) -> Result<CommandSocket> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = socket_path(chain);
+        if path.exists() {
+            if UnixStream::connect(&path).is_ok() {
+                bail!("{} is in use: another `ssc up` runs this chain", path.display());
+            }
+            std::fs::remove_file(&path)?;
+        }
+        let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        Ok(CommandSocket { listener, path })
+    }
+
+    /// Serves at most one pending command with `f` (one line in, one out).
+    pub fn poll(&mut self, mut f: impl FnMut(&str) -> Result<String>) {
+        let Ok((stream, _)) = self.listener.accept() else { return };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut line = String::new();
+        let mut reader = BufReader::new(&stream);
+        if reader.read_line(&mut line).is_err() {
+            return;
+        }
+        let reply = match f(line.trim()) {
+            Ok(msg) => format!("ok {msg}\n"),
+            Err(e) => format!("error {e:#}\n").replace('\n', " ").trim_end().to_string() + "\n",
+        };
+        let _ = (&stream).write_all(reply.as_bytes());
+    }
+}
+
+impl Drop for CommandSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// `ssc checkpoint save`: asks the `ssc up` running `chain` to save.
+pub fn request(chain: &Path, command: &str) -> Result<String> {
+    let path = socket_path(chain);
+    let stream = UnixStream::connect(&path).with_context(|| {
+        format!("no `ssc up {}` is running (nothing listens on {})", chain.display(), path.display())
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(900)))?;
+    (&stream).write_all(format!("{command}\n").as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    match reply.trim_end().split_once(' ') {
+        Some(("ok", msg)) => Ok(msg.to_string()),
+        Some(("error", msg)) => bail!("{msg}"),
+        _ => bail!("`ssc up` answered nothing (it may have stopped)"),
+    }
+}
