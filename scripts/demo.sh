@@ -6,6 +6,13 @@ SSC=target/debug/ssc
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# The catalog and client part of a chain file; extra [client] lines as arguments.
+chain_head() {
+    printf '[catalog]\npath = "%s"\ntrust = ["%s"]\n\n[client]\n' "$PWD/build/catalog" "$PWD/build/publisher.pub"
+    printf 'kernel = "%s"\ninitrd = "%s"\n' "$PWD/build/client/vmlinuz" "$PWD/build/client/initrd.cpio.gz"
+    for line in "$@"; do printf '%s\n' "$line"; done
+    printf '\n'
+}
 
 step "1. What this machine offers (ssc doctor)"
 $SSC doctor || true
@@ -36,15 +43,7 @@ echo "(refused, as it must be)"
 
 step "5. A chain: a Linux client's disk encrypted by the storage SD (ssc volume create, ssc up)"
 $SSC volume create "$work/vol.img" --size 64M --key-out "$work/vol.key"
-cat > "$work/chain.toml" <<CHAIN
-[catalog]
-path = "$PWD/build/catalog"
-trust = ["$PWD/build/publisher.pub"]
-
-[client]
-kernel = "$PWD/build/client/vmlinuz"
-initrd = "$PWD/build/client/initrd.cpio.gz"
-
+{ chain_head; cat <<CHAIN; } > "$work/chain.toml"
 [[disk]]
 volume = "vol.img"
 key = "vol.key"
@@ -104,16 +103,7 @@ $SSC up "$work/auth.toml" --job "$work/read.sh" 2>&1 | grep -E "job:|integrity|a
 
 step "7. Checkpoints: save a running client, then start it again from the checkpoint"
 head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/ckpt.key"
-cat > "$work/ckpt.toml" <<CHAIN
-[catalog]
-path = "$PWD/build/catalog"
-trust = ["$PWD/build/publisher.pub"]
-
-[client]
-kernel = "$PWD/build/client/vmlinuz"
-initrd = "$PWD/build/client/initrd.cpio.gz"
-memory = 256
-
+{ chain_head "memory = 256"; cat <<CHAIN; } > "$work/ckpt.toml"
 [checkpoint]
 disk = "checkpoints.img"
 key = "ckpt.key"
