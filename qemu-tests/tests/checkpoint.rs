@@ -278,11 +278,18 @@ fn ssc_checkpoint_save_and_ssc_up_restore_work_on_a_running_chain_and_refuse_a_s
     // Generation 1 again: refused; the list shows both.
     let r = run_ssc(&["up", c, "--restore", "1"], Duration::from_secs(60));
     assert!(r.code() == Some(1) && r.stderr().contains("--allow-rollback"), "{}", r.all());
+    // A client of another memory size: refused before a page is written.
+    let text = std::fs::read_to_string(&chain).unwrap().replace(&format!("memory = {MEM_MIB}"), "memory = 512");
+    std::fs::write(&chain, text).unwrap();
+    let r = run_ssc(&["up", c, "--restore", "2"], Duration::from_secs(120));
+    assert!(r.code() == Some(1) && r.stderr().contains("memory size differs"), "{}", r.all());
     let r = run_ssc(&["checkpoint", "list", c], Duration::from_secs(30));
     assert!(
         r.stdout().contains("generation 1: full") && r.stdout().contains("generation 2: delta of [1]"),
         "{}",
         r.all()
     );
+    let refused_recorded = r.stdout().lines().any(|l| l.starts_with("generation 2") && l.ends_with("restored"));
+    assert!(!refused_recorded, "a refused restore was recorded:\n{}", r.stdout());
     assert!(!chain.with_extension("toml.sock").exists(), "the command socket outlived ssc up");
 }
