@@ -196,14 +196,27 @@ impl Sealer {
         (Nonce::assume_unique_for_key(n), aad)
     }
 
-    /// Seals `payload` (in place, tag appended) and frames it as a record.
-    pub fn seal(&self, kind: Kind, seq: u32, mut payload: Vec<u8>, out: &mut Vec<u8>) {
+    /// Starts a record in `out`: a head whose length [`Sealer::seal_record`]
+    /// fills in; the payload is then appended to `out` directly (no copy).
+    pub fn begin_record(out: &mut Vec<u8>) -> usize {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; RECORD_HEAD]);
+        start
+    }
+
+    /// Seals the payload written after the head at `start` (in place, tag
+    /// appended) and completes the head.
+    pub fn seal_record(&self, kind: Kind, seq: u32, out: &mut Vec<u8>, start: usize) {
         let (nonce, aad) = self.nonce_aad(kind, seq);
-        self.key.seal_in_place_append_tag(nonce, Aad::from(aad), &mut payload).expect("record within GCM's limit");
-        out.push(kind as u8);
-        out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&payload);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(aad), &mut out[start + RECORD_HEAD..])
+            .expect("record within GCM's limit");
+        out.extend_from_slice(tag.as_ref());
+        let len = (out.len() - start - RECORD_HEAD) as u32;
+        out[start] = kind as u8;
+        out[start + 1..start + 5].copy_from_slice(&seq.to_le_bytes());
+        out[start + 5..start + 9].copy_from_slice(&len.to_le_bytes());
     }
 
     /// Opens a sealed payload in place; returns the plaintext part.

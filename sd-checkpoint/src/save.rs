@@ -157,24 +157,33 @@ impl<'a> Saver<'a> {
         let first = self.next_page;
         let count = (pages - first).min(u64::from(self.header.pages_per_chunk)) as usize;
         let bitmap_len = count.div_ceil(8);
-        let mut payload = Vec::with_capacity(12 + bitmap_len + count * PAGE);
-        payload.extend_from_slice(&first.to_le_bytes());
-        payload.extend_from_slice(&(count as u32).to_le_bytes());
-        let bitmap_at = payload.len();
-        payload.resize(bitmap_at + bitmap_len, 0);
-        let mut data = core::mem::take(&mut self.chunk);
-        data.clear();
-        let mut page = [0u8; PAGE];
+        let compressed = self.header.compressed();
+        // The record is built in `out` itself: pages are read straight into
+        // it (or into the lz4 staging buffer) and sealed in place.
+        let before = out.len();
+        let start = Sealer::begin_record(out);
+        out.extend_from_slice(&first.to_le_bytes());
+        out.extend_from_slice(&(count as u32).to_le_bytes());
+        let bitmap_at = out.len();
+        out.resize(bitmap_at + bitmap_len, 0);
+        let mut staging = core::mem::take(&mut self.chunk);
+        staging.clear();
+        let buf: &mut Vec<u8> = if compressed { &mut staging } else { out };
         let mut stored = 0;
+        let mut bitmap = vec![0u8; bitmap_len];
+        let mut page = [0u8; PAGE];
         for i in 0..count {
             let p = first + i as u64;
-            let hash = if self.allocated(p) {
+            // One copy out of the window; a kept page is copied once more,
+            // into the record (or the lz4 staging buffer).
+            let (hash, is_zero) = if self.allocated(p) {
                 mem.read(p * PAGE as u64, &mut page).map_err(|_| CheckpointError::Io("reading guest memory"))?;
                 self.stats.pages_read += 1;
-                xxh3_128(&page)
+                let hash = xxh3_128(&page);
+                (hash, hash == self.zero && page.iter().all(|&x| x == 0))
             } else {
                 page.fill(0);
-                self.zero
+                (self.zero, true)
             };
             self.hashes[p as usize] = hash;
             let keep = match self.base {
@@ -183,31 +192,32 @@ impl<'a> Saver<'a> {
                     false
                 }
                 Some(_) => true,
-                None => hash != self.zero || page.iter().any(|&x| x != 0),
+                None => !is_zero,
             };
-            if hash == self.zero && page.iter().all(|&x| x == 0) {
+            if is_zero {
                 self.stats.zero_pages += 1;
             }
             if keep {
-                payload[bitmap_at + i / 8] |= 1 << (i % 8);
-                data.extend_from_slice(&page);
+                bitmap[i / 8] |= 1 << (i % 8);
+                buf.extend_from_slice(&page);
                 stored += 1;
             }
         }
+        out[bitmap_at..bitmap_at + bitmap_len].copy_from_slice(&bitmap);
         self.stats.pages_stored += stored;
-        if self.header.compressed() {
-            let at = payload.len();
-            payload.resize(at + 4 + lz4_flex::block::get_maximum_output_size(data.len()), 0);
-            let n = lz4_flex::block::compress_into(&data, &mut payload[at + 4..])
-                .expect("sized by get_maximum_output_size");
-            payload[at..at + 4].copy_from_slice(&(n as u32).to_le_bytes());
-            payload.truncate(at + 4 + n);
-        } else {
-            payload.extend_from_slice(&data);
+        if compressed {
+            let at = out.len();
+            out.resize(at + 4 + lz4_flex::block::get_maximum_output_size(staging.len()), 0);
+            let n =
+                lz4_flex::block::compress_into(&staging, &mut out[at + 4..]).expect("sized by get_maximum_output_size");
+            out[at..at + 4].copy_from_slice(&(n as u32).to_le_bytes());
+            out.truncate(at + 4 + n);
         }
-        self.chunk = data;
+        self.chunk = staging;
         self.next_page += count as u64;
-        self.push(Kind::Pages, payload, out);
+        self.sealer.seal_record(Kind::Pages, self.seq, out, start);
+        self.seq += 1;
+        self.stats.bytes_out += (out.len() - before) as u64;
         Ok(true)
     }
 
@@ -218,7 +228,9 @@ impl<'a> Saver<'a> {
 
     fn push(&mut self, kind: Kind, payload: Vec<u8>, out: &mut Vec<u8>) {
         let before = out.len();
-        self.sealer.seal(kind, self.seq, payload, out);
+        let start = Sealer::begin_record(out);
+        out.extend_from_slice(&payload);
+        self.sealer.seal_record(kind, self.seq, out, start);
         self.seq += 1;
         self.stats.bytes_out += (out.len() - before) as u64;
     }
