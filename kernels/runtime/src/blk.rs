@@ -94,16 +94,16 @@ impl BlockDevice {
         let first = self.check(offset, buf.len())?;
         let mut pieces: alloc::vec::Vec<&mut [u8]> = buf.chunks_mut(PIECE).collect();
         self.pipeline(first, pieces.len(), |blk, slot, step| match step {
-            // SAFETY: `slot.req`, `slot.resp` and `pieces[i]` stay untouched
-            // (and alive: they outlive `pipeline`) until `Complete` passes
-            // the same three back for this request's token.
-            Step::Submit { i, sector } => unsafe {
-                blk.read_blocks_nb(sector, &mut slot.req, pieces[i], &mut slot.resp)
-            },
-            // SAFETY: the same buffers that `read_blocks_nb` queued under `token`.
-            Step::Complete { token, i } => unsafe {
-                blk.complete_read_blocks(token, &slot.req, pieces[i], &mut slot.resp).map(|()| token)
-            },
+            Step::Submit { i, sector } => {
+                // SAFETY: `slot.req`, `slot.resp` and `pieces[i]` stay untouched
+                // (and alive: they outlive `pipeline`) until `Complete` passes
+                // the same three back for this request's token.
+                unsafe { blk.read_blocks_nb(sector, &mut slot.req, pieces[i], &mut slot.resp) }
+            }
+            Step::Complete { token, i } => {
+                // SAFETY: the same buffers that `read_blocks_nb` queued under `token`.
+                unsafe { blk.complete_read_blocks(token, &slot.req, pieces[i], &mut slot.resp).map(|()| token) }
+            }
         })
     }
 
@@ -112,14 +112,14 @@ impl BlockDevice {
         let first = self.check(offset, buf.len())?;
         let pieces: alloc::vec::Vec<&[u8]> = buf.chunks(PIECE).collect();
         self.pipeline(first, pieces.len(), |blk, slot, step| match step {
-            // SAFETY: as in `read_at`; the device only reads `pieces[i]`.
-            Step::Submit { i, sector } => unsafe {
-                blk.write_blocks_nb(sector, &mut slot.req, pieces[i], &mut slot.resp)
-            },
-            // SAFETY: the same buffers that `write_blocks_nb` queued under `token`.
-            Step::Complete { token, i } => unsafe {
-                blk.complete_write_blocks(token, &slot.req, pieces[i], &mut slot.resp).map(|()| token)
-            },
+            Step::Submit { i, sector } => {
+                // SAFETY: as in `read_at`; the device only reads `pieces[i]`.
+                unsafe { blk.write_blocks_nb(sector, &mut slot.req, pieces[i], &mut slot.resp) }
+            }
+            Step::Complete { token, i } => {
+                // SAFETY: the same buffers that `write_blocks_nb` queued under `token`.
+                unsafe { blk.complete_write_blocks(token, &slot.req, pieces[i], &mut slot.resp).map(|()| token) }
+            }
         })
     }
 
