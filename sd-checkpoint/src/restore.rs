@@ -59,7 +59,9 @@ struct Walk<'m> {
     zero_absent: bool,
     pages_written: u64,
     device_state: Option<Vec<u8>>,
+    /// Page hashes, kept by the verify pass only (`apply` None).
     hashes: Vec<u128>,
+    zero: u128,
 }
 
 impl<'k> Restorer<'k> {
@@ -129,7 +131,8 @@ impl<'k> Restorer<'k> {
         if mem.size() != self.memory_size {
             return Err(CheckpointError::Mismatch("the memory window's size differs from the client's"));
         }
-        let (headers, _) = self.verify(streams)?;
+        // The verify pass already hashed every page; the write pass only writes.
+        let (headers, hashes) = self.verify(streams)?;
         let mut walk = Walk::new(Some(mem), !target_is_zero, self.memory_size);
         for (src, h) in streams.iter_mut().zip(&headers) {
             self.walk(&mut **src, h, &mut walk)?;
@@ -139,7 +142,7 @@ impl<'k> Restorer<'k> {
             generation: last.generation,
             device_state: walk.device_state.unwrap_or_default(),
             pages_written: walk.pages_written,
-            hashes: PageHashes { client_id: self.client_id, generation: last.generation, hashes: walk.hashes },
+            hashes,
         })
     }
 
@@ -202,13 +205,8 @@ impl<'k> Restorer<'k> {
 impl<'m> Walk<'m> {
     fn new(apply: Option<&'m mut dyn GuestMemory>, zero_absent: bool, memory_size: u64) -> Self {
         let zero = xxh3_128(&[0u8; PAGE]);
-        Walk {
-            apply,
-            zero_absent,
-            pages_written: 0,
-            device_state: None,
-            hashes: vec![zero; (memory_size / PAGE as u64) as usize],
-        }
+        let pages = if apply.is_none() { (memory_size / PAGE as u64) as usize } else { 0 };
+        Walk { apply, zero_absent, pages_written: 0, device_state: None, hashes: vec![zero; pages], zero }
     }
 
     /// Checks (and with `apply`, writes) one `PAGES` record; returns its
@@ -272,8 +270,10 @@ impl<'m> Walk<'m> {
             } else {
                 continue;
             };
-            self.hashes[p as usize] = xxh3_128(content);
             let absent = core::ptr::eq(content, &zero[..]);
+            if self.apply.is_none() {
+                self.hashes[p as usize] = if absent { self.zero } else { xxh3_128(content) };
+            }
             if let Some(mem) = self.apply.as_deref_mut()
                 && (!absent || self.zero_absent)
             {

@@ -45,8 +45,11 @@ pub struct PageHashes {
     pub hashes: Vec<u128>,
 }
 
+/// A hole of the memory file reads as this.
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+
 fn zero_hash() -> u128 {
-    xxh3_128(&[0u8; PAGE])
+    xxh3_128(&ZERO_PAGE)
 }
 
 /// Writes one checkpoint stream.
@@ -176,14 +179,13 @@ impl<'a> Saver<'a> {
             let p = first + i as u64;
             // One copy out of the window; a kept page is copied once more,
             // into the record (or the lz4 staging buffer).
-            let (hash, is_zero) = if self.allocated(p) {
+            let (content, hash, is_zero) = if self.allocated(p) {
                 mem.read(p * PAGE as u64, &mut page).map_err(|_| CheckpointError::Io("reading guest memory"))?;
                 self.stats.pages_read += 1;
                 let hash = xxh3_128(&page);
-                (hash, hash == self.zero && page.iter().all(|&x| x == 0))
+                (&page, hash, hash == self.zero && page.iter().all(|&x| x == 0))
             } else {
-                page.fill(0);
-                (self.zero, true)
+                (&ZERO_PAGE, self.zero, true)
             };
             self.hashes[p as usize] = hash;
             let keep = match self.base {
@@ -199,7 +201,7 @@ impl<'a> Saver<'a> {
             }
             if keep {
                 bitmap[i / 8] |= 1 << (i % 8);
-                buf.extend_from_slice(&page);
+                buf.extend_from_slice(content);
                 stored += 1;
             }
         }
