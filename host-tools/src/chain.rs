@@ -517,12 +517,26 @@ pub enum VolumeFormat {
     Auth,
 }
 
+/// `path` with `suffix` appended to its file name (`vol.key` →
+/// `vol.key.generation`): where the tenant's records sit beside a key.
+pub fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Replaces `path` with `bytes` atomically (a crash leaves the old or the
+/// new contents, never a mix).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = beside(path, ".tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
 /// Where the tenant keeps an authenticated volume's latest generation:
 /// beside its key (`KEY.generation`).
 pub fn generation_file(key: &Path) -> PathBuf {
-    let mut name = key.as_os_str().to_owned();
-    name.push(".generation");
-    PathBuf::from(name)
+    beside(key, ".generation")
 }
 
 /// Reads the tenant's generation record.
@@ -541,10 +555,7 @@ pub fn read_generation(key: &Path) -> Result<u64> {
 
 /// Records `generation` (atomically: a crash leaves the old or the new).
 pub fn write_generation(key: &Path, generation: u64) -> Result<()> {
-    let path = generation_file(key);
-    let tmp = path.with_extension("generation.tmp");
-    std::fs::write(&tmp, format!("{generation}\n")).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))
+    write_atomic(&generation_file(key), format!("{generation}\n").as_bytes())
 }
 
 /// `ssc volume create`: a volume file and a fresh 512-bit key (hex, mode

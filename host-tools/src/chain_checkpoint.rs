@@ -69,9 +69,7 @@ pub struct Record {
 
 impl Record {
     pub fn path(key: &Path) -> PathBuf {
-        let mut p = key.as_os_str().to_owned();
-        p.push(".checkpoints");
-        PathBuf::from(p)
+        crate::chain::beside(key, ".checkpoints")
     }
 
     /// Loads the record, or starts one with a fresh client id.
@@ -91,10 +89,7 @@ impl Record {
 
     /// Writes the record atomically (a crash leaves the old or the new).
     pub fn store(&self, key: &Path) -> Result<()> {
-        let path = Record::path(key);
-        let tmp = path.with_extension("checkpoints.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+        crate::chain::write_atomic(&Record::path(key), serde_json::to_string_pretty(self)?.as_bytes())
     }
 
     pub fn client(&self) -> Result<[u8; 16]> {
@@ -245,9 +240,7 @@ impl Session {
 
 /// Where `ssc up` listens for commands about `chain`.
 pub fn socket_path(chain: &Path) -> PathBuf {
-    let mut p = chain.as_os_str().to_owned();
-    p.push(".sock");
-    PathBuf::from(p)
+    crate::chain::beside(chain, ".sock")
 }
 
 /// The command socket of a running `ssc up` (mode 0600, removed on drop).

@@ -477,11 +477,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Catalog(c) => catalog_cmd(c),
         Cmd::Bench(BenchCmd::Storage { catalog: dir, trust, size_mib, runtime, accel, json }) => {
             let sd = catalog::find(&dir, &catalog::load_trusted(&trust)?, "storage-crypt")?;
-            let (kernel, initrd) =
-                (PathBuf::from("build/client/vmlinuz"), PathBuf::from("build/client/initrd.cpio.gz"));
-            if !kernel.is_file() || !initrd.is_file() {
-                bail!("no client VM in build/client: run `make client`");
-            }
+            let (kernel, initrd) = client_files()?;
             let (accel, why) = qemu::resolve_accel(accel, Some(&sd.path))?;
             eprintln!("ssc: accelerator {accel} ({why})");
             let cells = ssc::bench_storage_e2e::run(&sd, &kernel, &initrd, accel, size_mib, runtime)?;
@@ -497,11 +493,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("client size {bad} MiB: a memory window needs a power of two of at least 128 MiB");
             }
             let image = catalog::find(&dir, &catalog::load_trusted(&trust)?, "checkpoint")?;
-            let (kernel, initrd) =
-                (PathBuf::from("build/client/vmlinuz"), PathBuf::from("build/client/initrd.cpio.gz"));
-            if !kernel.is_file() || !initrd.is_file() {
-                bail!("no client VM in build/client: run `make client`");
-            }
+            let (kernel, initrd) = client_files()?;
             let (accel, why) = qemu::resolve_accel(accel, Some(&image.path))?;
             eprintln!("ssc: accelerator {accel} ({why})");
             let cells = ssc::bench_checkpoint_e2e::run(&image, &kernel, &initrd, accel, &sizes)?;
@@ -685,4 +677,13 @@ fn catalog_cmd(c: CatalogCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The client VM built by `make client`, for the end-to-end benchmarks.
+fn client_files() -> Result<(PathBuf, PathBuf)> {
+    let (kernel, initrd) = (PathBuf::from("build/client/vmlinuz"), PathBuf::from("build/client/initrd.cpio.gz"));
+    if !kernel.is_file() || !initrd.is_file() {
+        bail!("no client VM in build/client: run `make client`");
+    }
+    Ok((kernel, initrd))
 }
