@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 pub mod memory;
 
 /// The ABI version this crate speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest payload accepted or produced, in bytes.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Bytes of the length prefix.
@@ -99,6 +99,9 @@ pub enum Body<'a> {
     /// client's memory window; the device state comes back in
     /// `DeviceState` frames before the `Ack`.
     RestoreCheckpoint { streams: &'a [u8] },
+    /// SD → tenant side, tagged with the request it belongs to: how far a
+    /// long operation (a checkpoint save or restore) has come, in bytes.
+    Progress { done: u64, total: u64 },
 }
 
 /// Parameters of an encrypted volume (dm-crypt/LUKS data-segment terms).

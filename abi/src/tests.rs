@@ -5,7 +5,7 @@ use std::vec;
 use std::vec::Vec;
 
 fn body_strategy() -> impl Strategy<Value = (String, String, Vec<u8>, u64, u8)> {
-    (".{0,40}", ".{0,40}", proptest::collection::vec(any::<u8>(), 0..2048), any::<u64>(), 0u8..6)
+    (".{0,40}", ".{0,40}", proptest::collection::vec(any::<u8>(), 0..2048), any::<u64>(), 0u8..8)
 }
 
 fn make_body<'a>(k: u8, s1: &'a str, s2: &'a str, bytes: &'a [u8], n: u64) -> Body<'a> {
@@ -15,6 +15,8 @@ fn make_body<'a>(k: u8, s1: &'a str, s2: &'a str, bytes: &'a [u8], n: u64) -> Bo
         2 => Body::Ping { payload: bytes },
         3 => Body::Pong { payload: bytes },
         4 => Body::Error { code: ErrorCode::Denied, message: s1 },
+        5 => Body::Progress { done: n / 2, total: n },
+        6 => Body::DeviceState { offset: n, total: n.saturating_add(bytes.len() as u64), bytes },
         _ => Body::Shutdown,
     }
 }

@@ -89,7 +89,7 @@ pub fn run(image: &VerifiedImage, kernel: &Path, initrd: &Path, accel: Accel, si
         std::thread::sleep(Duration::from_secs(2));
         let mut s = parts.sd(&run, &mem, &disk, false)?;
         let req = SaveRequest { generation: 1, at: 0, base: &[], compress: false, leave_paused: false };
-        let full = checkpoint::save(&c, &mem, &mut s, dir, req)?;
+        let full = checkpoint::save(&c, &mem, &mut s, dir, req, &mut checkpoint::quiet)?;
         cells.push(Cell {
             client_mib: mib,
             what: "SD full save",
@@ -104,7 +104,7 @@ pub fn run(image: &VerifiedImage, kernel: &Path, initrd: &Path, accel: Accel, si
             compress: false,
             leave_paused: false,
         };
-        let delta = checkpoint::save(&c, &mem, &mut s, dir, req)?;
+        let delta = checkpoint::save(&c, &mem, &mut s, dir, req, &mut checkpoint::quiet)?;
         cells.push(Cell {
             client_mib: mib,
             what: "SD delta save",
@@ -161,7 +161,7 @@ pub fn run(image: &VerifiedImage, kernel: &Path, initrd: &Path, accel: Accel, si
         let mem2 = dir.join("restored.mem");
         let c2 = parts.client(dir, &run2, &mem2, mib, true)?;
         let mut s2 = parts.sd(&run2, &mem2, &disk, true)?;
-        let took = checkpoint::restore(&c2, &mut s2, dir, &[full.stream, delta.stream])?;
+        let took = checkpoint::restore(&c2, &mut s2, dir, &[full.stream, delta.stream], &mut checkpoint::quiet)?;
         cells.push(Cell {
             client_mib: mib,
             what: "SD restore (full + delta)",

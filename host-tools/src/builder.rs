@@ -426,6 +426,12 @@ pub enum ControlEvent {
         pages_stored: u64,
         micros: u64,
     },
+    /// How far a long request has come (bytes).
+    Progress {
+        request_id: u64,
+        done: u64,
+        total: u64,
+    },
     Other(String),
     /// The link failed (bad frame, closed): the reason.
     Broken(String),
@@ -455,6 +461,7 @@ fn owned(env: Envelope<'_>) -> ControlEvent {
                 micros,
             }
         }
+        Body::Progress { done, total } => ControlEvent::Progress { request_id: env.request_id, done, total },
         other => ControlEvent::Other(format!("{other:?}")),
     }
 }

@@ -242,9 +242,35 @@ pub fn plan(path: &Path) -> Result<Plan> {
                 bail!("{line}: `{}` does not declare a memory window with mem-read", m.name);
             }
             let key_path = at(&c.key);
+            let disk = at(&c.disk);
+            // Through a storage SD: the disk is a volume of its own.
+            let through = match &c.volume_key {
+                None => None,
+                Some(k) => {
+                    let sd = catalog::find(&catalog_dir, &trusted, "storage-crypt")
+                        .map_err(|e| anyhow!("{line}: `volume_key` puts a storage SD under the checkpoints: {e:#}"))?;
+                    if !disk.is_file() {
+                        bail!(
+                            "{line}: checkpoint volume {} does not exist: with `volume_key` the disk is a volume, \
+                             make it with `ssc volume create --format auth|native`",
+                            disk.display()
+                        );
+                    }
+                    let k = at(k);
+                    let key = read_key(&k).map_err(|e| anyhow!("{line}: volume_key: {e:#}"))?;
+                    Some(PlannedDisk {
+                        volume: disk.clone(),
+                        sds: vec![sd],
+                        secret_kind: "key",
+                        secret: Secret::Key(key, k, true),
+                        outer_keys: vec![],
+                    })
+                }
+            };
             Some(crate::chain_checkpoint::CheckpointPlan {
                 image,
-                disk: at(&c.disk),
+                through,
+                disk,
                 key: read_key(&key_path).map_err(|e| anyhow!("{line}: {e:#}"))?,
                 key_path,
                 compress: c.compress.unwrap_or(true),
@@ -281,8 +307,47 @@ pub struct Running {
     _scratch: crate::builder::RunDir,
 }
 
+/// Starts disk `i`'s SDs from the volume up, each keyed before the one
+/// above it connects to its export; returns the NBD socket of the topmost
+/// (client side) SD.
+pub(crate) fn start_disk_sds(
+    d: &PlannedDisk,
+    i: &str,
+    sds: &mut MetaDomain,
+    accel: Accel,
+    echo: bool,
+    scratch: &Path,
+) -> Result<PathBuf> {
+    let n = d.sds.len();
+    // The listening socket of the SD below (toward the volume).
+    let mut below: Option<PathBuf> = None;
+    for k in (0..n).rev() {
+        let m = &d.sds[k].manifest.image;
+        let name = if n == 1 { format!("{}-{i}", m.name) } else { format!("{}-{i}-{k}", m.name) };
+        let mut spec = DomainSpec::new(&name, &d.sds[k].path);
+        match &below {
+            None => spec.disks.push(d.volume.clone()),
+            Some(s) => spec.links.push(LinkSpec::connect("down", s)),
+        }
+        let socket = scratch.join(format!("disk{i}-{k}.nbd"));
+        spec.links.push(LinkSpec::listen("nbd", &socket));
+        let dom = sds.start(&spec, accel, echo, Duration::from_secs(60))?;
+        let ctl = dom.control().ok_or_else(|| anyhow!("{name} has no control link"))?;
+        if below.is_none() {
+            key_volume_sd(ctl, &name, d, i)?;
+        } else {
+            let cfg = VolumeConfig::xts_plain64("vol", &d.outer_keys[k]);
+            ctl.request(Body::ConfigureVolume(cfg), Duration::from_secs(30))
+                .with_context(|| format!("provisioning the key of disk {i}, SD {k} ({name})"))?;
+            eprintln!("ssc up: disk {i}: {name} keyed (raw aes-xts-plain64 over the SD below)");
+        }
+        below = Some(socket);
+    }
+    below.ok_or_else(|| anyhow!("disk {i} has no service domain"))
+}
+
 /// Keys the SD that sits on disk `i`'s volume from the tenant's secret.
-fn key_volume_sd(ctl: &ControlLink, name: &str, d: &PlannedDisk, i: usize) -> Result<()> {
+fn key_volume_sd(ctl: &ControlLink, name: &str, d: &PlannedDisk, i: &str) -> Result<()> {
     // Authenticated volumes: the tenant's generation record guards against
     // a rolled-back volume, and follows every commit.
     let mut generation_of = None;
@@ -347,32 +412,7 @@ pub fn up(
     let mut sds = MetaDomain::new()?;
     let mut sockets = vec![];
     for (i, d) in plan.disks.iter().enumerate() {
-        let n = d.sds.len();
-        // The listening socket of the SD below (toward the volume).
-        let mut below: Option<PathBuf> = None;
-        for k in (0..n).rev() {
-            let m = &d.sds[k].manifest.image;
-            let name = if n == 1 { format!("{}-{i}", m.name) } else { format!("{}-{i}-{k}", m.name) };
-            let mut spec = DomainSpec::new(&name, &d.sds[k].path);
-            match &below {
-                None => spec.disks.push(d.volume.clone()),
-                Some(s) => spec.links.push(LinkSpec::connect("down", s)),
-            }
-            let socket = scratch.path().join(format!("disk{i}-{k}.nbd"));
-            spec.links.push(LinkSpec::listen("nbd", &socket));
-            let dom = sds.start(&spec, accel, echo, Duration::from_secs(60))?;
-            let ctl = dom.control().ok_or_else(|| anyhow!("{name} has no control link"))?;
-            if below.is_none() {
-                key_volume_sd(ctl, &name, d, i)?;
-            } else {
-                let cfg = VolumeConfig::xts_plain64("vol", &d.outer_keys[k]);
-                ctl.request(Body::ConfigureVolume(cfg), Duration::from_secs(30))
-                    .with_context(|| format!("provisioning the key of disk {i}, SD {k} ({name})"))?;
-                eprintln!("ssc up: disk {i}: {name} keyed (raw aes-xts-plain64 over the SD below)");
-            }
-            below = Some(socket);
-        }
-        sockets.push(below.expect("a chain has at least one SD"));
+        sockets.push(start_disk_sds(d, &i.to_string(), &mut sds, accel, echo, scratch.path())?);
     }
     let mut client = DomainSpec::new("client", &plan.kernel);
     client.initrd = Some(initrd_override.map(Path::to_path_buf).unwrap_or_else(|| plan.initrd.clone()));
@@ -390,7 +430,9 @@ pub fn up(
     let log = if echo { LogEcho::Stdout("[client] ".into()) } else { LogEcho::Quiet };
     let mut client = Domain::launch(&client, accel, &scratch, log)?;
     let mut session = match &plan.checkpoint {
-        Some(c) => Some(crate::chain_checkpoint::start_sd(c, &mut sds, accel, echo, &memory, plan.memory)?),
+        Some(c) => {
+            Some(crate::chain_checkpoint::start_sd(c, &mut sds, (accel, echo), scratch.path(), &memory, plan.memory)?)
+        }
         None => None,
     };
     let commands = match &session {
@@ -435,9 +477,9 @@ impl Running {
             }
             if let (Some(cmds), Some(session)) = (self.commands.as_mut(), self.checkpoint.as_mut()) {
                 let (client, sds, scratch) = (&self.client, &mut self.sds, self._scratch.path());
-                cmds.poll(|cmd| match cmd {
-                    "save" => session.save(client, sds, scratch, false),
-                    "save full" => session.save(client, sds, scratch, true),
+                cmds.poll(|cmd, progress| match cmd {
+                    "save" => session.save(client, sds, scratch, false, progress),
+                    "save full" => session.save(client, sds, scratch, true, progress),
                     other => bail!("unknown command `{other}` (save, save full)"),
                 });
             }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{Domain, DomainSpec, MetaDomain, WindowSpec};
+use crate::builder::{Domain, DomainSpec, LinkSpec, MetaDomain, WindowSpec};
 use crate::catalog::VerifiedImage;
 use crate::checkpoint::{self, SaveRequest, Stream};
 use crate::qemu::Accel;
@@ -36,11 +36,14 @@ pub struct CheckpointSection {
     pub disk: PathBuf,
     pub key: PathBuf,
     pub compress: Option<bool>,
+    pub volume_key: Option<PathBuf>,
 }
 
 /// A checked `[checkpoint]`.
 pub struct CheckpointPlan {
     pub image: VerifiedImage,
+    /// The storage SD the streams go through, and its volume.
+    pub through: Option<crate::chain::PlannedDisk>,
     pub disk: PathBuf,
     pub key: Vec<u8>,
     pub key_path: PathBuf,
@@ -154,23 +157,29 @@ pub struct Session {
     pub lineage: Vec<u64>,
 }
 
-/// Starts the checkpoint SD beside the client (its window on `memory`).
+/// Starts the checkpoint SD beside the client (its window on `memory`),
+/// and first the storage SD it writes through, if the plan has one.
 pub fn start_sd(
     plan: &CheckpointPlan,
     sds: &mut MetaDomain,
-    accel: Accel,
-    echo: bool,
+    (accel, echo): (Accel, bool),
+    scratch: &Path,
     memory: &Path,
     memory_mib: u32,
 ) -> Result<Session> {
-    if !plan.disk.exists() {
+    let mut spec = DomainSpec::new("checkpoint", &plan.image.path);
+    if let Some(d) = &plan.through {
+        let socket = crate::chain::start_disk_sds(d, "checkpoint", sds, accel, echo, scratch)?;
+        spec.links.push(LinkSpec::connect("down", &socket));
+    } else if !plan.disk.exists() {
         std::fs::File::create(&plan.disk)
             .and_then(|f| f.set_len((u64::from(memory_mib) * 8 + 64) << 20))
             .with_context(|| format!("creating checkpoint disk {}", plan.disk.display()))?;
         eprintln!("ssc up: created checkpoint disk {} (sparse)", plan.disk.display());
     }
-    let mut spec = DomainSpec::new("checkpoint", &plan.image.path);
-    spec.disks.push(plan.disk.clone());
+    if plan.through.is_none() {
+        spec.disks.push(plan.disk.clone());
+    }
     spec.windows.push(WindowSpec { file: memory.to_path_buf(), writable: true });
     let dom = sds.start(&spec, accel, echo, Duration::from_secs(60))?;
     // The client id is fixed by the first record written (now, if new).
@@ -196,7 +205,8 @@ impl Session {
         let streams = record.chain(generation)?;
         let sd = sds.domain(&self.sd_name).context("the checkpoint SD is gone")?;
         eprintln!("ssc up: restoring generation {generation} ({} stream(s))…", streams.len());
-        let took = checkpoint::restore(client, sd, scratch, &streams)?;
+        let mut show = progress_lines("ssc up: restore (verify, then write)");
+        let took = checkpoint::restore(client, sd, scratch, &streams, &mut show)?;
         record.restored.push(generation);
         record.store(&self.key_path)?;
         self.lineage = streams.iter().map(|s| s.generation).collect();
@@ -204,8 +214,16 @@ impl Session {
         Ok(())
     }
 
-    /// Saves the running client: a delta of its lineage, or full.
-    pub fn save(&mut self, client: &Domain, sds: &mut MetaDomain, scratch: &Path, full: bool) -> Result<String> {
+    /// Saves the running client: a delta of its lineage, or full;
+    /// `progress` sees the SD's scan of memory.
+    pub fn save(
+        &mut self,
+        client: &Domain,
+        sds: &mut MetaDomain,
+        scratch: &Path,
+        full: bool,
+        progress: checkpoint::ProgressFn<'_>,
+    ) -> Result<String> {
         let mut record = Record::load(&self.key_path)?;
         let generation = record.next_generation();
         let at = record.next_offset();
@@ -213,7 +231,7 @@ impl Session {
         let base: Vec<Stream> = if full { vec![] } else { record.chain(*self.lineage.last().expect("not empty"))? };
         let sd = sds.domain(&self.sd_name).context("the checkpoint SD is gone")?;
         let req = SaveRequest { generation, at, base: &base, compress: self.compress, leave_paused: false };
-        let saved = checkpoint::save(client, &self.memory, sd, scratch, req)?;
+        let saved = checkpoint::save(client, &self.memory, sd, scratch, req, progress)?;
         record.entries.push(Entry {
             generation,
             at,
@@ -235,6 +253,20 @@ impl Session {
             self.plan_disk.display(),
             saved.paused.as_secs_f64()
         ))
+    }
+}
+
+/// A progress callback that prints `what: N% (done of total MiB)` to
+/// stderr each time another tenth of the way is done.
+pub fn progress_lines(what: &str) -> impl FnMut(u64, u64) + use<'_> {
+    let mut shown = 0;
+    move |done, total| {
+        let percent = (done * 100).checked_div(total).unwrap_or(100);
+        if percent / 10 > shown {
+            shown = percent / 10;
+            let mib = |b: u64| b as f64 / f64::from(1 << 20);
+            eprintln!("{what}: {percent}% ({:.0} of {:.0} MiB)", mib(done), mib(total));
+        }
     }
 }
 
@@ -265,8 +297,10 @@ impl CommandSocket {
         Ok(CommandSocket { listener, path })
     }
 
-    /// Serves at most one pending command with `f` (one line in, one out).
-    pub fn poll(&mut self, mut f: impl FnMut(&str) -> Result<String>) {
+    /// Serves at most one pending command with `f`: one line in; out, any
+    /// number of `progress DONE TOTAL` lines (`f` sends them through its
+    /// second argument), then one `ok …` or `error …` line.
+    pub fn poll(&mut self, mut f: impl FnMut(&str, checkpoint::ProgressFn<'_>) -> Result<String>) {
         let Ok((stream, _)) = self.listener.accept() else { return };
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -275,7 +309,10 @@ impl CommandSocket {
         if reader.read_line(&mut line).is_err() {
             return;
         }
-        let reply = match f(line.trim()) {
+        let mut progress = |done: u64, total: u64| {
+            let _ = (&stream).write_all(format!("progress {done} {total}\n").as_bytes());
+        };
+        let reply = match f(line.trim(), &mut progress) {
             Ok(msg) => format!("ok {msg}\n"),
             Err(e) => format!("error {e:#}\n").replace('\n', " ").trim_end().to_string() + "\n",
         };
@@ -289,19 +326,29 @@ impl Drop for CommandSocket {
     }
 }
 
-/// `ssc checkpoint save`: asks the `ssc up` running `chain` to save.
-pub fn request(chain: &Path, command: &str) -> Result<String> {
+/// `ssc checkpoint save`: asks the `ssc up` running `chain` to save;
+/// `progress` sees the progress lines before the answer.
+pub fn request(chain: &Path, command: &str, progress: checkpoint::ProgressFn<'_>) -> Result<String> {
     let path = socket_path(chain);
     let stream = UnixStream::connect(&path).with_context(|| {
         format!("no `ssc up {}` is running (nothing listens on {})", chain.display(), path.display())
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(900)))?;
     (&stream).write_all(format!("{command}\n").as_bytes())?;
-    let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply)?;
-    match reply.trim_end().split_once(' ') {
-        Some(("ok", msg)) => Ok(msg.to_string()),
-        Some(("error", msg)) => bail!("{msg}"),
-        _ => bail!("`ssc up` answered nothing (it may have stopped)"),
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let mut reply = String::new();
+        reader.read_line(&mut reply)?;
+        match reply.trim_end().split_once(' ') {
+            Some(("progress", nums)) => {
+                let mut n = nums.split(' ').filter_map(|x| x.parse::<u64>().ok());
+                if let (Some(done), Some(total)) = (n.next(), n.next()) {
+                    progress(done, total);
+                }
+            }
+            Some(("ok", msg)) => return Ok(msg.to_string()),
+            Some(("error", msg)) => bail!("{msg}"),
+            _ => bail!("`ssc up` answered nothing (it may have stopped)"),
+        }
     }
 }

@@ -136,10 +136,24 @@ pub struct SaveRequest<'a> {
     pub leave_paused: bool,
 }
 
+/// Called with (bytes done, bytes in all) as a save scans memory or a
+/// restore reads its streams (twice: verify, then write).
+pub type ProgressFn<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// A [`ProgressFn`] that shows nothing.
+pub fn quiet(_: u64, _: u64) {}
+
 /// Saves `client` (its RAM the shared memory file `memory`, mapped by
 /// `sd`) as `req` says. The client is paused for the duration. Only the
 /// file's allocated extents are read.
-pub fn save(client: &Domain, memory: &Path, sd: &mut Domain, scratch: &Path, req: SaveRequest<'_>) -> Result<Saved> {
+pub fn save(
+    client: &Domain,
+    memory: &Path,
+    sd: &mut Domain,
+    scratch: &Path,
+    req: SaveRequest<'_>,
+    progress: ProgressFn<'_>,
+) -> Result<Saved> {
     let SaveRequest { generation, at, base, compress, leave_paused } = req;
     let start = Instant::now();
     let mut qmp = client.qmp(T)?;
@@ -181,6 +195,7 @@ pub fn save(client: &Domain, memory: &Path, sd: &mut Domain, scratch: &Path, req
                         device_state_bytes: state.len(),
                     });
                 }
+                Some(ControlEvent::Progress { request_id, done, total }) if request_id == id => progress(done, total),
                 Some(ControlEvent::Error { request_id, code, message }) if request_id == id => {
                     bail!("the checkpoint SD refused ({code:?}): {message}")
                 }
@@ -202,7 +217,13 @@ pub fn save(client: &Domain, memory: &Path, sd: &mut Domain, scratch: &Path, req
 /// Restores `streams` (full first, then deltas) into `client`, a fresh
 /// QEMU started with `-incoming defer` whose memory file `sd` maps
 /// writable; the client is left running.
-pub fn restore(client: &Domain, sd: &mut Domain, scratch: &Path, streams: &[Stream]) -> Result<Duration> {
+pub fn restore(
+    client: &Domain,
+    sd: &mut Domain,
+    scratch: &Path,
+    streams: &[Stream],
+    progress: ProgressFn<'_>,
+) -> Result<Duration> {
     let start = Instant::now();
     let ctl = sd.control().context("the checkpoint SD has no control link")?;
     let list = pairs(streams);
@@ -218,6 +239,7 @@ pub fn restore(client: &Domain, sd: &mut Domain, scratch: &Path, streams: &[Stre
                 }
                 state.extend_from_slice(&bytes);
             }
+            Some(ControlEvent::Progress { request_id, done, total }) if request_id == id => progress(done, total),
             Some(ControlEvent::Ack { request_id }) if request_id == id => break,
             Some(ControlEvent::Error { request_id, code, message }) if request_id == id => {
                 bail!("the checkpoint SD refused the restore ({code:?}): {message}")

@@ -441,7 +441,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Checkpoint(CheckpointCmd::Save { chain, full }) => {
             eprintln!("ssc checkpoint: saving (the client is paused meanwhile)…");
-            let msg = ssc::chain_checkpoint::request(&chain, if full { "save full" } else { "save" })?;
+            let mut show = ssc::chain_checkpoint::progress_lines("ssc checkpoint: memory scanned");
+            let msg = ssc::chain_checkpoint::request(&chain, if full { "save full" } else { "save" }, &mut show)?;
             println!("saved {msg}");
             Ok(ExitCode::SUCCESS)
         }

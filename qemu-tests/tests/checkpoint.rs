@@ -78,8 +78,11 @@ fn restore_and_check(dir: &Path, disk: &Path, mem: &Path, streams: &[Stream], sa
     let run = RunDir::create().unwrap();
     let client = client(dir, &run, mem, true);
     let mut sd = checkpoint_sd(&run, mem, disk, true);
-    let took = checkpoint::restore(&client, &mut sd, dir, streams).unwrap();
+    let mut reports = vec![];
+    let took = checkpoint::restore(&client, &mut sd, dir, streams, &mut |d, t| reports.push((d, t))).unwrap();
     eprintln!("restore of {} stream(s) took {took:?}", streams.len());
+    let read_twice: u64 = streams.iter().map(|s| 2 * s.length).sum();
+    assert_progress(&reports, read_twice);
     let n = wait_count(&client, saved);
     // It continued, it did not start over: the first count after the restore
     // is the saved one plus one (the client was paused right after it).
@@ -93,6 +96,13 @@ fn restore_and_check(dir: &Path, disk: &Path, mem: &Path, streams: &[Stream], sa
     assert!(n > saved);
     sd.shutdown(Duration::from_secs(10)).unwrap();
     (run, client)
+}
+
+/// The SD reported progress, growing, toward `total`.
+fn assert_progress(reports: &[(u64, u64)], total: u64) {
+    assert!(!reports.is_empty(), "no progress reported");
+    assert!(reports.iter().all(|&(d, t)| t == total && d <= t), "{reports:?} (total {total})");
+    assert!(reports.windows(2).all(|w| w[0].0 < w[1].0), "progress went backwards: {reports:?}");
 }
 
 /// Allocated KiB of a file (`du -k`).
@@ -120,7 +130,10 @@ fn a_linux_client_is_saved_destroyed_and_restored_and_carries_on_also_from_a_del
     let mut sd = checkpoint_sd(&run, &mem1, &disk, false);
     let req = SaveRequest { generation: 1, at: 0, base: &[], compress: true, leave_paused: true };
     let before = allocated_kib(&mem1);
-    let full = checkpoint::save(&c1, &mem1, &mut sd, dir, req).unwrap();
+    let mut reports = vec![];
+    let full = checkpoint::save(&c1, &mem1, &mut sd, dir, req, &mut |d, t| reports.push((d, t))).unwrap();
+    assert_progress(&reports, u64::from(MEM_MIB) << 20);
+    assert_eq!(reports.last().map(|r| r.0), Some(u64::from(MEM_MIB) << 20), "the scan did not reach the end");
     // Holes were skipped, not read: the client's memory file did not grow.
     let after = allocated_kib(&mem1);
     assert!(after <= before + 64, "saving allocated the memory file's holes: {before} KiB -> {after} KiB");
@@ -148,7 +161,7 @@ fn a_linux_client_is_saved_destroyed_and_restored_and_carries_on_also_from_a_del
     let mut sd = checkpoint_sd(&run3, &mem2, &disk, false);
     let req =
         SaveRequest { generation: 2, at: full.stream.end(), base: &[full.stream], compress: true, leave_paused: true };
-    let delta = checkpoint::save(&c2, &mem2, &mut sd, dir, req).unwrap();
+    let delta = checkpoint::save(&c2, &mem2, &mut sd, dir, req, &mut checkpoint::quiet).unwrap();
     let saved2 = last_count(&c2).unwrap();
     eprintln!("delta save: {delta:?}");
     assert!(delta.pages_stored < full.pages_stored / 2, "delta stored {} of {}", delta.pages_stored, full.pages_stored);
@@ -167,7 +180,9 @@ fn a_linux_client_is_saved_destroyed_and_restored_and_carries_on_also_from_a_del
     let mem4 = mem_file(dir, "client4.mem");
     let c4 = client(dir, &run4, &mem4, true);
     let mut sd = checkpoint_sd(&run4, &mem4, &disk, true);
-    let e = checkpoint::restore(&c4, &mut sd, dir, &[full.stream, delta.stream]).unwrap_err().to_string();
+    let e = checkpoint::restore(&c4, &mut sd, dir, &[full.stream, delta.stream], &mut checkpoint::quiet)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("fails authentication"), "{e}");
     assert_eq!(c4.qmp(Duration::from_secs(5)).unwrap().status().unwrap(), "inmigrate");
     let kib = allocated_kib(&mem4);
@@ -177,7 +192,7 @@ fn a_linux_client_is_saved_destroyed_and_restored_and_carries_on_also_from_a_del
     let mut sd2 = checkpoint_sd(&run4, &mem4, &disk, true);
     let ctl = sd2.control().unwrap();
     ctl.request(ssc_abi::Body::CheckpointKey { client: &CLIENT, key: &[9; 32] }, Duration::from_secs(10)).unwrap();
-    let e = checkpoint::restore(&c4, &mut sd2, dir, &[full.stream]).unwrap_err().to_string();
+    let e = checkpoint::restore(&c4, &mut sd2, dir, &[full.stream], &mut checkpoint::quiet).unwrap_err().to_string();
     assert!(e.contains("wrong key"), "{e}");
 }
 
@@ -226,10 +241,9 @@ impl Up {
     }
 }
 
-#[test]
-fn ssc_checkpoint_save_and_ssc_up_restore_work_on_a_running_chain_and_refuse_a_second_restore() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
+/// A chain file in `dir` whose client counts with its tmpfs file, and the
+/// job that makes it count; `checkpoint` is the `[checkpoint]` section body.
+fn counting_chain(dir: &Path, checkpoint: &str) -> (PathBuf, PathBuf) {
     let (catalog_dir, trust) = catalog();
     let (kernel, initrd) = client_kernel();
     std::fs::write(dir.join("ck.key"), noise(64, 99).iter().map(|b| format!("{b:02x}")).collect::<String>()).unwrap();
@@ -238,7 +252,7 @@ fn ssc_checkpoint_save_and_ssc_up_restore_work_on_a_running_chain_and_refuse_a_s
         &chain,
         format!(
             "[catalog]\npath = \"{}\"\ntrust = [\"{}\"]\n[client]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory = {MEM_MIB}\n\
-             [checkpoint]\ndisk = \"ckpt.img\"\nkey = \"ck.key\"\n",
+             [checkpoint]\n{checkpoint}",
             catalog_dir.display(),
             trust.display(),
             kernel.display(),
@@ -254,6 +268,14 @@ fn ssc_checkpoint_save_and_ssc_up_restore_work_on_a_running_chain_and_refuse_a_s
         ),
     )
     .unwrap();
+    (chain, job)
+}
+
+#[test]
+fn ssc_checkpoint_save_and_ssc_up_restore_work_on_a_running_chain_and_refuse_a_second_restore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (chain, job) = counting_chain(dir, "disk = \"ckpt.img\"\nkey = \"ck.key\"\n");
     let c = chain.to_str().unwrap();
     let r = run_ssc(&["checkpoint", "save", c], Duration::from_secs(30));
     assert!(r.code() == Some(1) && r.stderr().contains("is running"), "{}", r.all());
@@ -263,6 +285,7 @@ fn ssc_checkpoint_save_and_ssc_up_restore_work_on_a_running_chain_and_refuse_a_s
     up.wait_counts(10);
     let r = run_ssc(&["checkpoint", "save", c], Duration::from_secs(300));
     assert!(r.code() == Some(0) && r.stdout().contains("saved generation 1 (full)"), "{}", r.all());
+    assert!(r.stderr().contains("memory scanned: 100%"), "no progress shown: {}", r.all());
     let saved = *up.counts().iter().max().unwrap();
     up.stop();
 
@@ -292,4 +315,58 @@ fn ssc_checkpoint_save_and_ssc_up_restore_work_on_a_running_chain_and_refuse_a_s
     let refused_recorded = r.stdout().lines().any(|l| l.starts_with("generation 2") && l.ends_with("restored"));
     assert!(!refused_recorded, "a refused restore was recorded:\n{}", r.stdout());
     assert!(!chain.with_extension("toml.sock").exists(), "the command socket outlived ssc up");
+}
+
+#[test]
+fn checkpoints_land_through_a_storage_sd_on_an_authenticated_volume_and_tampering_is_caught() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let vol = dir.join("ckpt-vol.img");
+    let r = run_ssc(
+        &["volume", "create", vol.to_str().unwrap(), "--size", "700M", "--format", "auth", "--key-out"]
+            .into_iter()
+            .chain([dir.join("ckvol.key").to_str().unwrap()])
+            .collect::<Vec<_>>(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    let (chain, job) = counting_chain(dir, "disk = \"ckpt-vol.img\"\nkey = \"ck.key\"\nvolume_key = \"ckvol.key\"\n");
+    let c = chain.to_str().unwrap();
+
+    let up = Up::start(dir, &["up", c, "--job", job.to_str().unwrap()], "up1");
+    up.wait_counts(10);
+    let r = run_ssc(&["checkpoint", "save", c], Duration::from_secs(300));
+    assert!(r.code() == Some(0) && r.stdout().contains("saved generation 1 (full)"), "{}", r.all());
+    let saved = *up.counts().iter().max().unwrap();
+    up.stop();
+    let err = std::fs::read_to_string(dir.join("up1.err")).unwrap();
+    assert!(err.contains("storage-crypt-checkpoint keyed"), "{err}");
+    // The storage SD committed the checkpoint volume; the tenant recorded it.
+    let generation = std::fs::read_to_string(dir.join("ckvol.key.generation")).unwrap();
+    assert!(generation.trim().parse::<u64>().unwrap() >= 1, "{generation}");
+    // The provider's file holds neither the client's plaintext nor even the
+    // sealed stream's header: the storage SD encrypted it again.
+    let file = std::fs::read(&vol).unwrap();
+    for needle in [MARKER.as_bytes(), b"SSCCKPT1"] {
+        assert!(!file.windows(needle.len()).any(|w| w == needle), "{} on the volume", String::from_utf8_lossy(needle));
+    }
+
+    let up = Up::start(dir, &["up", c, "--restore", "latest"], "up2");
+    up.wait_counts(3);
+    let first = up.counts()[0];
+    assert!(first > 10 && first <= saved + 2, "restored client began at {first}, saved around {saved}");
+    up.stop();
+    let err = std::fs::read_to_string(dir.join("up2.err")).unwrap();
+    assert!(err.contains("ssc up: restore (verify, then write): 100%"), "{err}");
+
+    // A flipped byte in the stream's sectors on the volume: the storage SD
+    // refuses the sector, the restore fails before the client runs.
+    let mut file = std::fs::read(&vol).unwrap();
+    let data = sd_storage_crypt::auth::Geometry::for_device(file.len() as u64).unwrap().data_offset;
+    let at = data as usize + 4096 * 40 + 17;
+    file[at] ^= 0x40;
+    std::fs::write(&vol, &file).unwrap();
+    let r = run_ssc(&["up", c, "--restore", "1", "--allow-rollback"], Duration::from_secs(180));
+    assert!(r.code() == Some(1) && r.stderr().contains("reading the checkpoint disk"), "{}", r.all());
+    assert!(r.stdout().contains("failed authentication"), "{}", r.all());
 }

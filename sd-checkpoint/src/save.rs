@@ -131,6 +131,11 @@ impl<'a> Saver<'a> {
         &self.header
     }
 
+    /// Bytes of guest memory scanned so far (for progress reports).
+    pub fn scanned(&self) -> u64 {
+        self.next_page * PAGE as u64
+    }
+
     /// The stream's first bytes.
     pub fn header_bytes(&self) -> [u8; HEADER_LEN] {
         self.header.encode()

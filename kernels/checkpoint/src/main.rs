@@ -16,13 +16,14 @@
 
 extern crate alloc;
 
+use alloc::rc::Rc;
 use alloc::string::ToString;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::cell::RefCell;
+use core::cell::{Cell, RefCell};
 use core::time::Duration;
 
-use runtime::blk::BlockDevice;
+use downstream::{Down, Serial};
 use runtime::clock::Instant;
 use runtime::control::ControlLink;
 use runtime::log::{info, warn};
@@ -30,6 +31,7 @@ use runtime::vserial::VirtioSerial;
 use runtime::window::MemoryWindow;
 use runtime::{Boot, ImageResult, bail};
 use sd_checkpoint::{CheckpointError, Restorer, SaveOptions, Saver, Source};
+use sd_storage_crypt::volume::BlockDevice;
 use ssc_abi::{Body, Envelope, ErrorCode};
 
 runtime::entry!(main);
@@ -40,12 +42,56 @@ const STATE_CHUNK: usize = 48 * 1024;
 /// Stream bytes written to the disk at a time.
 const FLUSH_AT: usize = 1 << 20;
 
+/// Bytes between two `Progress` frames.
+const PROGRESS_STEP: u64 = 32 << 20;
+
+/// Sends `Progress` frames for one request on the control link (best
+/// effort: a broken link shows up in the main loop).
+struct Progress<'a> {
+    serial: &'a Serial,
+    ctl: &'a ControlLink,
+    id: u64,
+    total: u64,
+    done: Cell<u64>,
+    next: Cell<u64>,
+}
+
+impl<'a> Progress<'a> {
+    fn new(serial: &'a Serial, ctl: &'a ControlLink, id: u64, total: u64) -> Self {
+        Progress { serial, ctl, id, total, done: Cell::new(0), next: Cell::new(PROGRESS_STEP.min(total)) }
+    }
+
+    /// `n` more bytes done.
+    fn add(&self, n: u64) {
+        self.set(self.done.get() + n);
+    }
+
+    /// The operation is complete: reports 100 % unless that was sent.
+    fn finish(&self) {
+        if self.next.get() != u64::MAX {
+            self.next.set(0);
+            self.set(self.total);
+        }
+    }
+
+    fn set(&self, done: u64) {
+        self.done.set(done);
+        // Every step, and once at the end.
+        if done >= self.next.get() {
+            self.next.set(if done >= self.total { u64::MAX } else { (done + PROGRESS_STEP).min(self.total) });
+            let body = Body::Progress { done: done.min(self.total), total: self.total };
+            let _ = self.ctl.send(&mut self.serial.borrow_mut(), &Envelope::new(self.id, body));
+        }
+    }
+}
+
 /// A stream on the disk, read through sector-aligned spans.
 struct DiskSource<'d> {
-    disk: &'d RefCell<BlockDevice>,
+    disk: &'d RefCell<Down>,
     at: u64,
     len: u64,
     span: Vec<u8>,
+    progress: Option<&'d Progress<'d>>,
 }
 
 impl Source for DiskSource<'_> {
@@ -61,23 +107,33 @@ impl Source for DiskSource<'_> {
         let first = start & !511;
         let end = (start + buf.len() as u64).next_multiple_of(512);
         self.span.resize((end - first) as usize, 0);
-        self.disk.borrow_mut().read_at(first, &mut self.span).map_err(|_| CheckpointError::Io("reading the disk"))?;
+        self.disk
+            .borrow_mut()
+            .read_at(first, &mut self.span)
+            .map_err(|_| CheckpointError::Io("reading the checkpoint disk"))?;
         let skip = (start - first) as usize;
         buf.copy_from_slice(&self.span[skip..skip + buf.len()]);
+        if let Some(p) = self.progress {
+            p.add(buf.len() as u64);
+        }
         Ok(())
     }
 }
 
 /// `offset, length` pairs (u64 LE) → sources on the disk.
-fn sources<'d>(disk: &'d RefCell<BlockDevice>, pairs: &[u8]) -> Result<Vec<DiskSource<'d>>, &'static str> {
+fn sources<'d>(
+    disk: &'d RefCell<Down>,
+    pairs: &[u8],
+    progress: Option<&'d Progress<'d>>,
+) -> Result<Vec<DiskSource<'d>>, &'static str> {
     let list = u64_pairs(pairs).ok_or("stream list is not offset/length pairs")?;
-    let capacity = disk.borrow().capacity();
+    let capacity = disk.borrow().size();
     let mut out = vec![];
     for (at, len) in list {
         if !at.is_multiple_of(512) || at.checked_add(len).is_none_or(|e| e > capacity) {
             return Err("a stream lies outside the checkpoint disk");
         }
-        out.push(DiskSource { disk, at, len, span: Vec::new() });
+        out.push(DiskSource { disk, at, len, span: Vec::new(), progress });
     }
     Ok(out)
 }
@@ -94,42 +150,52 @@ type Reply = Result<(), (ErrorCode, alloc::string::String)>;
 
 fn main(mut boot: Boot) -> ImageResult {
     let mut disks = boot.platform.block_devices()?;
-    if disks.is_empty() {
-        bail!("checkpoint needs a disk for its checkpoints: start it with --disk FILE");
-    }
-    let disk = RefCell::new(disks.remove(0));
+    let Some(serial) = boot.platform.serial()? else {
+        bail!("checkpoint needs its control link");
+    };
+    let serial: Serial = Rc::new(RefCell::new(serial));
+    let mut ctl =
+        ControlLink::open(&mut serial.borrow_mut(), IMAGE, env!("CARGO_PKG_VERSION"), Duration::from_secs(2))?;
+    // Streams land on its own disk, or through a storage SD's export.
+    let disk = Down::open(
+        &mut disks,
+        &serial,
+        "checkpoint needs somewhere for its checkpoints: a disk (--disk FILE) or a `down` link to a storage SD",
+    )
+    .map_err(runtime::ImageError)?;
+    let what = disk.describe();
+    let disk = RefCell::new(disk);
     let mut windows = boot.platform.memory_windows()?;
     if windows.is_empty() {
         bail!("checkpoint needs the client's memory window (a grant: --window FILE[:rw])");
     }
     let mut window = windows.remove(0);
-    let Some(mut serial) = boot.platform.serial()? else {
-        bail!("checkpoint needs its control link");
-    };
-    let mut ctl = ControlLink::open(&mut serial, IMAGE, env!("CARGO_PKG_VERSION"), Duration::from_secs(2))?;
-    ctl.ready(&mut serial, IMAGE)?;
+    ctl.ready(&mut serial.borrow_mut(), IMAGE)?;
     info!(
         target: IMAGE,
-        "client memory window {} MiB, checkpoint disk {} MiB; waiting for CheckpointKey",
+        "client memory window {} MiB, checkpoints on {what} of {} MiB; waiting for CheckpointKey",
         window.len() >> 20,
-        disk.borrow().capacity() >> 20
+        disk.borrow().size() >> 20
     );
     let mut job: Option<Job> = None;
     let mut state: Vec<u8> = Vec::new();
     loop {
-        let Some(payload) = ctl.poll(&mut serial)? else { continue };
+        let Some(payload) = ctl.poll(&mut serial.borrow_mut())? else { continue };
         let env = match Envelope::decode(&payload) {
             Ok(env) => env,
             Err(e) => {
                 let msg = e.to_string();
-                ctl.send(&mut serial, &Envelope::new(0, Body::Error { code: ErrorCode::Malformed, message: &msg }))?;
+                ctl.send(
+                    &mut serial.borrow_mut(),
+                    &Envelope::new(0, Body::Error { code: ErrorCode::Malformed, message: &msg }),
+                )?;
                 continue;
             }
         };
         let id = env.request_id;
         let reply: Reply = match env.body {
             Body::Ping { payload } => {
-                ctl.send(&mut serial, &Envelope::new(id, Body::Pong { payload }))?;
+                ctl.send(&mut serial.borrow_mut(), &Envelope::new(id, Body::Pong { payload }))?;
                 continue;
             }
             Body::Shutdown => {
@@ -160,8 +226,9 @@ fn main(mut boot: Boot) -> ImageResult {
             Body::SaveCheckpoint { generation, at, base, compress, salt, extents } => match job.as_mut() {
                 None => Err((ErrorCode::Denied, "no CheckpointKey yet".into())),
                 Some(job) => {
-                    match save(&disk, &window, job, &SaveReq { generation, at, base, compress, salt, extents }, &state)
-                    {
+                    let progress = Progress::new(&serial, &ctl, id, window.len());
+                    let req = SaveReq { generation, at, base, compress, salt, extents };
+                    match save(&disk, &window, job, &req, &state, &progress) {
                         Ok((length, stats, micros)) => {
                             let body = Body::CheckpointSaved {
                                 generation,
@@ -170,7 +237,7 @@ fn main(mut boot: Boot) -> ImageResult {
                                 pages_stored: stats.pages_stored,
                                 micros,
                             };
-                            ctl.send(&mut serial, &Envelope::new(id, body))?;
+                            ctl.send(&mut serial.borrow_mut(), &Envelope::new(id, body))?;
                             continue;
                         }
                         Err(e) => Err(e),
@@ -179,18 +246,18 @@ fn main(mut boot: Boot) -> ImageResult {
             },
             Body::RestoreCheckpoint { streams } => match job.as_mut() {
                 None => Err((ErrorCode::Denied, "no CheckpointKey yet".into())),
-                Some(job) => restore(&disk, &mut window, job, streams).and_then(|device_state| {
-                    send_state(&mut serial, &ctl, id, &device_state)
+                Some(job) => restore(&disk, &mut window, job, streams, (&serial, &ctl, id)).and_then(|device_state| {
+                    send_state(&mut serial.borrow_mut(), &ctl, id, &device_state)
                         .map_err(|e| (ErrorCode::Internal, alloc::format!("control link: {}", e.0)))
                 }),
             },
             other => Err((ErrorCode::Unsupported, alloc::format!("{IMAGE} does not serve {other:?}"))),
         };
         match reply {
-            Ok(()) => ctl.send(&mut serial, &Envelope::new(id, Body::Ack))?,
+            Ok(()) => ctl.send(&mut serial.borrow_mut(), &Envelope::new(id, Body::Ack))?,
             Err((code, message)) => {
                 warn!(target: IMAGE, "request {id} refused: {message}");
-                ctl.send(&mut serial, &Envelope::new(id, Body::Error { code, message: &message }))?
+                ctl.send(&mut serial.borrow_mut(), &Envelope::new(id, Body::Error { code, message: &message }))?
             }
         }
     }
@@ -231,11 +298,12 @@ fn u64_pairs(b: &[u8]) -> Option<Vec<(u64, u64)>> {
 
 /// Writes a checkpoint at `req.at`; returns its length, statistics and time.
 fn save(
-    disk: &RefCell<BlockDevice>,
+    disk: &RefCell<Down>,
     window: &MemoryWindow,
     job: &mut Job,
     req: &SaveReq<'_>,
     state: &[u8],
+    progress: &Progress<'_>,
 ) -> Result<(u64, sd_checkpoint::SaveStats, u64), (ErrorCode, alloc::string::String)> {
     let SaveReq { generation, at, base, compress, salt, extents } = *req;
     let start = Instant::now();
@@ -252,7 +320,7 @@ fn save(
     let hashes = if base.is_empty() {
         None
     } else {
-        let mut srcs = sources(disk, base).map_err(|e| (ErrorCode::Malformed, e.into()))?;
+        let mut srcs = sources(disk, base, None).map_err(|e| (ErrorCode::Malformed, e.into()))?;
         let mut head = [0u8; 96];
         srcs.last_mut().expect("non-empty").read_at(0, &mut head).map_err(refused)?;
         let last = sd_checkpoint::Header::decode(&head).map_err(refused)?.generation;
@@ -279,8 +347,9 @@ fn save(
         if out.len() >= FLUSH_AT {
             written += flush_out(disk, at + written, &mut out, false)?;
         }
+        progress.set(saver.scanned());
         if written >= next_report {
-            info!(target: IMAGE, "save: {} MiB written", written >> 20);
+            info!(target: IMAGE, "save: {} MiB scanned, {} MiB written", saver.scanned() >> 20, written >> 20);
             next_report += 64 << 20;
         }
     }
@@ -288,8 +357,11 @@ fn save(
     let (stats, new_hashes) = saver.finish(&mut out).map_err(refused)?;
     let length = stats.bytes_out;
     flush_out(disk, at + written, &mut out, true)?;
-    disk.borrow_mut().flush().map_err(|e| (ErrorCode::Internal, alloc::format!("checkpoint disk: {e}")))?;
+    disk.borrow_mut()
+        .flush()
+        .map_err(|_| (ErrorCode::Internal, "flushing the checkpoint disk failed (see the log)".into()))?;
     job.hashes = Some(new_hashes);
+    progress.finish();
     let micros = start.elapsed().as_micros() as u64;
     info!(
         target: IMAGE,
@@ -307,7 +379,7 @@ fn save(
 /// Writes the whole 4 KiB blocks of `out` at `at` (with `all`, the tail
 /// too, zero-padded) and drops them from `out`; returns the bytes written.
 fn flush_out(
-    disk: &RefCell<BlockDevice>,
+    disk: &RefCell<Down>,
     at: u64,
     out: &mut Vec<u8>,
     all: bool,
@@ -320,10 +392,11 @@ fn flush_out(
         return Ok(0);
     }
     let mut d = disk.borrow_mut();
-    if at + n as u64 > d.capacity() {
+    if at + n as u64 > d.size() {
         return Err((ErrorCode::Internal, "the checkpoint disk is full".into()));
     }
-    d.write_at(at, &out[..n]).map_err(|e| (ErrorCode::Internal, alloc::format!("checkpoint disk: {e}")))?;
+    d.write_at(at, &out[..n])
+        .map_err(|_| (ErrorCode::Internal, "writing the checkpoint disk failed (see the log)".into()))?;
     out.drain(..n);
     Ok(n as u64)
 }
@@ -331,13 +404,17 @@ fn flush_out(
 /// Verifies `streams` and writes them into the window; returns the device
 /// state.
 fn restore(
-    disk: &RefCell<BlockDevice>,
+    disk: &RefCell<Down>,
     window: &mut MemoryWindow,
     job: &mut Job,
     streams: &[u8],
+    (serial, ctl, id): (&Serial, &ControlLink, u64),
 ) -> Result<Vec<u8>, (ErrorCode, alloc::string::String)> {
     let start = Instant::now();
-    let mut srcs = sources(disk, streams).map_err(|e| (ErrorCode::Malformed, e.into()))?;
+    // Every stream is read twice: the verify pass, then the write pass.
+    let total = u64_pairs(streams).map_or(0, |l| l.iter().map(|(_, len)| 2 * len).sum());
+    let progress = Progress::new(serial, ctl, id, total);
+    let mut srcs = sources(disk, streams, Some(&progress)).map_err(|e| (ErrorCode::Malformed, e.into()))?;
     let mut refs: Vec<&mut dyn Source> = srcs.iter_mut().map(|s| s as &mut dyn Source).collect();
     let size = window.len();
     // The builder restores onto a fresh (zero) memory file.
@@ -351,6 +428,7 @@ fn restore(
         start.elapsed().as_millis()
     );
     job.hashes = Some(r.hashes);
+    progress.finish();
     Ok(r.device_state)
 }
 

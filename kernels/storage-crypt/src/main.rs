@@ -21,6 +21,7 @@ use alloc::vec::Vec;
 use core::cell::RefCell;
 use core::time::Duration;
 
+use downstream::{Down, Serial};
 use runtime::clock::Instant;
 use runtime::control::ControlLink;
 use runtime::log::{info, warn};
@@ -28,9 +29,8 @@ use runtime::vserial::{PortId, VirtioSerial};
 use runtime::{Boot, ImageResult, bail};
 use sd_storage_crypt::auth::{self, AuthVolume};
 use sd_storage_crypt::header::{HEADER_LEN, VolumeHeader};
-use sd_storage_crypt::nbd::client::{Command, Handshake, Reply};
 use sd_storage_crypt::nbd::{Backend, Export, ProtocolError, Server};
-use sd_storage_crypt::volume::{BlockDevice, Cipher, CryptVolume, IoError, Layout};
+use sd_storage_crypt::volume::{BlockDevice, Cipher, CryptVolume, Layout};
 use sd_storage_crypt::xts::Xts;
 use ssc_abi::{Body, Envelope, ErrorCode, VolumeConfig};
 
@@ -39,185 +39,6 @@ runtime::entry!(main);
 const IMAGE: &str = "storage-crypt";
 /// Name of the upstream link.
 const NBD_PORT: &str = "nbd";
-/// Name of the downstream link in a chain (the next SD's `nbd`).
-const DOWN_PORT: &str = "down";
-/// Export name every SD serves (and asks its downstream for).
-const DOWN_EXPORT: &str = "vol";
-/// How long a downstream request may take before the SD reports EIO.
-const DOWN_TIMEOUT: Duration = Duration::from_secs(30);
-
-type Serial = Rc<RefCell<VirtioSerial>>;
-
-/// The provider's volume: the runtime's virtio-blk disk.
-struct Disk(runtime::blk::BlockDevice);
-
-impl BlockDevice for Disk {
-    fn size(&self) -> u64 {
-        self.0.capacity()
-    }
-
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        self.0.read_at(offset, buf).map_err(|e| {
-            warn!(target: IMAGE, "downstream read failed: {e}");
-            IoError::Io
-        })
-    }
-
-    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
-        self.0.write_at(offset, data).map_err(|e| {
-            warn!(target: IMAGE, "downstream write failed: {e}");
-            IoError::Io
-        })
-    }
-
-    fn flush(&mut self) -> Result<(), IoError> {
-        self.0.flush().map_err(|e| {
-            warn!(target: IMAGE, "downstream flush failed: {e}");
-            IoError::Io
-        })
-    }
-}
-
-/// The downstream of an SD in a chain: the next SD's NBD export over the
-/// `down` link, one request at a time.
-struct NbdDown {
-    serial: Serial,
-    port: PortId,
-    connection: u64,
-    size: u64,
-    handle: u64,
-    header: Vec<u8>,
-}
-
-impl NbdDown {
-    /// Waits for the link, then runs the handshake.
-    fn connect(serial: &Serial, port: PortId) -> Result<NbdDown, alloc::string::String> {
-        let start = Instant::now();
-        let mut hs = Handshake::new(DOWN_EXPORT);
-        let mut buf = [0u8; 512];
-        let connection = loop {
-            let mut sr = serial.borrow_mut();
-            if sr.host_connected(port) {
-                break sr.connections(port);
-            }
-            if start.elapsed() > DOWN_TIMEOUT {
-                return Err("the downstream link never connected (is the next SD running?)".into());
-            }
-        };
-        loop {
-            let mut sr = serial.borrow_mut();
-            let out = hs.take_output();
-            sr.write_all(port, &out).map_err(|e| alloc::format!("downstream link: {e}"))?;
-            let n =
-                sr.read_connection(port, connection, &mut buf).map_err(|e| alloc::format!("downstream link: {e}"))?;
-            if let Some(info) = hs.receive(&buf[..n]).map_err(|e| e.to_string())? {
-                let out = hs.take_output();
-                sr.write_all(port, &out).map_err(|e| alloc::format!("downstream link: {e}"))?;
-                return Ok(NbdDown {
-                    serial: serial.clone(),
-                    port,
-                    connection,
-                    size: info.size,
-                    handle: 0,
-                    header: Vec::new(),
-                });
-            }
-            if start.elapsed() > DOWN_TIMEOUT {
-                return Err("the downstream NBD handshake timed out".into());
-            }
-        }
-    }
-
-    /// Reads exactly `buf.len()` bytes of this connection's replies.
-    fn read_exact(&self, sr: &mut VirtioSerial, buf: &mut [u8]) -> Result<(), IoError> {
-        let start = Instant::now();
-        let mut got = 0;
-        while got < buf.len() {
-            let n = sr.read_connection(self.port, self.connection, &mut buf[got..]).map_err(|_| IoError::Io)?;
-            got += n;
-            if n == 0 {
-                if !sr.host_connected(self.port) || sr.connections(self.port) != self.connection {
-                    warn!(target: IMAGE, "downstream NBD link lost");
-                    return Err(IoError::Io);
-                }
-                if start.elapsed() > DOWN_TIMEOUT {
-                    warn!(target: IMAGE, "downstream NBD request timed out");
-                    return Err(IoError::Io);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// One request and its reply.
-    fn exchange(&mut self, cmd: Command, offset: u64, out: &[u8], into: &mut [u8]) -> Result<(), IoError> {
-        self.handle += 1;
-        let len = if cmd == Command::Read { into.len() } else { out.len() };
-        self.header.clear();
-        sd_storage_crypt::nbd::client::request(&mut self.header, cmd, self.handle, offset, len as u32);
-        let serial = self.serial.clone();
-        let mut sr = serial.borrow_mut();
-        sr.write_all(self.port, &self.header).map_err(|_| IoError::Io)?;
-        if !out.is_empty() {
-            sr.write_all(self.port, out).map_err(|_| IoError::Io)?;
-        }
-        let mut head = [0u8; Reply::LEN];
-        self.read_exact(&mut sr, &mut head)?;
-        let reply = Reply::parse(&head).map_err(|e| {
-            warn!(target: IMAGE, "{e}");
-            IoError::Io
-        })?;
-        if reply.handle != self.handle {
-            warn!(target: IMAGE, "downstream NBD reply for handle {} while waiting for {}", reply.handle, self.handle);
-            return Err(IoError::Io);
-        }
-        if reply.error != 0 {
-            warn!(target: IMAGE, "downstream NBD error {} at offset {offset}", reply.error);
-            return Err(IoError::Io);
-        }
-        if cmd == Command::Read {
-            self.read_exact(&mut sr, into)?;
-        }
-        Ok(())
-    }
-}
-
-/// Where the SD's ciphertext goes: the provider's disk, or the next SD.
-enum Down {
-    Disk(alloc::boxed::Box<Disk>),
-    Nbd(NbdDown),
-}
-
-impl BlockDevice for Down {
-    fn size(&self) -> u64 {
-        match self {
-            Down::Disk(d) => d.size(),
-            Down::Nbd(n) => n.size,
-        }
-    }
-
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        match self {
-            Down::Disk(d) => d.read_at(offset, buf),
-            Down::Nbd(n) => n.exchange(Command::Read, offset, &[], buf),
-        }
-    }
-
-    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), IoError> {
-        match self {
-            Down::Disk(d) => d.write_at(offset, data),
-            Down::Nbd(n) => n.exchange(Command::Write, offset, data, &mut []),
-        }
-    }
-
-    fn flush(&mut self) -> Result<(), IoError> {
-        match self {
-            Down::Disk(d) => d.flush(),
-            Down::Nbd(n) => n.exchange(Command::Flush, 0, &[], &mut []),
-        }
-    }
-}
-
 /// A served volume: either mode, plus what the authenticated mode reports.
 trait Served: Backend {
     /// The durable generation (authenticated mode).
@@ -341,20 +162,13 @@ fn main(mut boot: Boot) -> ImageResult {
         .open(NBD_PORT, Duration::from_secs(2))
         .map_err(|e| runtime::ImageError(alloc::format!("upstream link: {e}")))?;
     // Downstream: the provider's disk, or in a chain the next SD's export.
-    let down = if !disks.is_empty() {
-        Down::Disk(Disk(disks.remove(0)).into())
-    } else {
-        let has_down = serial.borrow().port_names().iter().any(|p| p == DOWN_PORT);
-        if !has_down {
-            bail!("storage-crypt needs its downstream: a volume (--disk FILE) or a `down` link to the next SD");
-        }
-        let port = serial
-            .borrow_mut()
-            .open(DOWN_PORT, Duration::from_secs(2))
-            .map_err(|e| runtime::ImageError(alloc::format!("downstream link: {e}")))?;
-        Down::Nbd(NbdDown::connect(&serial, port).map_err(runtime::ImageError)?)
-    };
-    let what = if matches!(down, Down::Disk(_)) { "volume (virtio-blk)" } else { "the next SD's NBD export" };
+    let down = Down::open(
+        &mut disks,
+        &serial,
+        "storage-crypt needs its downstream: a volume (--disk FILE) or a `down` link to the next SD",
+    )
+    .map_err(runtime::ImageError)?;
+    let what = down.describe();
     let mut disk = Some(down);
     ctl.ready(&mut serial.borrow_mut(), IMAGE)?;
     info!(target: IMAGE, "downstream: {what}, {} MiB; waiting for ConfigureVolume on the control link", disk.as_ref().map_or(0, |d| d.size() >> 20));
