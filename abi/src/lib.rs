@@ -102,6 +102,11 @@ pub enum Body<'a> {
     /// SD → tenant side, tagged with the request it belongs to: how far a
     /// long operation (a checkpoint save or restore) has come, in bytes.
     Progress { done: u64, total: u64 },
+    /// Tenant side → checkpoint SD, for benchmarks only: copy the client's
+    /// memory (its allocated `extents`, u64 LE pairs; empty: all of it) to
+    /// the disk at `at` as it is — no hashing, no sealing — the copy-only
+    /// baseline of a save. Reply: `CheckpointSaved` with generation 0.
+    CopyMemory { at: u64, extents: &'a [u8] },
 }
 
 /// Parameters of an encrypted volume (dm-crypt/LUKS data-segment terms).

@@ -158,7 +158,7 @@ pub fn save(
     let start = Instant::now();
     let mut qmp = client.qmp(T)?;
     qmp.execute("stop", None)?;
-    let result = (|| {
+    let result = (|| -> Result<Saved> {
         ignore_shared(&mut qmp)?;
         let file = scratch.join(format!("device-state-{generation}.bin"));
         let uri = format!("exec:cat > '{}'", file.display());
@@ -179,31 +179,15 @@ pub fn save(
         let extents = encode_pairs(allocated_extents(memory)?.into_iter());
         let id =
             ctl.send(Body::SaveCheckpoint { generation, at, base: &base, compress, salt: &salt, extents: &extents })?;
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let left = deadline.checked_duration_since(Instant::now()).context("the checkpoint SD did not answer")?;
-            match ctl.recv(left) {
-                Some(ControlEvent::CheckpointSaved {
-                    request_id, length, pages_read, pages_stored, micros, ..
-                }) if request_id == id => {
-                    return Ok(Saved {
-                        stream: Stream { generation, at, length },
-                        pages_read,
-                        pages_stored,
-                        sd_time: Duration::from_micros(micros),
-                        paused: Duration::ZERO,
-                        device_state_bytes: state.len(),
-                    });
-                }
-                Some(ControlEvent::Progress { request_id, done, total }) if request_id == id => progress(done, total),
-                Some(ControlEvent::Error { request_id, code, message }) if request_id == id => {
-                    bail!("the checkpoint SD refused ({code:?}): {message}")
-                }
-                Some(ControlEvent::Broken(why)) => bail!("checkpoint SD control link broken: {why}"),
-                Some(_) => {}
-                None => bail!("the checkpoint SD did not answer"),
-            }
-        }
+        let r = wait_saved(ctl, id, progress)?;
+        Ok(Saved {
+            stream: Stream { generation, at, length: r.length },
+            pages_read: r.pages_read,
+            pages_stored: r.pages_stored,
+            sd_time: r.sd_time,
+            paused: Duration::ZERO,
+            device_state_bytes: state.len(),
+        })
     })();
     // After `migrate` QEMU sits in `postmigrate`; `cont` runs it again.
     if !leave_paused {
@@ -212,6 +196,53 @@ pub fn save(
     let mut saved = result?;
     saved.paused = start.elapsed();
     Ok(saved)
+}
+
+/// The SD's `CheckpointSaved` for request `id` (stream length, pages).
+struct SavedReply {
+    length: u64,
+    pages_read: u64,
+    pages_stored: u64,
+    sd_time: Duration,
+}
+
+fn wait_saved(ctl: &crate::builder::ControlLink, id: u64, progress: ProgressFn<'_>) -> Result<SavedReply> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let left = deadline.checked_duration_since(Instant::now()).context("the checkpoint SD did not answer")?;
+        match ctl.recv(left) {
+            Some(ControlEvent::CheckpointSaved { request_id, length, pages_read, pages_stored, micros, .. })
+                if request_id == id =>
+            {
+                return Ok(SavedReply { length, pages_read, pages_stored, sd_time: Duration::from_micros(micros) });
+            }
+            Some(ControlEvent::Progress { request_id, done, total }) if request_id == id => progress(done, total),
+            Some(ControlEvent::Error { request_id, code, message }) if request_id == id => {
+                bail!("the checkpoint SD refused ({code:?}): {message}")
+            }
+            Some(ControlEvent::Broken(why)) => bail!("checkpoint SD control link broken: {why}"),
+            Some(_) => {}
+            None => bail!("the checkpoint SD did not answer"),
+        }
+    }
+}
+
+/// The copy-only baseline for benchmarks: with `client` paused, the SD
+/// copies the allocated extents of its memory to the disk at `at`, as they
+/// are (no hashing, no sealing: plaintext on the disk). Returns the bytes
+/// written and the time the client was paused.
+pub fn copy_only(client: &Domain, memory: &Path, sd: &mut Domain, at: u64) -> Result<(u64, Duration)> {
+    let start = Instant::now();
+    let mut qmp = client.qmp(T)?;
+    qmp.execute("stop", None)?;
+    let result = (|| -> Result<u64> {
+        let extents = encode_pairs(allocated_extents(memory)?.into_iter());
+        let ctl = sd.control().context("the checkpoint SD has no control link")?;
+        let id = ctl.send(Body::CopyMemory { at, extents: &extents })?;
+        Ok(wait_saved(ctl, id, &mut quiet)?.length)
+    })();
+    qmp.execute("cont", None).context("resuming the client")?;
+    Ok((result?, start.elapsed()))
 }
 
 /// Restores `streams` (full first, then deltas) into `client`, a fresh

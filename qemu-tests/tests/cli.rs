@@ -511,6 +511,7 @@ fn bench_checkpoint_measures_the_sd_beside_qemus_migration_in_one_invocation() {
         "SD full save",
         "SD delta save",
         "SD restore (full + delta)",
+        "SD copy only",
         "QEMU stop + migrate",
         "raw copy",
     ] {

@@ -244,6 +244,15 @@ fn main(mut boot: Boot) -> ImageResult {
                     }
                 }
             },
+            Body::CopyMemory { at, extents } => match copy_memory(&disk, &window, at, extents) {
+                Ok((length, pages, micros)) => {
+                    let body =
+                        Body::CheckpointSaved { generation: 0, length, pages_read: pages, pages_stored: pages, micros };
+                    ctl.send(&mut serial.borrow_mut(), &Envelope::new(id, body))?;
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
             Body::RestoreCheckpoint { streams } => match job.as_mut() {
                 None => Err((ErrorCode::Denied, "no CheckpointKey yet".into())),
                 Some(job) => restore(&disk, &mut window, job, streams, (&serial, &ctl, id)).and_then(|device_state| {
@@ -374,6 +383,51 @@ fn save(
         micros / 1000
     );
     Ok((length, stats, micros))
+}
+
+/// The copy-only baseline (benchmarks): the allocated extents of memory to
+/// the disk at `at`, as they are. Returns bytes, pages and time.
+fn copy_memory(
+    disk: &RefCell<Down>,
+    window: &MemoryWindow,
+    at: u64,
+    extents: &[u8],
+) -> Result<(u64, u64, u64), (ErrorCode, alloc::string::String)> {
+    let start = Instant::now();
+    if !at.is_multiple_of(4096) {
+        return Err((ErrorCode::Malformed, "the copy starts at a multiple of 4096".into()));
+    }
+    let mut list = u64_pairs(extents).ok_or((ErrorCode::Malformed, "extents are not offset/length pairs".into()))?;
+    if list.is_empty() {
+        list.push((0, window.len()));
+    }
+    let mut buf = vec![0u8; FLUSH_AT];
+    let mut written = 0u64;
+    for (offset, len) in list {
+        let end = offset.checked_add(len).filter(|&e| e <= window.len());
+        let Some(end) = end else { return Err((ErrorCode::Malformed, "an extent lies outside the window".into())) };
+        let mut pos = offset & !4095;
+        while pos < end {
+            let n = (end.next_multiple_of(4096) - pos).min(FLUSH_AT as u64) as usize;
+            window
+                .read(pos, &mut buf[..n])
+                .map_err(|_| (ErrorCode::Internal, "reading the memory window failed".into()))?;
+            let mut d = disk.borrow_mut();
+            if at + written + n as u64 > d.size() {
+                return Err((ErrorCode::Internal, "the checkpoint disk is full".into()));
+            }
+            d.write_at(at + written, &buf[..n])
+                .map_err(|_| (ErrorCode::Internal, "writing the checkpoint disk failed (see the log)".into()))?;
+            written += n as u64;
+            pos += n as u64;
+        }
+    }
+    disk.borrow_mut()
+        .flush()
+        .map_err(|_| (ErrorCode::Internal, "flushing the checkpoint disk failed (see the log)".into()))?;
+    let micros = start.elapsed().as_micros() as u64;
+    info!(target: IMAGE, "copy-only baseline: {} MiB in {} ms", written >> 20, micros / 1000);
+    Ok((written, written / 4096, micros))
 }
 
 /// Writes the whole 4 KiB blocks of `out` at `at` (with `all`, the tail
