@@ -122,7 +122,7 @@ $SSC checkpoint save "$work/ckpt.toml"
 grep "count" "$work/up1.out" | tail -1
 kill -INT $up; wait $up || true
 echo "-- the client is gone; starting it again from the checkpoint:"
-$SSC up "$work/ckpt.toml" --restore latest > "$work/up2.out" 2>&1 &
+$SSC checkpoint restore "$work/ckpt.toml" latest > "$work/up2.out" 2>&1 &
 up=$!
 until [ "$(grep -c "count" "$work/up2.out" 2>/dev/null)" -ge 3 ]; do sleep 0.5; done
 grep -E "restore|count" "$work/up2.out" | head -10

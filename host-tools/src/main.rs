@@ -133,6 +133,24 @@ enum CheckpointCmd {
         #[arg(long)]
         full: bool,
     },
+    /// Start the chain's client from a checkpoint instead of booting it
+    /// (the same as `ssc up CHAIN --restore GENERATION`): a fresh client
+    /// QEMU waits with `-incoming`, the checkpoint SD verifies every stream
+    /// of the generation's chain before it writes a page, QEMU loads the
+    /// device state and the client runs on. Each generation once, unless
+    /// `--allow-rollback`.
+    Restore {
+        chain: PathBuf,
+        /// A generation number, or `latest`.
+        #[arg(default_value = "latest")]
+        generation: String,
+        /// Allow restoring a generation that was restored before (its RNG
+        /// state and one-time secrets are replayed).
+        #[arg(long)]
+        allow_rollback: bool,
+        #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+        accel: AccelChoice,
+    },
     /// The checkpoints in the tenant's record.
     List { chain: PathBuf },
 }
@@ -349,56 +367,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Cmd::Up { chain, job, accel, check, restore, allow_rollback } => {
-            let plan = ssc::chain::plan(&chain)?;
-            for (i, d) in plan.disks.iter().enumerate() {
-                let sds: Vec<String> = d
-                    .sds
-                    .iter()
-                    .map(|s| format!("{} {} (verified)", s.manifest.image.name, s.manifest.image.version))
-                    .collect();
-                eprintln!("ssc up: disk {i}: client → {} → {}", sds.join(" → "), d.volume.display());
-            }
-            if check {
-                eprintln!("ssc up: {} checks out", chain.display());
-                return Ok(ExitCode::SUCCESS);
-            }
-            let probe = match (plan.disks.first(), &plan.checkpoint) {
-                (Some(d), _) => d.sds[0].path.clone(),
-                (None, Some(c)) => c.image.path.clone(),
-                (None, None) => unreachable!("plan() refuses a chain without service domains"),
-            };
-            let (accel, why) = qemu::resolve_accel(accel, Some(&probe))?;
-            eprintln!("ssc: accelerator {accel} ({why})");
-            let tmp = RunDir::create()?;
-            let initrd = match &job {
-                Some(j) => {
-                    let script = std::fs::read_to_string(j).with_context(|| format!("reading job {}", j.display()))?;
-                    let out = tmp.path().join("initrd-job");
-                    ssc::chain::initrd_with_job(&plan.initrd, &script, &out)?;
-                    Some(out)
-                }
-                None => None,
-            };
-            let restore = match restore {
-                Some(choice) => {
-                    let c =
-                        plan.checkpoint.as_ref().context("--restore needs a [checkpoint] section in the chain file")?;
-                    let record = ssc::chain_checkpoint::Record::load(&c.key_path)?;
-                    Some(record.choose(&choice, allow_rollback)?)
-                }
-                None => None,
-            };
-            let running = ssc::chain::up(&plan, accel, true, initrd.as_deref(), restore)?;
-            let (exit, log) = running.wait(None)?;
-            let passed = log.iter().any(|l| l == "client: job passed");
-            match exit {
-                ImageExit::Qemu { status: 0 } => eprintln!("ssc up: client powered off"),
-                other => eprintln!("ssc up: client stopped: {other}"),
-            }
-            if job.is_some() {
-                eprintln!("ssc up: job {}", if passed { "passed" } else { "FAILED" });
-            }
-            Ok(if job.is_none() || passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            up_cmd(chain, job, accel, check, restore, allow_rollback)
+        }
+        Cmd::Checkpoint(CheckpointCmd::Restore { chain, generation, allow_rollback, accel }) => {
+            up_cmd(chain, None, accel, false, Some(generation), allow_rollback)
         }
         Cmd::Volume(VolumeCmd::Create { volume, size, key_out, passphrase_file, iter_time, format }) => {
             let bytes = ssc::chain::parse_size(&size)?;
@@ -554,6 +526,67 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// The image file to boot and the domain name to give it: a catalog
 /// image's name, or a file's stem.
+/// `ssc up` (and `ssc checkpoint restore`): starts the chain, serves
+/// checkpoint commands, waits for the client.
+fn up_cmd(
+    chain: PathBuf,
+    job: Option<PathBuf>,
+    accel: AccelChoice,
+    check: bool,
+    restore: Option<String>,
+    allow_rollback: bool,
+) -> Result<ExitCode> {
+    let plan = ssc::chain::plan(&chain)?;
+    for (i, d) in plan.disks.iter().enumerate() {
+        let sds: Vec<String> = d
+            .sds
+            .iter()
+            .map(|s| format!("{} {} (verified)", s.manifest.image.name, s.manifest.image.version))
+            .collect();
+        eprintln!("ssc up: disk {i}: client → {} → {}", sds.join(" → "), d.volume.display());
+    }
+    if check {
+        eprintln!("ssc up: {} checks out", chain.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let probe = match (plan.disks.first(), &plan.checkpoint) {
+        (Some(d), _) => d.sds[0].path.clone(),
+        (None, Some(c)) => c.image.path.clone(),
+        (None, None) => unreachable!("plan() refuses a chain without service domains"),
+    };
+    let (accel, why) = qemu::resolve_accel(accel, Some(&probe))?;
+    eprintln!("ssc: accelerator {accel} ({why})");
+    let tmp = RunDir::create()?;
+    let initrd = match &job {
+        Some(j) => {
+            let script = std::fs::read_to_string(j).with_context(|| format!("reading job {}", j.display()))?;
+            let out = tmp.path().join("initrd-job");
+            ssc::chain::initrd_with_job(&plan.initrd, &script, &out)?;
+            Some(out)
+        }
+        None => None,
+    };
+    let restore = match restore {
+        Some(choice) => {
+            let c = plan.checkpoint.as_ref().context("--restore needs a [checkpoint] section in the chain file")?;
+            let record = ssc::chain_checkpoint::Record::load(&c.key_path)?;
+            Some(record.choose(&choice, allow_rollback)?)
+        }
+        None => None,
+    };
+    let running = ssc::chain::up(&plan, accel, true, initrd.as_deref(), restore)?;
+    let (exit, log) = running.wait(None)?;
+    let passed = log.iter().any(|l| l == "client: job passed");
+    match exit {
+        ImageExit::Qemu { status: 0 } => eprintln!("ssc up: client powered off"),
+        other => eprintln!("ssc up: client stopped: {other}"),
+    }
+    if job.is_some() {
+        eprintln!("ssc up: job {}", if passed { "passed" } else { "FAILED" });
+    }
+    Ok(if job.is_none() || passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 fn resolve_image(image: &str, catalog_dir: Option<&Path>, trust: &[PathBuf]) -> Result<(PathBuf, String)> {
     let p = Path::new(image);
     if p.is_file() {

@@ -366,7 +366,7 @@ fn checkpoints_land_through_a_storage_sd_on_an_authenticated_volume_and_tamperin
     let at = data as usize + 4096 * 40 + 17;
     file[at] ^= 0x40;
     std::fs::write(&vol, &file).unwrap();
-    let r = run_ssc(&["up", c, "--restore", "1", "--allow-rollback"], Duration::from_secs(180));
+    let r = run_ssc(&["checkpoint", "restore", c, "1", "--allow-rollback"], Duration::from_secs(180));
     assert!(r.code() == Some(1) && r.stderr().contains("reading the checkpoint disk"), "{}", r.all());
     assert!(r.stdout().contains("failed authentication"), "{}", r.all());
 }
