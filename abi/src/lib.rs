@@ -107,6 +107,30 @@ pub enum Body<'a> {
     /// the disk at `at` as it is — no hashing, no sealing — the copy-only
     /// baseline of a save. Reply: `CheckpointSaved` with generation 0.
     CopyMemory { at: u64, extents: &'a [u8] },
+    /// Tenant side → dedup SD: scan every window (client i = window i).
+    /// `extents`: the allocated byte ranges of the clients' memory files
+    /// as `client, offset, length` u64 LE triples (empty: all of every
+    /// client). The reply: `Progress` frames, one `DedupClient` per
+    /// client, `DedupZeroRuns` and `DedupGroups` frames, then `DedupDone`.
+    DedupScan { extents: &'a [u8] },
+    /// Dedup SD → tenant side: what the scan found in one client.
+    DedupClient {
+        client: u32,
+        pages: u64,
+        pages_read: u64,
+        zero_pages: u64,
+        zero_allocated: u64,
+        dup_within: u64,
+        dup_across: u64,
+    },
+    /// Dedup SD → tenant side: runs of allocated zero pages of a client
+    /// (`first page, count` u64 LE pairs).
+    DedupZeroRuns { client: u32, runs: &'a [u8] },
+    /// Dedup SD → tenant side: groups of identical non-zero pages
+    /// (`sd_dedup::wire` encoding).
+    DedupGroups { groups: &'a [u8] },
+    /// Dedup SD → tenant side: the end of a scan's reply.
+    DedupDone { groups: u64, duplicate_pages: u64, changed: u64, micros: u64 },
 }
 
 /// Parameters of an encrypted volume (dm-crypt/LUKS data-segment terms).

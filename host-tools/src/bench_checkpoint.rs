@@ -53,12 +53,13 @@ fn save(mem: &Vec<u8>, generation: u64, base: Option<&PageHashes>, compress: boo
     s.finish(out).expect("complete").1
 }
 
-fn gbps(bytes: usize, secs: f64) -> f64 {
+/// Bytes per second in GB/s.
+pub fn gbps(bytes: usize, secs: f64) -> f64 {
     bytes as f64 / secs / 1e9
 }
 
-/// Best of `n` runs of `f`, in seconds.
-fn best<T>(n: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+/// Best of `n` runs of `f`, in seconds, and the last result.
+pub fn best<T>(n: usize, mut f: impl FnMut() -> T) -> (f64, T) {
     let mut best = f64::MAX;
     let mut last = None;
     for _ in 0..n {

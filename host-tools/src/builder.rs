@@ -432,6 +432,26 @@ pub enum ControlEvent {
         done: u64,
         total: u64,
     },
+    /// A dedup SD's findings in one client.
+    DedupClient {
+        request_id: u64,
+        client: u32,
+        stats: sd_dedup::ClientStats,
+    },
+    DedupZeroRuns {
+        request_id: u64,
+        client: u32,
+        runs: Vec<u8>,
+    },
+    DedupGroups {
+        request_id: u64,
+        groups: Vec<u8>,
+    },
+    DedupDone {
+        request_id: u64,
+        changed: u64,
+        micros: u64,
+    },
     Other(String),
     /// The link failed (bad frame, closed): the reason.
     Broken(String),
@@ -462,6 +482,17 @@ fn owned(env: Envelope<'_>) -> ControlEvent {
             }
         }
         Body::Progress { done, total } => ControlEvent::Progress { request_id: env.request_id, done, total },
+        Body::DedupClient { client, pages, pages_read, zero_pages, zero_allocated, dup_within, dup_across } => {
+            let stats = sd_dedup::ClientStats { pages, pages_read, zero_pages, zero_allocated, dup_within, dup_across };
+            ControlEvent::DedupClient { request_id: env.request_id, client, stats }
+        }
+        Body::DedupZeroRuns { client, runs } => {
+            ControlEvent::DedupZeroRuns { request_id: env.request_id, client, runs: runs.into() }
+        }
+        Body::DedupGroups { groups } => ControlEvent::DedupGroups { request_id: env.request_id, groups: groups.into() },
+        Body::DedupDone { changed, micros, .. } => {
+            ControlEvent::DedupDone { request_id: env.request_id, changed, micros }
+        }
         other => ControlEvent::Other(format!("{other:?}")),
     }
 }

@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod bench_checkpoint;
 pub mod bench_checkpoint_e2e;
+pub mod bench_dedup;
 pub mod bench_storage;
 pub mod bench_storage_e2e;
 pub mod builder;
@@ -22,6 +23,7 @@ pub mod catalog;
 pub mod chain;
 pub mod chain_checkpoint;
 pub mod checkpoint;
+pub mod dedup;
 pub mod doctor;
 pub mod luks;
 pub mod qemu;

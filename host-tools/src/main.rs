@@ -281,6 +281,19 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The dedup SD's core natively: scan of 2 × 512 MiB and 4 × 1 GiB
+    /// synthetic client images (or --from captured memory files), beside a
+    /// SHA-256-per-page reference, XXH3 alone and a plain read. --release.
+    DedupCore {
+        /// Configurations `CLIENTSxMIB`.
+        #[arg(long, value_delimiter = ',', default_values_t = ["2x512".to_string(), "4x1024".to_string()])]
+        configs: Vec<String>,
+        /// Memory files captured from real clients (one configuration).
+        #[arg(long, num_args = 1..)]
+        from: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot time of every catalog image (median of --runs boots) per
     /// accelerator, machine type and firmware.
     Boot {
@@ -474,6 +487,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&cells)?);
             } else {
                 print!("{}", ssc::bench_checkpoint_e2e::render(&cells, accel));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::DedupCore { configs, from, json }) => {
+            if cfg!(debug_assertions) {
+                eprintln!("ssc: warning: this ssc is a debug build; core figures are meaningless (use `make bench`)");
+            }
+            let configs = configs
+                .iter()
+                .map(|c| {
+                    let (n, m) = c.split_once('x').with_context(|| format!("`{c}` is not CLIENTSxMIB (e.g. 2x512)"))?;
+                    Ok((n.parse()?, m.parse()?))
+                })
+                .collect::<Result<Vec<(usize, usize)>>>()?;
+            let rows = ssc::bench_dedup::run(&configs, &from)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", ssc::bench_storage::render_with(&rows, ssc::bench_dedup::ANCHORS));
             }
             Ok(ExitCode::SUCCESS)
         }
