@@ -74,11 +74,12 @@ fmt:
 	$(CARGO) fmt --all
 	cd kernels && $(CARGO) fmt --all
 
-## bench: boot-time table (median of 20 boots per combination), the storage and checkpoint cores natively
+## bench: boot-time table (median of 20 boots per combination), the storage, checkpoint and dedup cores natively
 bench: deps catalog
 	$(SSC) bench boot --catalog build/catalog --trust build/publisher.pub --runs 20
 	$(CARGO) run --release -q -p host-tools --bin ssc -- bench storage-core
 	$(CARGO) run --release -q -p host-tools --bin ssc -- bench checkpoint-core
+	$(CARGO) run --release -q -p host-tools --bin ssc -- bench dedup-core
 
 ## fuzz: every fuzz target for 60 s each (cargo-fuzz; stable via RUSTC_BOOTSTRAP)
 fuzz:
