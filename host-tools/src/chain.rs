@@ -65,6 +65,7 @@ struct ClientSection {
     initrd: Option<PathBuf>,
     memory: Option<u32>,
     append: Option<String>,
+    count: Option<Spanned<u32>>,
 }
 
 /// One key file, or one per SD of a chain.
@@ -96,6 +97,7 @@ struct ChainFile {
     #[serde(default)]
     disk: Vec<DiskSection>,
     checkpoint: Option<Spanned<crate::chain_checkpoint::CheckpointSection>>,
+    dedup: Option<Spanned<crate::chain_dedup::DedupSection>>,
 }
 
 /// The tenant-side secret of one disk.
@@ -126,6 +128,10 @@ pub struct Plan {
     pub disks: Vec<PlannedDisk>,
     /// The chain file's `[checkpoint]`, checked.
     pub checkpoint: Option<crate::chain_checkpoint::CheckpointPlan>,
+    /// How many identical clients (`[client] count`).
+    pub clients: u32,
+    /// The chain file's `[dedup]`, checked.
+    pub dedup: Option<crate::chain_dedup::DedupPlan>,
     /// The chain file (its command socket sits beside it).
     pub path: PathBuf,
 }
@@ -157,8 +163,8 @@ pub fn plan(path: &Path) -> Result<Plan> {
     let at = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
     let trusted = catalog::load_trusted(&file.catalog.trust.iter().map(|p| at(p)).collect::<Vec<_>>())?;
     let catalog_dir = at(&file.catalog.path);
-    if file.disk.is_empty() && file.checkpoint.is_none() {
-        bail!("{name}: no [[disk]] and no [checkpoint]: a chain needs at least one service domain");
+    if file.disk.is_empty() && file.checkpoint.is_none() && file.dedup.is_none() {
+        bail!("{name}: no [[disk]], [checkpoint] or [dedup]: a chain needs at least one service domain");
     }
     let mut disks = vec![];
     for d in file.disk {
@@ -277,6 +283,38 @@ pub fn plan(path: &Path) -> Result<Plan> {
             })
         }
     };
+    let dedup = match file.dedup {
+        None => None,
+        Some(d) => {
+            let line = format!("{name}:{}", line_of(&text, d.span().start));
+            let d = d.into_inner();
+            let image = catalog::find(&catalog_dir, &trusted, "dedup")
+                .map_err(|e| anyhow!("{line}: [dedup] needs the `dedup` image: {e:#}"))?;
+            let m = &image.manifest.image;
+            if m.windows < 1 || !m.permissions.iter().any(|p| p == "mem-read") {
+                bail!("{line}: `{}` does not declare a memory window with mem-read", m.name);
+            }
+            if d.period == Some(0) {
+                bail!("{line}: period = 0: leave it out to scan on demand only");
+            }
+            Some(crate::chain_dedup::DedupPlan { image, period: d.period.map(Duration::from_secs) })
+        }
+    };
+    let clients = match &file.client.count {
+        None => 1,
+        Some(n) => {
+            let line = format!("{name}:{}", line_of(&text, n.span().start));
+            match *n.get_ref() {
+                0 | 17.. => bail!("{line}: count = {}: a chain runs 1 to 16 clients", n.get_ref()),
+                1 => 1,
+                k if !disks.is_empty() || checkpoint.is_some() => bail!(
+                    "{line}: count = {k}: several clients work without [[disk]] and [checkpoint] only \
+                     (each disk's SD serves one client, the checkpoint SD one)"
+                ),
+                k => k,
+            }
+        }
+    };
     let client_dir = Path::new("build/client");
     let c = file.client;
     let kernel = c.kernel.map(|p| at(&p)).unwrap_or_else(|| client_dir.join("vmlinuz"));
@@ -293,6 +331,8 @@ pub fn plan(path: &Path) -> Result<Plan> {
         append: c.append.unwrap_or_else(|| "console=ttyS0 quiet".into()),
         disks,
         checkpoint,
+        clients,
+        dedup,
         path: path.to_path_buf(),
     })
 }
@@ -300,8 +340,10 @@ pub fn plan(path: &Path) -> Result<Plan> {
 /// The running chain: SDs first, then the client.
 pub struct Running {
     pub sds: MetaDomain,
-    pub client: Domain,
+    /// The first is `client` (or `client-0`).
+    pub clients: Vec<Domain>,
     checkpoint: Option<crate::chain_checkpoint::Session>,
+    dedup: Option<crate::chain_dedup::Session>,
     commands: Option<crate::chain_checkpoint::CommandSocket>,
     /// Holds the NBD sockets; dropped after the domains.
     _scratch: crate::builder::RunDir,
@@ -414,37 +456,61 @@ pub fn up(
     for (i, d) in plan.disks.iter().enumerate() {
         sockets.push(start_disk_sds(d, &i.to_string(), &mut sds, accel, echo, scratch.path())?);
     }
-    let mut client = DomainSpec::new("client", &plan.kernel);
-    client.initrd = Some(initrd_override.map(Path::to_path_buf).unwrap_or_else(|| plan.initrd.clone()));
-    client.mem_mib = plan.memory;
-    client.append = plan.append.clone();
-    client.nbd_disks = sockets.iter().map(|s| NbdDisk { socket: s.clone(), export: "vol".into() }).collect();
+    // Clients: `client`, or `client-0`, `client-1`… when there are several.
+    let names: Vec<String> = if plan.clients == 1 {
+        vec!["client".into()]
+    } else {
+        (0..plan.clients).map(|i| format!("client-{i}")).collect()
+    };
+    let shared_ram = plan.checkpoint.is_some() || plan.dedup.is_some();
+    let mut clients = vec![];
+    for name in &names {
+        let mut spec = DomainSpec::new(name, &plan.kernel);
+        spec.initrd = Some(initrd_override.map(Path::to_path_buf).unwrap_or_else(|| plan.initrd.clone()));
+        spec.mem_mib = plan.memory;
+        spec.append = plan.append.clone();
+        spec.nbd_disks = sockets.iter().map(|s| NbdDisk { socket: s.clone(), export: "vol".into() }).collect();
+        if shared_ram {
+            // Shared RAM: the SDs' windows (and skipped by migration).
+            spec.memory_file = Some(scratch.path().join(format!("{name}.mem")));
+        }
+        if restore.is_some() {
+            spec.extra_args.extend(["-incoming".into(), "defer".into()]);
+        }
+        let log = if echo { LogEcho::Stdout(format!("[{name}] ")) } else { LogEcho::Quiet };
+        clients.push((Domain::launch(&spec, accel, &scratch, log)?, spec.memory_file));
+    }
     let memory = scratch.path().join("client.mem");
-    if plan.checkpoint.is_some() {
-        // Shared RAM: the checkpoint SD's window, skipped by migration.
-        client.memory_file = Some(memory.clone());
-    }
-    if restore.is_some() {
-        client.extra_args.extend(["-incoming".into(), "defer".into()]);
-    }
-    let log = if echo { LogEcho::Stdout("[client] ".into()) } else { LogEcho::Quiet };
-    let mut client = Domain::launch(&client, accel, &scratch, log)?;
     let mut session = match &plan.checkpoint {
         Some(c) => {
             Some(crate::chain_checkpoint::start_sd(c, &mut sds, (accel, echo), scratch.path(), &memory, plan.memory)?)
         }
         None => None,
     };
-    let commands = match &session {
-        Some(_) => Some(crate::chain_checkpoint::CommandSocket::bind(&plan.path)?),
+    let dedup = match &plan.dedup {
+        Some(d) => {
+            let mems: Vec<(String, PathBuf)> = names
+                .iter()
+                .zip(&clients)
+                .map(|(n, (_, m))| (n.clone(), m.clone().expect("shared RAM with [dedup]")))
+                .collect();
+            Some(crate::chain_dedup::start_sd(d, &mut sds, (accel, echo), &mems)?)
+        }
         None => None,
     };
+    let mut clients: Vec<Domain> = clients.into_iter().map(|(d, _)| d).collect();
+    let commands = match session.is_some() || dedup.is_some() {
+        true => Some(crate::chain_checkpoint::CommandSocket::bind(&plan.path)?),
+        false => None,
+    };
     match (restore, session.as_mut()) {
-        (Some(g), Some(s)) => s.restore(&client, &mut sds, scratch.path(), g)?,
+        (Some(g), Some(s)) => s.restore(&clients[0], &mut sds, scratch.path(), g)?,
         (Some(_), None) => bail!("--restore needs a [checkpoint] section in the chain file"),
         _ => {
-            client.wait_ready(Duration::from_secs(180))?;
-            eprintln!("ssc up: client ready with {} disk(s) (/dev/vda…)", plan.disks.len());
+            for c in &mut clients {
+                c.wait_ready(Duration::from_secs(180))?;
+            }
+            eprintln!("ssc up: {} ready with {} disk(s) (/dev/vda…)", names.join(", "), plan.disks.len());
         }
     }
     if session.is_some() {
@@ -454,37 +520,71 @@ pub fn up(
             crate::chain_checkpoint::socket_path(&plan.path).display()
         );
     }
-    Ok(Running { sds, client, checkpoint: session, commands, _scratch: scratch })
+    if dedup.is_some() {
+        eprintln!("ssc up: dedup: `ssc dedup scan|apply|stats {}`", plan.path.display());
+    }
+    Ok(Running { sds, clients, checkpoint: session, dedup, commands, _scratch: scratch })
 }
 
 impl Running {
-    /// Waits for the client to finish (or Ctrl-C), then stops the SDs.
-    /// Meanwhile it serves `ssc checkpoint save` on the command socket.
+    /// Waits for every client to finish (or Ctrl-C), then stops the SDs;
+    /// returns the first client's exit and log. Meanwhile it serves
+    /// `ssc checkpoint save` and `ssc dedup …` on the command socket.
     pub fn wait(mut self, timeout: Option<Duration>) -> Result<(ImageExit, Vec<String>)> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut exits: Vec<Option<ImageExit>> = vec![None; self.clients.len()];
         let exit = loop {
-            match self.client.poll_exit() {
-                Ok(Some(exit)) => break Ok(exit),
-                Err(e) => break Err(e),
-                Ok(None) => {}
+            let mut failed = None;
+            let several = self.clients.len() > 1;
+            for (c, e) in self.clients.iter_mut().zip(exits.iter_mut()) {
+                if e.is_none() {
+                    match c.poll_exit() {
+                        Ok(Some(exit)) => {
+                            if several {
+                                eprintln!("ssc up: {}: {exit}", c.name);
+                            }
+                            *e = Some(exit);
+                        }
+                        Err(err) => failed = Some(err),
+                        Ok(None) => {}
+                    }
+                }
+            }
+            if let Some(err) = failed {
+                break Err(err);
+            }
+            if exits.iter().all(Option::is_some) {
+                break Ok(exits[0].take().expect("all exited"));
             }
             if deadline.is_some_and(|d| std::time::Instant::now() > d) {
-                self.client.stop();
+                for c in &mut self.clients {
+                    c.stop();
+                }
                 break Err(anyhow!(
                     "the client was still running after {} s; stopped it",
                     timeout.unwrap_or_default().as_secs()
                 ));
             }
-            if let (Some(cmds), Some(session)) = (self.commands.as_mut(), self.checkpoint.as_mut()) {
-                let (client, sds, scratch) = (&self.client, &mut self.sds, self._scratch.path());
-                cmds.poll(|cmd, progress| match cmd {
-                    "save" => session.save(client, sds, scratch, false, progress),
-                    "save full" => session.save(client, sds, scratch, true, progress),
-                    other => bail!("unknown command `{other}` (save, save full)"),
+            if let Some(d) = self.dedup.as_mut() {
+                d.tick(&mut self.sds);
+            }
+            if let Some(cmds) = self.commands.as_mut() {
+                let (clients, sds, scratch) = (&self.clients, &mut self.sds, self._scratch.path());
+                let (checkpoint, dedup) = (&mut self.checkpoint, &mut self.dedup);
+                cmds.poll(|cmd, progress| match (cmd, checkpoint.as_mut(), dedup.as_mut()) {
+                    ("save", Some(s), _) => s.save(&clients[0], sds, scratch, false, progress),
+                    ("save full", Some(s), _) => s.save(&clients[0], sds, scratch, true, progress),
+                    ("save" | "save full", None, _) => bail!("this chain has no [checkpoint] section"),
+                    (c, _, Some(d)) if c.starts_with("dedup ") => {
+                        let refs: Vec<&Domain> = clients.iter().collect();
+                        crate::chain_dedup::serve(c, d, &refs, sds, progress)
+                    }
+                    (c, _, None) if c.starts_with("dedup ") => bail!("this chain has no [dedup] section"),
+                    (other, _, _) => bail!("unknown command `{other}`"),
                 });
             }
         };
-        let log = self.client.log();
+        let log = self.clients[0].log();
         for d in self.sds.domains() {
             let failed = d.control_ref().map(|c| c.integrity_failures()).unwrap_or_default();
             if !failed.is_empty() {

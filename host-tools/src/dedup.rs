@@ -77,7 +77,7 @@ pub fn scan(sd: &mut Domain, memories: &[&Path], progress: ProgressFn<'_>) -> Re
 }
 
 /// What [`apply`] did to one client.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Applied {
     /// Pages punched out of the memory file.
     pub punched: u64,

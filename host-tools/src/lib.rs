@@ -22,6 +22,7 @@ pub mod builder;
 pub mod catalog;
 pub mod chain;
 pub mod chain_checkpoint;
+pub mod chain_dedup;
 pub mod checkpoint;
 pub mod dedup;
 pub mod doctor;

@@ -105,6 +105,10 @@ enum Cmd {
     /// chain file).
     #[command(subcommand)]
     Checkpoint(CheckpointCmd),
+    /// Memory deduplication across the clients of a running chain (see
+    /// `[dedup]` in the chain file).
+    #[command(subcommand)]
+    Dedup(DedupCmd),
     /// Tenant volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -153,6 +157,33 @@ enum CheckpointCmd {
     },
     /// The checkpoints in the tenant's record.
     List { chain: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum DedupCmd {
+    /// Have the dedup SD scan every client's memory now: zero pages,
+    /// duplicates within and across clients, what sharing would save.
+    Scan {
+        chain: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Return the clients' zero pages to the host: each client is paused
+    /// in turn, every page of the last scan's zero runs re-read, and only
+    /// pages still zero are punched out of its memory file (scans first if
+    /// there was no scan). Non-zero duplicates are reported, not shared:
+    /// stock QEMU/KVM cannot share a page copy-on-write between VMs.
+    Apply {
+        chain: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The last scan (and apply), without scanning again.
+    Stats {
+        chain: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -431,6 +462,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("saved {msg}");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Dedup(cmd) => {
+            let (chain, json, verb) = match cmd {
+                DedupCmd::Scan { chain, json } => (chain, json, "scan"),
+                DedupCmd::Apply { chain, json } => (chain, json, "apply"),
+                DedupCmd::Stats { chain, json } => (chain, json, "stats"),
+            };
+            let mut show = ssc::chain_checkpoint::progress_lines("ssc dedup: memory scanned");
+            let reply = ssc::chain_checkpoint::request(&chain, &format!("dedup {verb}"), &mut show)?;
+            let report: ssc::chain_dedup::Report =
+                serde_json::from_str(&reply).context("`ssc up` sent a report this ssc cannot read")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Checkpoint(CheckpointCmd::List { chain }) => {
             let plan = ssc::chain::plan(&chain)?;
             let c = plan.checkpoint.as_ref().context("the chain file has no [checkpoint] section")?;
@@ -581,10 +629,11 @@ fn up_cmd(
         eprintln!("ssc up: {} checks out", chain.display());
         return Ok(ExitCode::SUCCESS);
     }
-    let probe = match (plan.disks.first(), &plan.checkpoint) {
-        (Some(d), _) => d.sds[0].path.clone(),
-        (None, Some(c)) => c.image.path.clone(),
-        (None, None) => unreachable!("plan() refuses a chain without service domains"),
+    let probe = match (plan.disks.first(), &plan.checkpoint, &plan.dedup) {
+        (Some(d), _, _) => d.sds[0].path.clone(),
+        (None, Some(c), _) => c.image.path.clone(),
+        (None, None, Some(d)) => d.image.path.clone(),
+        (None, None, None) => unreachable!("plan() refuses a chain without service domains"),
     };
     let (accel, why) = qemu::resolve_accel(accel, Some(&probe))?;
     eprintln!("ssc: accelerator {accel} ({why})");

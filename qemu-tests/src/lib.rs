@@ -275,3 +275,44 @@ pub fn process_with_arg_exists(needle: &str) -> bool {
         std::fs::read(e.path().join("cmdline")).map(|c| String::from_utf8_lossy(&c).contains(needle)).unwrap_or(false)
     })
 }
+
+/// `ssc ARGS` in the background (e.g. `ssc up`), its stdout and stderr in
+/// files `NAME.out` / `NAME.err` in `dir`.
+pub struct Up {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Up {
+    pub fn start(dir: &Path, args: &[&str], name: &str) -> Up {
+        let out = dir.join(format!("{name}.out"));
+        let child = std::process::Command::new(ssc_bin())
+            .args(args)
+            .env("SSC_ACCEL", accel().to_string())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .unwrap();
+        Up { child, out }
+    }
+
+    /// Everything it printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Waits (up to 180 s) until `f(stdout)` holds; `what` names it.
+    pub fn wait_until(&self, what: &str, f: impl Fn(&str) -> bool) {
+        let start = std::time::Instant::now();
+        while !f(&self.stdout()) {
+            assert!(start.elapsed() < Duration::from_secs(180), "timed out waiting for {what}:\n{}", self.stdout());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ctrl-C, then waits for it to exit.
+    pub fn stop(mut self) {
+        std::process::Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().unwrap();
+        let _ = self.child.wait();
+    }
+}

@@ -196,49 +196,19 @@ fn a_linux_client_is_saved_destroyed_and_restored_and_carries_on_also_from_a_del
     assert!(e.contains("wrong key"), "{e}");
 }
 
-/// `ssc up` in the background, its stdout in a file.
-struct Up {
-    child: std::process::Child,
-    out: PathBuf,
+/// Counts the client printed with its tmpfs file intact.
+fn counts(up: &Up) -> Vec<u64> {
+    up.stdout()
+        .lines()
+        .filter_map(|l| l.strip_prefix("[client] count "))
+        .filter_map(|r| r.split_once(' '))
+        .filter(|(_, f)| *f == MARKER)
+        .filter_map(|(n, _)| n.parse().ok())
+        .collect()
 }
 
-impl Up {
-    fn start(dir: &Path, args: &[&str], name: &str) -> Up {
-        let out = dir.join(format!("{name}.out"));
-        let child = std::process::Command::new(ssc_bin())
-            .args(args)
-            .env("SSC_ACCEL", accel().to_string())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
-            .spawn()
-            .unwrap();
-        Up { child, out }
-    }
-
-    /// Counts the client printed with its tmpfs file intact.
-    fn counts(&self) -> Vec<u64> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.strip_prefix("[client] count "))
-            .filter_map(|r| r.split_once(' '))
-            .filter(|(_, f)| *f == MARKER)
-            .filter_map(|(n, _)| n.parse().ok())
-            .collect()
-    }
-
-    fn wait_counts(&self, n: usize) {
-        let start = Instant::now();
-        while self.counts().len() < n {
-            assert!(start.elapsed() < Duration::from_secs(180), "the client never counted to {n}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn stop(mut self) {
-        std::process::Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().unwrap();
-        let _ = self.child.wait();
-    }
+fn wait_counts(up: &Up, n: usize) {
+    up.wait_until(&format!("the client counting to {n}"), |_| counts(up).len() >= n);
 }
 
 /// A chain file in `dir` whose client counts with its tmpfs file, and the
@@ -282,17 +252,17 @@ fn ssc_checkpoint_save_and_ssc_up_restore_work_on_a_running_chain_and_refuse_a_s
 
     // Boot, save (full), stop.
     let up = Up::start(dir, &["up", c, "--job", job.to_str().unwrap()], "up1");
-    up.wait_counts(10);
+    wait_counts(&up, 10);
     let r = run_ssc(&["checkpoint", "save", c], Duration::from_secs(300));
     assert!(r.code() == Some(0) && r.stdout().contains("saved generation 1 (full)"), "{}", r.all());
     assert!(r.stderr().contains("memory scanned: 100%"), "no progress shown: {}", r.all());
-    let saved = *up.counts().iter().max().unwrap();
+    let saved = *counts(&up).iter().max().unwrap();
     up.stop();
 
     // Restore it: the client counts on from where it was saved.
     let up = Up::start(dir, &["up", c, "--restore", "latest"], "up2");
-    up.wait_counts(3);
-    let first = up.counts()[0];
+    wait_counts(&up, 3);
+    let first = counts(&up)[0];
     assert!(first > 10 && first <= saved + 2, "restored client began at {first}, saved around {saved}");
     let r = run_ssc(&["checkpoint", "save", c], Duration::from_secs(300));
     assert!(r.code() == Some(0) && r.stdout().contains("saved generation 2 (delta of 1)"), "{}", r.all());
@@ -334,10 +304,10 @@ fn checkpoints_land_through_a_storage_sd_on_an_authenticated_volume_and_tamperin
     let c = chain.to_str().unwrap();
 
     let up = Up::start(dir, &["up", c, "--job", job.to_str().unwrap()], "up1");
-    up.wait_counts(10);
+    wait_counts(&up, 10);
     let r = run_ssc(&["checkpoint", "save", c], Duration::from_secs(300));
     assert!(r.code() == Some(0) && r.stdout().contains("saved generation 1 (full)"), "{}", r.all());
-    let saved = *up.counts().iter().max().unwrap();
+    let saved = *counts(&up).iter().max().unwrap();
     up.stop();
     let err = std::fs::read_to_string(dir.join("up1.err")).unwrap();
     assert!(err.contains("storage-crypt-checkpoint keyed"), "{err}");
@@ -352,8 +322,8 @@ fn checkpoints_land_through_a_storage_sd_on_an_authenticated_volume_and_tamperin
     }
 
     let up = Up::start(dir, &["up", c, "--restore", "latest"], "up2");
-    up.wait_counts(3);
-    let first = up.counts()[0];
+    wait_counts(&up, 3);
+    let first = counts(&up)[0];
     assert!(first > 10 && first <= saved + 2, "restored client began at {first}, saved around {saved}");
     up.stop();
     let err = std::fs::read_to_string(dir.join("up2.err")).unwrap();

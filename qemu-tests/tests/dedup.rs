@@ -156,3 +156,63 @@ fn two_linux_clients_match_a_reference_scan_and_apply_frees_zero_pages_but_never
     assert_eq!(checks(&clients[0]).1, 0, "client 0 failed a check:\n{}", clients[0].log().join("\n"));
     sd.shutdown(Duration::from_secs(10)).unwrap();
 }
+
+/// `ssc dedup scan|apply|stats` on a chain of two clients.
+#[test]
+fn ssc_dedup_scans_and_applies_on_a_running_chain_of_two_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (catalog_dir, trust) = catalog();
+    let (kernel, initrd) = client_kernel();
+    let chain = dir.join("chain.toml");
+    let head = format!(
+        "[catalog]\npath = \"{}\"\ntrust = [\"{}\"]\n[client]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory = {MEM_MIB}\n",
+        catalog_dir.display(),
+        trust.display(),
+        kernel.display(),
+        initrd.display()
+    );
+    let c = chain.to_str().unwrap();
+    // Plans that cannot work are refused before anything starts.
+    std::fs::write(&chain, format!("{head}count = 0\n[dedup]\n")).unwrap();
+    let r = run_ssc(&["up", c, "--check"], Duration::from_secs(30));
+    assert!(r.code() == Some(1) && r.stderr().contains("1 to 16 clients"), "{}", r.all());
+    std::fs::write(&chain, format!("{head}count = 2\n[dedup]\n[checkpoint]\ndisk = \"c.img\"\nkey = \"k\"\n")).unwrap();
+    std::fs::write(dir.join("k"), "00".repeat(64)).unwrap();
+    let r = run_ssc(&["up", c, "--check"], Duration::from_secs(30));
+    assert!(r.code() == Some(1) && r.stderr().contains("several clients work without"), "{}", r.all());
+
+    std::fs::write(&chain, format!("{head}count = 2\n[dedup]\n")).unwrap();
+    let job = dir.join("job.sh");
+    std::fs::write(&job, JOB).unwrap();
+    let up = Up::start(dir, &["up", c, "--job", job.to_str().unwrap()], "up");
+    let oks = |out: &str, name: &str| out.lines().filter(|l| l.starts_with(&format!("[{name}] check ok"))).count();
+    up.wait_until("both clients checking", |o| oks(o, "client-0") >= 3 && oks(o, "client-1") >= 3);
+    let r = run_ssc(&["dedup", "stats", c], Duration::from_secs(30));
+    assert!(r.code() == Some(1) && r.stderr().contains("no scan yet"), "{}", r.all());
+
+    let r = run_ssc(&["dedup", "scan", c, "--json"], Duration::from_secs(300));
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    let scan: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+    assert_eq!(scan["clients"].as_array().unwrap().len(), 2, "{scan}");
+    assert!(scan["duplicate_pages"].as_u64().unwrap() > 1000, "{scan}");
+    assert!(scan["clients"][1]["dup_across"].as_u64().unwrap() > 1000, "{scan}");
+    assert!(r.stderr().contains("memory scanned: 100%"), "no progress: {}", r.all());
+
+    let r = run_ssc(&["dedup", "apply", c], Duration::from_secs(300));
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    assert!(r.stdout().contains("client-0") && r.stdout().contains("punched"), "{}", r.all());
+    let r = run_ssc(&["dedup", "stats", c, "--json"], Duration::from_secs(30));
+    let stats: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+    for i in 0..2 {
+        let a = &stats["clients"][i]["applied"];
+        assert!(a["punched"].as_u64().unwrap() > 100, "{stats}");
+        assert!(a["allocated_after"].as_u64().unwrap() < a["allocated_before"].as_u64().unwrap(), "{stats}");
+    }
+    // Both clients carry on, every check good.
+    let now = up.stdout();
+    let (n0, n1) = (oks(&now, "client-0"), oks(&now, "client-1"));
+    up.wait_until("more checks after apply", |o| oks(o, "client-0") >= n0 + 5 && oks(o, "client-1") >= n1 + 5);
+    assert!(!up.stdout().contains("check BAD"), "{}", up.stdout());
+    up.stop();
+}

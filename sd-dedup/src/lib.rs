@@ -74,6 +74,7 @@ pub struct Group {
 
 /// What a scan found in one client.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ClientStats {
     /// Pages of guest memory.
     pub pages: u64,
