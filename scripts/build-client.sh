@@ -20,7 +20,7 @@ need busybox; need fio; need cryptsetup; need depmod; need cpio
 kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
 [ -n "$kpkg" ] || { echo "build-client: linux-image-cloud-amd64 unknown to apt: run \`apt-get update\`" >&2; exit 1; }
 kver=${kpkg#linux-image-}
-stamp="$kpkg $(apt-cache policy "$kpkg" | awk '/Candidate/ {print $2}') fio=$(dpkg-query -W -f='${Version}' fio) busybox=$(dpkg-query -W -f='${Version}' busybox-static) cryptsetup=$(dpkg-query -W -f='${Version}' cryptsetup-bin)"
+stamp="$kpkg $(apt-cache policy "$kpkg" | awk '/Candidate/ {print $2}') fio=$(dpkg-query -W -f='${Version}' fio) busybox=$(dpkg-query -W -f='${Version}' busybox-static) cryptsetup=$(dpkg-query -W -f='${Version}' cryptsetup-bin) script=$(sha256sum "$0" | cut -c1-16)"
 if [ -f "$out/STAMP" ] && [ "$(cat "$out/STAMP")" = "$stamp" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.cpio.gz" ]; then
     echo "build-client: up to date in $out ($kpkg)"
     exit 0
@@ -36,7 +36,7 @@ mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,mnt,etc,usr/bin,lib/modules/"$kver"}
 cp "$(command -v busybox)" "$root/bin/busybox"
 
 # The modules and everything they depend on, in load order.
-mods="virtio_pci virtio_blk virtio_console dm_crypt xts aesni_intel"
+mods="virtio_pci virtio_blk virtio_console virtio_balloon dm_crypt xts aesni_intel"
 depmod -b "$work/kernel" "$kver"
 : > "$root/etc/modules.order"
 for ko in $(modprobe -a -d "$work/kernel" -S "$kver" --show-depends $mods | awk '$1 == "insmod" {print $2}'); do
@@ -63,6 +63,7 @@ cat > "$root/init" <<'INIT'
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+mount -t tmpfs -o size=64m tmp /tmp
 while read -r m; do insmod "$m" 2>/dev/null || echo "client: insmod $m failed"; done < /etc/modules.order
 echo "client: ssc: ready image=client boot_us=0"
 if [ -x /job.sh ]; then

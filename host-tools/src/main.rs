@@ -312,6 +312,35 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Dedup of idle Linux clients from one image, end to end: the dedup
+    /// SD's scan and apply beside virtio-balloon free page reporting and
+    /// (as root) Linux KSM on private-RAM clients, one invocation.
+    Dedup {
+        #[arg(long)]
+        catalog: PathBuf,
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        #[arg(long, default_value_t = 2)]
+        clients: usize,
+        /// Client memory (MiB, a power of two of at least 128).
+        #[arg(long, default_value_t = 512)]
+        mib: u32,
+        /// Seconds clients idle before measuring.
+        #[arg(long, default_value_t = 10)]
+        settle: u64,
+        /// Seconds KSM runs over the private-RAM clients (it starts slowly:
+        /// with its default rate it merged nothing at 30 s here).
+        #[arg(long, default_value_t = 60)]
+        ksm_seconds: u64,
+        /// Also copy the SD's clients' memory (paused, sparse) into this
+        /// folder, for `ssc bench dedup-core --from`.
+        #[arg(long)]
+        capture: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+        accel: AccelChoice,
+        #[arg(long)]
+        json: bool,
+    },
     /// The dedup SD's core natively: scan of 2 × 512 MiB and 4 × 1 GiB
     /// synthetic client images (or --from captured memory files), beside a
     /// SHA-256-per-page reference, XXH3 alone and a plain read. --release.
@@ -535,6 +564,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&cells)?);
             } else {
                 print!("{}", ssc::bench_checkpoint_e2e::render(&cells, accel));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::Dedup {
+            catalog: dir,
+            trust,
+            clients,
+            mib,
+            settle,
+            ksm_seconds,
+            capture,
+            accel,
+            json,
+        }) => {
+            if !mib.is_power_of_two() || mib < 128 {
+                bail!("client size {mib} MiB: a memory window needs a power of two of at least 128 MiB");
+            }
+            if !(1..=8).contains(&clients) {
+                bail!("--clients {clients}: between 1 and 8");
+            }
+            let image = catalog::find(&dir, &catalog::load_trusted(&trust)?, "dedup")?;
+            let (kernel, initrd) = client_files()?;
+            let (accel, why) = qemu::resolve_accel(accel, Some(&image.path))?;
+            eprintln!("ssc: accelerator {accel} ({why})");
+            let setup = ssc::bench_dedup_e2e::Setup {
+                image: &image,
+                kernel: &kernel,
+                initrd: &initrd,
+                accel,
+                clients,
+                mib,
+                settle: std::time::Duration::from_secs(settle),
+                ksm_wait: std::time::Duration::from_secs(ksm_seconds),
+                capture,
+            };
+            let cells = ssc::bench_dedup_e2e::run(&setup)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&cells)?);
+            } else {
+                print!("{}", ssc::bench_dedup_e2e::render(&cells, &setup));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -520,3 +520,17 @@ fn bench_checkpoint_measures_the_sd_beside_qemus_migration_in_one_invocation() {
     let r = run_ssc(&["bench", "checkpoint", "--catalog", &dir, "--trust", &key, "--sizes", "300"], T);
     assert!(r.code() == Some(1) && r.stderr().contains("power of two"), "{}", r.all());
 }
+
+#[test]
+fn bench_dedup_measures_the_sd_beside_balloon_and_ksm_in_one_invocation() {
+    let (dir, key) = catalog_args();
+    let args =
+        ["bench", "dedup", "--catalog", &dir, "--trust", &key, "--mib", "256", "--settle", "2", "--ksm-seconds", "3"];
+    let r = run_ssc(&args, T);
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    for want in ["Accelerator:", "dedup SD scan", "dedup SD apply", "virtio-balloon free page reporting", "KSM"] {
+        assert!(r.stdout().contains(want), "missing `{want}`:\n{}", r.all());
+    }
+    let r = run_ssc(&["bench", "dedup", "--catalog", &dir, "--trust", &key, "--mib", "300"], T);
+    assert!(r.code() == Some(1) && r.stderr().contains("power of two"), "{}", r.all());
+}
