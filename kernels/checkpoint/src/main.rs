@@ -181,23 +181,9 @@ fn main(mut boot: Boot) -> ImageResult {
     let mut state: Vec<u8> = Vec::new();
     loop {
         let Some(payload) = ctl.poll(&mut serial.borrow_mut())? else { continue };
-        let env = match Envelope::decode(&payload) {
-            Ok(env) => env,
-            Err(e) => {
-                let msg = e.to_string();
-                ctl.send(
-                    &mut serial.borrow_mut(),
-                    &Envelope::new(0, Body::Error { code: ErrorCode::Malformed, message: &msg }),
-                )?;
-                continue;
-            }
-        };
+        let Some(env) = ctl.triage(&mut serial.borrow_mut(), &payload)? else { continue };
         let id = env.request_id;
         let reply: Reply = match env.body {
-            Body::Ping { payload } => {
-                ctl.send(&mut serial.borrow_mut(), &Envelope::new(id, Body::Pong { payload }))?;
-                continue;
-            }
             Body::Shutdown => {
                 info!(target: IMAGE, "Shutdown");
                 return Ok(());

@@ -46,20 +46,9 @@ fn main(mut boot: Boot) -> ImageResult {
     info!(target: IMAGE, "{} client window(s) of {:?} MiB; waiting for DedupScan", windows.len(), mib);
     loop {
         let Some(payload) = ctl.poll(&mut serial)? else { continue };
-        let env = match Envelope::decode(&payload) {
-            Ok(env) => env,
-            Err(e) => {
-                let msg = e.to_string();
-                ctl.send(&mut serial, &Envelope::new(0, Body::Error { code: ErrorCode::Malformed, message: &msg }))?;
-                continue;
-            }
-        };
+        let Some(env) = ctl.triage(&mut serial, &payload)? else { continue };
         let id = env.request_id;
         let refused = match env.body {
-            Body::Ping { payload } => {
-                ctl.send(&mut serial, &Envelope::new(id, Body::Pong { payload }))?;
-                continue;
-            }
             Body::Shutdown => {
                 info!(target: IMAGE, "Shutdown");
                 return Ok(());

@@ -6,7 +6,8 @@
 use alloc::vec::Vec;
 use core::time::Duration;
 
-use ssc_abi::{Body, Envelope, FrameDecoder, FrameError};
+use alloc::string::ToString;
+use ssc_abi::{Body, Envelope, ErrorCode, FrameDecoder, FrameError};
 
 use crate::clock::Instant;
 use crate::vserial::{PortId, SerialError, VirtioSerial};
@@ -94,6 +95,28 @@ impl ControlLink {
                 return Ok(None);
             }
             self.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Answers what every image answers alike: a payload that does not
+    /// decode is refused with a `Malformed` error, a `Ping` gets its
+    /// `Pong`. Anything else is a request for the image: its envelope.
+    pub fn triage<'p>(
+        &self,
+        serial: &mut VirtioSerial,
+        payload: &'p [u8],
+    ) -> Result<Option<Envelope<'p>>, ControlError> {
+        match Envelope::decode(payload) {
+            Err(e) => {
+                let message = e.to_string();
+                self.send(serial, &Envelope::new(0, Body::Error { code: ErrorCode::Malformed, message: &message }))?;
+                Ok(None)
+            }
+            Ok(Envelope { request_id, body: Body::Ping { payload }, .. }) => {
+                self.send(serial, &Envelope::new(request_id, Body::Pong { payload }))?;
+                Ok(None)
+            }
+            Ok(env) => Ok(Some(env)),
         }
     }
 

@@ -179,23 +179,9 @@ fn main(mut boot: Boot) -> ImageResult {
         loop {
             let polled = ctl.poll(&mut serial.borrow_mut())?;
             let Some(payload) = polled else { break };
-            let env = match Envelope::decode(&payload) {
-                Ok(env) => env,
-                Err(e) => {
-                    let msg = e.to_string();
-                    ctl.send(
-                        &mut serial.borrow_mut(),
-                        &Envelope::new(0, Body::Error { code: ErrorCode::Malformed, message: &msg }),
-                    )?;
-                    continue;
-                }
-            };
+            let Some(env) = ctl.triage(&mut serial.borrow_mut(), &payload)? else { continue };
             let id = env.request_id;
             let reply = match env.body {
-                Body::Ping { payload } => {
-                    ctl.send(&mut serial.borrow_mut(), &Envelope::new(id, Body::Pong { payload }))?;
-                    continue;
-                }
                 Body::Shutdown => {
                     if let Some(s) = service.as_mut() {
                         let _ = s.volume.flush();
