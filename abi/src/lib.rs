@@ -29,6 +29,7 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 pub mod memory;
+pub mod pairs;
 
 /// The ABI version this crate speaks.
 pub const VERSION: u16 = 3;

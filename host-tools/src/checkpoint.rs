@@ -38,11 +38,7 @@ impl Stream {
 }
 
 fn pairs(streams: &[Stream]) -> Vec<u8> {
-    encode_pairs(streams.iter().map(|s| (s.at, s.length)))
-}
-
-fn encode_pairs(p: impl Iterator<Item = (u64, u64)>) -> Vec<u8> {
-    p.flat_map(|(a, b)| a.to_le_bytes().into_iter().chain(b.to_le_bytes())).collect()
+    ssc_abi::pairs::encode(streams.iter().map(|s| (s.at, s.length)))
 }
 
 /// Most extents one `SaveCheckpoint` frame carries (16 bytes each).
@@ -176,7 +172,7 @@ pub fn save(
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
             .map_err(|_| anyhow::anyhow!("no randomness for the salt"))?;
         let base = pairs(base);
-        let extents = encode_pairs(allocated_extents(memory)?.into_iter());
+        let extents = ssc_abi::pairs::encode(allocated_extents(memory)?);
         let id =
             ctl.send(Body::SaveCheckpoint { generation, at, base: &base, compress, salt: &salt, extents: &extents })?;
         let r = wait_saved(ctl, id, progress)?;
@@ -236,7 +232,7 @@ pub fn copy_only(client: &Domain, memory: &Path, sd: &mut Domain, at: u64) -> Re
     let mut qmp = client.qmp(T)?;
     qmp.execute("stop", None)?;
     let result = (|| -> Result<u64> {
-        let extents = encode_pairs(allocated_extents(memory)?.into_iter());
+        let extents = ssc_abi::pairs::encode(allocated_extents(memory)?);
         let ctl = sd.control().context("the checkpoint SD has no control link")?;
         let id = ctl.send(Body::CopyMemory { at, extents: &extents })?;
         Ok(wait_saved(ctl, id, &mut quiet)?.length)

@@ -56,7 +56,7 @@ pub fn scan(sd: &mut Domain, memories: &[&Path], progress: ProgressFn<'_>) -> Re
                 *plan.clients.get_mut(client as usize).context("the SD reported a client it was not given")? = stats;
             }
             Some(ControlEvent::DedupZeroRuns { request_id, client, runs }) if request_id == id => {
-                let runs = wire::decode_pairs(&runs).context("malformed zero runs from the dedup SD")?;
+                let runs = ssc_abi::pairs::decode(&runs).context("malformed zero runs from the dedup SD")?;
                 plan.zero_runs.get_mut(client as usize).context("zero runs of an unknown client")?.extend(runs);
             }
             Some(ControlEvent::DedupGroups { request_id, groups }) if request_id == id => {

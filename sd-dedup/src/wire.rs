@@ -66,22 +66,6 @@ pub fn decode_groups(payload: &[u8], groups: &mut Vec<Group>) -> Option<()> {
     Some(())
 }
 
-/// `(a, b)` u64 LE pairs.
-pub fn encode_pairs(pairs: &[(u64, u64)]) -> Vec<u8> {
-    pairs.iter().flat_map(|(a, b)| a.to_le_bytes().into_iter().chain(b.to_le_bytes())).collect()
-}
-
-/// u64 LE pairs; `None` unless the length is a multiple of 16.
-pub fn decode_pairs(b: &[u8]) -> Option<Vec<(u64, u64)>> {
-    b.len().is_multiple_of(16).then(|| {
-        b.chunks_exact(16)
-            .map(|p| {
-                (u64::from_le_bytes(p[..8].try_into().expect("8")), u64::from_le_bytes(p[8..].try_into().expect("8")))
-            })
-            .collect()
-    })
-}
-
 /// `client, offset, length` u64 LE triples → per-client extents for `n`
 /// clients (`None` for all of them when `b` is empty: all allocated).
 /// `None` if malformed or a client index is out of range.

@@ -126,7 +126,7 @@ fn sources<'d>(
     pairs: &[u8],
     progress: Option<&'d Progress<'d>>,
 ) -> Result<Vec<DiskSource<'d>>, &'static str> {
-    let list = u64_pairs(pairs).ok_or("stream list is not offset/length pairs")?;
+    let list = ssc_abi::pairs::decode(pairs).ok_or("stream list is not offset/length pairs")?;
     let capacity = disk.borrow().size();
     let mut out = vec![];
     for (at, len) in list {
@@ -279,18 +279,6 @@ struct SaveReq<'a> {
     extents: &'a [u8],
 }
 
-/// u64 LE pairs.
-fn u64_pairs(b: &[u8]) -> Option<Vec<(u64, u64)>> {
-    b.len().is_multiple_of(16).then(|| {
-        b.chunks(16)
-            .map(|p| {
-                let a = u64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
-                (a, u64::from_le_bytes(p[8..].try_into().expect("8 bytes")))
-            })
-            .collect()
-    })
-}
-
 /// Writes a checkpoint at `req.at`; returns its length, statistics and time.
 fn save(
     disk: &RefCell<Down>,
@@ -307,8 +295,6 @@ fn save(
         return Err((ErrorCode::Malformed, "checkpoints start at a multiple of 4096".into()));
     }
     let size = window.len();
-    // A delta: re-verify its base chain from the disk; that yields the
-    // page hashes the delta is computed against.
     // A delta: the hashes this domain kept from the base's last generation
     // if it wrote or restored it; otherwise re-verify the base chain from
     // the disk, which yields them (and proves the base intact).
@@ -331,7 +317,8 @@ fn save(
     let opts = SaveOptions { compress, pages_per_chunk: 256 };
     let mut saver = Saver::new(&job.key, job.client, size, generation, hashes.as_ref(), salt, opts).map_err(refused)?;
     if !extents.is_empty() {
-        let ext = u64_pairs(extents).ok_or((ErrorCode::Malformed, "extents are not offset/length pairs".into()))?;
+        let ext = ssc_abi::pairs::decode(extents)
+            .ok_or((ErrorCode::Malformed, "extents are not offset/length pairs".into()))?;
         saver.set_extents(ext);
     }
     let mut out = Vec::with_capacity(2 * FLUSH_AT);
@@ -383,7 +370,8 @@ fn copy_memory(
     if !at.is_multiple_of(4096) {
         return Err((ErrorCode::Malformed, "the copy starts at a multiple of 4096".into()));
     }
-    let mut list = u64_pairs(extents).ok_or((ErrorCode::Malformed, "extents are not offset/length pairs".into()))?;
+    let mut list =
+        ssc_abi::pairs::decode(extents).ok_or((ErrorCode::Malformed, "extents are not offset/length pairs".into()))?;
     if list.is_empty() {
         list.push((0, window.len()));
     }
@@ -452,7 +440,7 @@ fn restore(
 ) -> Result<Vec<u8>, (ErrorCode, alloc::string::String)> {
     let start = Instant::now();
     // Every stream is read twice: the verify pass, then the write pass.
-    let total = u64_pairs(streams).map_or(0, |l| l.iter().map(|(_, len)| 2 * len).sum());
+    let total = ssc_abi::pairs::decode(streams).map_or(0, |l| l.iter().map(|(_, len)| 2 * len).sum());
     let progress = Progress::new(serial, ctl, id, total);
     let mut srcs = sources(disk, streams, Some(&progress)).map_err(|e| (ErrorCode::Malformed, e.into()))?;
     let mut refs: Vec<&mut dyn Source> = srcs.iter_mut().map(|s| s as &mut dyn Source).collect();

@@ -116,7 +116,7 @@ fn send_plan(serial: &mut VirtioSerial, ctl: &ControlLink, id: u64, plan: &Plan,
     }
     for (i, runs) in plan.zero_runs.iter().enumerate() {
         for chunk in runs.chunks(FRAME / 16) {
-            let runs = wire::encode_pairs(chunk);
+            let runs = ssc_abi::pairs::encode(chunk.iter().copied());
             ctl.send(serial, &Envelope::new(id, Body::DedupZeroRuns { client: i as u32, runs: &runs }))?;
         }
     }
