@@ -134,7 +134,9 @@ pub fn run(s: &Setup<'_>) -> Result<Vec<Cell>> {
     let tmp = RunDir::create()?;
     let dir = tmp.path();
 
-    // 1. The dedup SD over shared-memory clients.
+    // 1. The dedup SD over shared-memory clients; what their files hold
+    //    before apply is also the balloon's baseline.
+    let plain_alloc;
     eprintln!("bench dedup: {} clients of {} MiB with shared memory files, the dedup SD beside them", s.clients, s.mib);
     {
         let run = RunDir::create()?;
@@ -174,6 +176,7 @@ pub fn run(s: &Setup<'_>) -> Result<Vec<Cell>> {
             mib: plan.bytes_saved() as f64 / MIB,
         });
         let before = allocated(&mems)?;
+        plain_alloc = before;
         let t = Instant::now();
         let mut punched = 0;
         for (i, (c, m)) in clients.iter().enumerate() {
@@ -200,10 +203,6 @@ pub fn run(s: &Setup<'_>) -> Result<Vec<Cell>> {
     //    SD's clients before apply (same image, same idle job).
     eprintln!("bench dedup: the same clients with virtio-balloon free page reporting");
     {
-        let run = RunDir::create()?;
-        let plain = s.boot(&subdir(dir, "plain")?, &run, Ram::Shared)?;
-        let plain_alloc = allocated(&plain.iter().filter_map(|(_, m)| m.clone()).collect::<Vec<_>>())?;
-        drop(plain);
         let run = RunDir::create()?;
         let t = Instant::now();
         let ballooned = s.boot(&subdir(dir, "balloon")?, &run, Ram::SharedBalloon)?;

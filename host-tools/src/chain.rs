@@ -480,12 +480,12 @@ pub fn up(
         let log = if echo { LogEcho::Stdout(format!("[{name}] ")) } else { LogEcho::Quiet };
         clients.push((Domain::launch(&spec, accel, &scratch, log)?, spec.memory_file));
     }
-    let memory = scratch.path().join("client.mem");
-    let mut session = match &plan.checkpoint {
-        Some(c) => {
-            Some(crate::chain_checkpoint::start_sd(c, &mut sds, (accel, echo), scratch.path(), &memory, plan.memory)?)
+    let mut session = match (&plan.checkpoint, &clients[0].1) {
+        // One client (plan() refuses [checkpoint] with several), shared RAM.
+        (Some(c), Some(memory)) => {
+            Some(crate::chain_checkpoint::start_sd(c, &mut sds, (accel, echo), scratch.path(), memory, plan.memory)?)
         }
-        None => None,
+        _ => None,
     };
     let dedup = match &plan.dedup {
         Some(d) => {
