@@ -6,7 +6,8 @@
 # modules.dep from kmod's depmod. Cached: rebuilt only when a package
 # version changes.
 #
-# Output in $1 (default build/client): vmlinuz, initrd.cpio.gz, STAMP.
+# Output in $1 (default build/client): vmlinuz, System.map, KERNEL (the
+# release string), initrd.cpio.gz, STAMP.
 # The init script loads the modules, prints `ssc: ready image=client`,
 # runs /job.sh if a second initramfs archive provides one (the tests append
 # it), prints `client: job passed` or `client: job failed (exit N)` and powers
@@ -21,7 +22,7 @@ kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: li
 [ -n "$kpkg" ] || { echo "build-client: linux-image-cloud-amd64 unknown to apt: run \`apt-get update\`" >&2; exit 1; }
 kver=${kpkg#linux-image-}
 stamp="$kpkg $(apt-cache policy "$kpkg" | awk '/Candidate/ {print $2}') fio=$(dpkg-query -W -f='${Version}' fio) busybox=$(dpkg-query -W -f='${Version}' busybox-static) cryptsetup=$(dpkg-query -W -f='${Version}' cryptsetup-bin) script=$(sha256sum "$0" | cut -c1-16)"
-if [ -f "$out/STAMP" ] && [ "$(cat "$out/STAMP")" = "$stamp" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.cpio.gz" ]; then
+if [ -f "$out/STAMP" ] && [ "$(cat "$out/STAMP")" = "$stamp" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/System.map" ] && [ -f "$out/initrd.cpio.gz" ]; then
     echo "build-client: up to date in $out ($kpkg)"
     exit 0
 fi
@@ -80,6 +81,14 @@ mkdir -p "$out"
 size=$(stat -c %s "$work/initrd.cpio.gz")
 truncate -s $(( (size + 3) / 4 * 4 )) "$work/initrd.cpio.gz"
 cp "$work/kernel/boot/vmlinuz-$kver" "$out/vmlinuz"
+# The introspection profile (`ssc profile build`) is derived from the
+# kernel and its System.map. The image package's System.map is a
+# placeholder; the real one is in the -dbg package (280 MB, only the map is
+# kept).
+(cd "$work" && apt-get download -q "$kpkg-dbg" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+dpkg-deb --fsys-tarfile "$work"/"$kpkg"-dbg_*.deb | tar -x -C "$work" "./usr/lib/debug/boot/System.map-$kver"
+cp "$work/usr/lib/debug/boot/System.map-$kver" "$out/System.map"
+echo "$kver" > "$out/KERNEL"
 mv "$work/initrd.cpio.gz" "$out/initrd.cpio.gz"
 echo "$stamp" > "$out/STAMP"
 echo "build-client: $out/vmlinuz, $out/initrd.cpio.gz ($(du -h "$out/initrd.cpio.gz" | cut -f1))"

@@ -1,0 +1,429 @@
+//! The monitor: scans on every tick, compares with what it saw before and
+//! with the profile, and turns differences into [`Event`]s.
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+use crate::GuestMemory;
+use crate::linux::{AttachError, Kernel, Module, Process, ScanError, Snapshot};
+use crate::profile::Profile;
+
+/// Syscalls that raise an alert by default when a task is seen in one.
+pub const DEFAULT_ALERTS: &[&str] = &["init_module", "finit_module", "ptrace", "kexec_load", "kexec_file_load"];
+/// Consecutive scans a task must be in the tree and off the task list
+/// before it is reported hidden (one scan may race a fork or an exit).
+const HIDDEN_CONFIRM: u32 = 2;
+/// Consecutive inconsistent scans before one is reported.
+const INCONSISTENT_REPORT: u32 = 3;
+
+/// Where an address points.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Owner {
+    /// Kernel text, at this offset from `_stext` (the host names the
+    /// symbol from System.map).
+    KernelText { offset: u64 },
+    /// A loaded module's core text.
+    Module { name: String, offset: u64 },
+    /// Neither: heap, user memory, garbage.
+    Unknown,
+}
+
+/// One task's syscall in a sample.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSyscall {
+    pub pid: i32,
+    pub comm: String,
+    pub nr: u16,
+    /// Runnable (the syscall is the last it entered) rather than asleep in it.
+    pub running: bool,
+}
+
+/// What the monitor reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// Attached to the client kernel.
+    Attached {
+        release: String,
+        slide: u64,
+        five_level: bool,
+        processes: u32,
+        modules: u32,
+    },
+    /// The profile does not fit the running kernel (or it cannot be read).
+    AttachFailed {
+        reason: String,
+    },
+    ProcessStart {
+        process: Process,
+    },
+    ProcessExit {
+        pid: i32,
+        comm: String,
+    },
+    /// A task in the process tree that the task list does not show.
+    HiddenProcess {
+        pid: i32,
+        comm: String,
+        task: u64,
+    },
+    /// A `sys_call_table` entry differs from the profile.
+    SyscallHook {
+        nr: u16,
+        name: String,
+        expected: u64,
+        found: u64,
+        owner: Owner,
+    },
+    /// A hooked entry holds its original value again.
+    SyscallRestored {
+        nr: u16,
+        name: String,
+    },
+    /// An IDT gate points outside kernel text or changed since attach.
+    IdtHook {
+        vector: u8,
+        found: u64,
+        baseline: Option<u64>,
+        owner: Owner,
+    },
+    /// A kernel text page's hash changed since attach.
+    TextChanged {
+        page: u64,
+        offset: u64,
+    },
+    ModuleLoaded {
+        module: Module,
+    },
+    ModuleUnloaded {
+        name: String,
+    },
+    /// A task is in a syscall an alert rule names.
+    SyscallAlert {
+        pid: i32,
+        comm: String,
+        nr: u16,
+        name: String,
+    },
+    /// Every `summary_every` scans: the sampled syscalls per number, and
+    /// the latest sample of user tasks.
+    Syscalls {
+        samples: u32,
+        counts: Vec<(u16, u32)>,
+        tasks: Vec<TaskSyscall>,
+        scan_us_max: u64,
+    },
+    /// Several scans in a row could not be read consistently.
+    Inconsistent {
+        reason: String,
+        streak: u32,
+    },
+    /// Reply to an on-demand snapshot request.
+    Snapshot {
+        processes: Vec<Process>,
+        modules: Vec<Module>,
+    },
+}
+
+/// How the monitor scans.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Scans per full pass over kernel text (1: all of it every scan).
+    pub text_slices: u32,
+    /// Scans between two [`Event::Syscalls`] summaries (0: none).
+    pub summary_every: u32,
+    /// Syscall numbers that raise [`Event::SyscallAlert`].
+    pub alerts: Vec<u16>,
+}
+
+impl Config {
+    /// Text in `text_slices` slices, a summary every `summary_every`
+    /// scans, the [`DEFAULT_ALERTS`].
+    pub fn new(profile: &Profile, text_slices: u32, summary_every: u32) -> Config {
+        let alerts = DEFAULT_ALERTS.iter().filter_map(|n| profile.syscall_nr(n)).collect();
+        Config { text_slices: text_slices.max(1), summary_every, alerts }
+    }
+}
+
+/// The monitor's memory between scans.
+pub struct Monitor {
+    pub profile: Profile,
+    config: Config,
+    kernel: Option<Kernel>,
+    processes: BTreeMap<u64, Process>,
+    modules: BTreeMap<u64, Module>,
+    hidden: BTreeMap<u64, u32>,
+    hooks: BTreeMap<u16, u64>,
+    idt_base: Vec<Option<u64>>,
+    idt_reported: BTreeMap<u8, u64>,
+    text_base: Vec<Option<u64>>,
+    text_reported: BTreeSet<usize>,
+    text_next: usize,
+    counts: BTreeMap<u16, u32>,
+    samples: u32,
+    alerted: BTreeSet<(u64, u16)>,
+    streak: u32,
+    scans: u64,
+    scan_us_max: u64,
+}
+
+impl Monitor {
+    pub fn new(profile: Profile, config: Config) -> Monitor {
+        Monitor {
+            profile,
+            config,
+            kernel: None,
+            processes: BTreeMap::new(),
+            modules: BTreeMap::new(),
+            hidden: BTreeMap::new(),
+            hooks: BTreeMap::new(),
+            idt_base: Vec::new(),
+            idt_reported: BTreeMap::new(),
+            text_base: Vec::new(),
+            text_reported: BTreeSet::new(),
+            text_next: 0,
+            counts: BTreeMap::new(),
+            samples: 0,
+            alerted: BTreeSet::new(),
+            streak: 0,
+            scans: 0,
+            scan_us_max: 0,
+        }
+    }
+
+    pub fn attached(&self) -> bool {
+        self.kernel.is_some()
+    }
+
+    /// The kernel, once attached.
+    pub fn kernel(&self) -> Option<&Kernel> {
+        self.kernel.as_ref()
+    }
+
+    /// Records how long the image's last scan took (for the summary).
+    pub fn note_scan_micros(&mut self, us: u64) {
+        self.scan_us_max = self.scan_us_max.max(us);
+    }
+
+    /// Tries to attach (called until it works). `Err(NoVmcoreInfo)` means
+    /// try again later; other errors are final for this profile.
+    pub fn attach(&mut self, mem: &dyn GuestMemory) -> Result<Vec<Event>, AttachError> {
+        let mut k = Kernel::attach(&self.profile, mem)?;
+        let pages = k.text_pages(&self.profile);
+        // The baseline: everything the first consistent scan sees.
+        let snap = (0..5).find_map(|_| k.scan(&self.profile, mem, 0..pages).ok());
+        let Some(snap) = snap else {
+            return Err(AttachError::Unreadable(crate::paging::Fault::NotMapped(
+                k.sym(self.profile.symbols.init_task),
+            )));
+        };
+        let mut events = alloc::vec![Event::Attached {
+            release: k.info.release.clone(),
+            slide: k.info.slide,
+            five_level: k.info.five_level,
+            processes: snap.processes.len() as u32,
+            modules: snap.modules.len() as u32,
+        }];
+        self.kernel = Some(k);
+        self.processes = snap.processes.iter().map(|p| (p.task, p.clone())).collect();
+        self.modules = snap.modules.iter().map(|m| (m.base, m.clone())).collect();
+        self.text_base = snap.text.1.iter().copied().map(Some).collect();
+        self.idt_base = snap.idt.clone();
+        // The profile, not the baseline, says what the syscall table and
+        // the IDT must hold: a client hooked before the monitor attached
+        // is still caught.
+        self.check_tables(&snap, &mut events);
+        Ok(events)
+    }
+
+    /// One periodic scan; what changed since the last one.
+    pub fn scan(&mut self, mem: &dyn GuestMemory) -> Vec<Event> {
+        let Some(k) = self.kernel.as_mut() else { return Vec::new() };
+        let pages = self.text_base.len();
+        let slice = pages.div_ceil(self.config.text_slices as usize).max(1);
+        let range = self.text_next..(self.text_next + slice).min(pages);
+        let snap = match k.scan(&self.profile, mem, range.clone()) {
+            Ok(s) => s,
+            Err(ScanError::Inconsistent(reason)) => {
+                self.streak += 1;
+                return match self.streak == INCONSISTENT_REPORT {
+                    true => alloc::vec![Event::Inconsistent { reason, streak: self.streak }],
+                    false => Vec::new(),
+                };
+            }
+        };
+        self.streak = 0;
+        self.text_next = if range.end >= pages { 0 } else { range.end };
+        self.scans += 1;
+        let mut events = Vec::new();
+        self.diff_processes(&snap, &mut events);
+        self.diff_modules(&snap, &mut events);
+        self.check_hidden(&snap, &mut events);
+        self.check_tables(&snap, &mut events);
+        self.check_text(&snap, &mut events);
+        self.sample(&snap, &mut events);
+        events
+    }
+
+    /// The current processes and modules, for an on-demand request.
+    pub fn snapshot(&mut self, mem: &dyn GuestMemory) -> Result<Event, ScanError> {
+        let Some(k) = self.kernel.as_mut() else {
+            return Err(ScanError::Inconsistent("not attached to the client kernel yet".into()));
+        };
+        let mut last = None;
+        for _ in 0..5 {
+            k.flush();
+            let r = k.processes(&self.profile, mem).and_then(|p| Ok((p, k.modules(&self.profile, mem)?)));
+            match r {
+                Ok((processes, modules)) => return Ok(Event::Snapshot { processes, modules }),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("five attempts"))
+    }
+
+    fn diff_processes(&mut self, snap: &Snapshot, events: &mut Vec<Event>) {
+        let now: BTreeMap<u64, &Process> = snap.processes.iter().map(|p| (p.task, p)).collect();
+        for (task, p) in &self.processes {
+            if !now.contains_key(task) {
+                events.push(Event::ProcessExit { pid: p.pid, comm: p.comm.clone() });
+            }
+        }
+        for p in &snap.processes {
+            if !self.processes.contains_key(&p.task) {
+                events.push(Event::ProcessStart { process: p.clone() });
+            }
+        }
+        self.processes = snap.processes.iter().map(|p| (p.task, p.clone())).collect();
+    }
+
+    fn diff_modules(&mut self, snap: &Snapshot, events: &mut Vec<Event>) {
+        let now: BTreeMap<u64, &Module> = snap.modules.iter().map(|m| (m.base, m)).collect();
+        for (base, m) in &self.modules {
+            if !now.contains_key(base) {
+                events.push(Event::ModuleUnloaded { name: m.name.clone() });
+            }
+        }
+        for m in &snap.modules {
+            if !self.modules.contains_key(&m.base) {
+                events.push(Event::ModuleLoaded { module: m.clone() });
+            }
+        }
+        self.modules = snap.modules.iter().map(|m| (m.base, m.clone())).collect();
+    }
+
+    fn check_hidden(&mut self, snap: &Snapshot, events: &mut Vec<Event>) {
+        let mut next = BTreeMap::new();
+        for t in &snap.tree_only {
+            let n = self.hidden.get(&t.task).copied().unwrap_or(0) + 1;
+            if n == HIDDEN_CONFIRM {
+                events.push(Event::HiddenProcess { pid: t.pid, comm: t.comm.clone(), task: t.task });
+            }
+            next.insert(t.task, n);
+        }
+        self.hidden = next;
+    }
+
+    /// Where `addr` points: kernel text, a module, or neither.
+    pub fn owner(&self, addr: u64, modules: &[Module]) -> Owner {
+        let Some(k) = self.kernel.as_ref() else { return Owner::Unknown };
+        let s = &self.profile.symbols;
+        let (start, end) = (k.sym(s.text_start), k.sym(s.text_end));
+        if (start..end).contains(&addr) {
+            return Owner::KernelText { offset: addr - start };
+        }
+        match modules.iter().find(|m| addr >= m.base && addr - m.base < m.size) {
+            Some(m) => Owner::Module { name: m.name.clone(), offset: addr - m.base },
+            None => Owner::Unknown,
+        }
+    }
+
+    fn check_tables(&mut self, snap: &Snapshot, events: &mut Vec<Event>) {
+        let Some(k) = self.kernel.as_ref() else { return };
+        let expected: Vec<u64> = self.profile.syscalls.iter().map(|s| k.sym(s.target)).collect();
+        for (nr, (&found, &want)) in snap.syscall_table.iter().zip(&expected).enumerate() {
+            let nr = nr as u16;
+            let name = self.profile.syscalls[nr as usize].name.clone();
+            if found != want {
+                if self.hooks.get(&nr) != Some(&found) {
+                    let owner = self.owner(found, &snap.modules);
+                    events.push(Event::SyscallHook { nr, name, expected: want, found, owner });
+                    self.hooks.insert(nr, found);
+                }
+            } else if self.hooks.remove(&nr).is_some() {
+                events.push(Event::SyscallRestored { nr, name });
+            }
+        }
+        let k = self.kernel.as_ref().expect("attached");
+        let (start, end) = (k.sym(self.profile.symbols.text_start), k.sym(self.profile.symbols.text_end));
+        for (v, found) in snap.idt.iter().enumerate() {
+            let Some(found) = *found else { continue };
+            let baseline = self.idt_base.get(v).copied().flatten();
+            let outside = !(start..end).contains(&found);
+            let changed = baseline.is_some_and(|b| b != found);
+            if (outside || changed) && self.idt_reported.get(&(v as u8)) != Some(&found) {
+                let owner = self.owner(found, &snap.modules);
+                events.push(Event::IdtHook { vector: v as u8, found, baseline, owner });
+                self.idt_reported.insert(v as u8, found);
+            }
+        }
+    }
+
+    fn check_text(&mut self, snap: &Snapshot, events: &mut Vec<Event>) {
+        let Some(k) = self.kernel.as_ref() else { return };
+        let base = k.sym(self.profile.symbols.text_start & !0xfff);
+        let stext = k.sym(self.profile.symbols.text_start);
+        let (first, hashes) = &snap.text;
+        for (i, h) in hashes.iter().enumerate() {
+            let idx = first + i;
+            if self.text_base.get(idx).copied().flatten().is_some_and(|b| b != *h) && self.text_reported.insert(idx) {
+                let page = base + idx as u64 * 4096;
+                events.push(Event::TextChanged { page, offset: page.saturating_sub(stext) });
+            }
+        }
+    }
+
+    fn sample(&mut self, snap: &Snapshot, events: &mut Vec<Event>) {
+        let mut in_alert = BTreeSet::new();
+        for p in &snap.processes {
+            let Some(nr) = p.syscall else { continue };
+            *self.counts.entry(nr).or_default() += 1;
+            if self.config.alerts.contains(&nr) {
+                in_alert.insert((p.task, nr));
+                if !self.alerted.contains(&(p.task, nr)) {
+                    let name = self.profile.syscall_name(nr as u64).into();
+                    events.push(Event::SyscallAlert { pid: p.pid, comm: p.comm.clone(), nr, name });
+                }
+            }
+        }
+        self.alerted = in_alert;
+        self.samples += 1;
+        if self.config.summary_every > 0 && self.samples >= self.config.summary_every {
+            let tasks = snap
+                .processes
+                .iter()
+                .filter_map(|p| {
+                    Some(TaskSyscall { pid: p.pid, comm: p.comm.clone(), nr: p.syscall?, running: p.state == 0 })
+                })
+                .collect();
+            events.push(Event::Syscalls {
+                samples: self.samples,
+                counts: core::mem::take(&mut self.counts).into_iter().collect(),
+                tasks,
+                scan_us_max: core::mem::take(&mut self.scan_us_max),
+            });
+            self.samples = 0;
+        }
+    }
+}
+
+impl Event {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("an event always encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Event> {
+        postcard::from_bytes(bytes).ok()
+    }
+}
