@@ -5,7 +5,7 @@ CARGO ?= cargo
 SSC := target/debug/ssc
 IMAGES_DIR := kernels/target/x86_64-unknown-linux-gnu/release
 DEB_PACKAGES := qemu-system-x86 qemu-utils swtpm swtpm-tools util-linux python3 libnbd-bin \
-	fio kmod busybox-static cpio cryptsetup-bin
+	fio kmod busybox-static cpio cryptsetup-bin make binutils
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps images ssc catalog client demo test test-host test-qemu lint fmt bench fuzz clean
@@ -45,9 +45,10 @@ catalog: images ssc
 	$(SSC) catalog build --key build/publisher.pk8 --out build/catalog
 	$(SSC) catalog verify build/catalog --trust build/publisher.pub
 
-## client: the Linux client VM from Debian packages (cached in build/client)
-client: deps
+## client: the Linux client VM from Debian packages (cached in build/client) and its introspection profile
+client: deps ssc
 	bash scripts/build-client.sh build/client
+	$(SSC) profile build --kernel build/client/vmlinuz --system-map build/client/System.map --out build/client/profile.ssc
 
 ## demo: install, build, boot the self-test through the builder, show the catalog refusing tampering
 demo: deps catalog client

@@ -21,6 +21,12 @@ need busybox; need fio; need cryptsetup; need depmod; need cpio
 kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
 [ -n "$kpkg" ] || { echo "build-client: linux-image-cloud-amd64 unknown to apt: run \`apt-get update\`" >&2; exit 1; }
 kver=${kpkg#linux-image-}
+# Headers of the same kernel: the introspection tests build test modules.
+if [ ! -d "/usr/src/linux-headers-$kver" ]; then
+    echo "build-client: installing linux-headers-$kver"
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "linux-headers-$kver" >/dev/null
+fi
 stamp="$kpkg $(apt-cache policy "$kpkg" | awk '/Candidate/ {print $2}') fio=$(dpkg-query -W -f='${Version}' fio) busybox=$(dpkg-query -W -f='${Version}' busybox-static) cryptsetup=$(dpkg-query -W -f='${Version}' cryptsetup-bin) script=$(sha256sum "$0" | cut -c1-16)"
 if [ -f "$out/STAMP" ] && [ "$(cat "$out/STAMP")" = "$stamp" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/System.map" ] && [ -f "$out/initrd.cpio.gz" ]; then
     echo "build-client: up to date in $out ($kpkg)"

@@ -32,7 +32,7 @@ pub mod memory;
 pub mod pairs;
 
 /// The ABI version this crate speaks.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Largest payload accepted or produced, in bytes.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Bytes of the length prefix.
@@ -132,6 +132,19 @@ pub enum Body<'a> {
     DedupGroups { groups: &'a [u8] },
     /// Dedup SD → tenant side: the end of a scan's reply.
     DedupDone { groups: u64, duplicate_pages: u64, changed: u64, micros: u64 },
+    /// Tenant side → introspection SD: the client kernel's profile
+    /// (`postcard`, from `ssc profile build`) and how to scan: every
+    /// `period_ms`, kernel text hashed over `text_slices` scans, a syscall
+    /// summary every `summary_every` scans. Reply: `Ack` once the profile
+    /// decodes; then `MonitorEvent`s, unsolicited (request id 0).
+    IntrospectStart { profile: &'a [u8], period_ms: u32, text_slices: u32, summary_every: u32 },
+    /// Tenant side → introspection SD: the processes and modules now.
+    /// Reply: one `MonitorEvent` (a snapshot) or an `Error`.
+    IntrospectSnapshot,
+    /// Introspection SD → tenant side: one monitor event (`postcard` of
+    /// `sd_introspect::Event`: process start/exit, hidden process, hook,
+    /// text change, module, syscall alert or summary, snapshot).
+    MonitorEvent { event: &'a [u8] },
 }
 
 /// Parameters of an encrypted volume (dm-crypt/LUKS data-segment terms).

@@ -452,6 +452,12 @@ pub enum ControlEvent {
         changed: u64,
         micros: u64,
     },
+    /// An introspection SD's monitor event (`sd_introspect::Event`,
+    /// postcard); request id 0 when unsolicited.
+    Monitor {
+        request_id: u64,
+        event: Vec<u8>,
+    },
     Other(String),
     /// The link failed (bad frame, closed): the reason.
     Broken(String),
@@ -493,6 +499,7 @@ fn owned(env: Envelope<'_>) -> ControlEvent {
         Body::DedupDone { changed, micros, .. } => {
             ControlEvent::DedupDone { request_id: env.request_id, changed, micros }
         }
+        Body::MonitorEvent { event } => ControlEvent::Monitor { request_id: env.request_id, event: event.into() },
         other => ControlEvent::Other(format!("{other:?}")),
     }
 }

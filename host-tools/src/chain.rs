@@ -98,6 +98,7 @@ struct ChainFile {
     disk: Vec<DiskSection>,
     checkpoint: Option<Spanned<crate::chain_checkpoint::CheckpointSection>>,
     dedup: Option<Spanned<crate::chain_dedup::DedupSection>>,
+    introspect: Option<Spanned<crate::chain_introspect::IntrospectSection>>,
 }
 
 /// The tenant-side secret of one disk.
@@ -132,8 +133,21 @@ pub struct Plan {
     pub clients: u32,
     /// The chain file's `[dedup]`, checked.
     pub dedup: Option<crate::chain_dedup::DedupPlan>,
+    /// The chain file's `[introspect]`, checked.
+    pub introspect: Option<crate::chain_introspect::IntrospectPlan>,
     /// The chain file (its command socket sits beside it).
     pub path: PathBuf,
+}
+
+impl Plan {
+    /// An SD image of the chain (to probe the accelerator with).
+    pub fn first_sd_image(&self) -> &Path {
+        let disk = self.disks.first().map(|d| d.sds[0].path.as_path());
+        disk.or(self.checkpoint.as_ref().map(|c| c.image.path.as_path()))
+            .or(self.dedup.as_ref().map(|d| d.image.path.as_path()))
+            .or(self.introspect.as_ref().map(|i| i.image.path.as_path()))
+            .expect("plan() refuses a chain without service domains")
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -163,8 +177,8 @@ pub fn plan(path: &Path) -> Result<Plan> {
     let at = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
     let trusted = catalog::load_trusted(&file.catalog.trust.iter().map(|p| at(p)).collect::<Vec<_>>())?;
     let catalog_dir = at(&file.catalog.path);
-    if file.disk.is_empty() && file.checkpoint.is_none() && file.dedup.is_none() {
-        bail!("{name}: no [[disk]], [checkpoint] or [dedup]: a chain needs at least one service domain");
+    if file.disk.is_empty() && file.checkpoint.is_none() && file.dedup.is_none() && file.introspect.is_none() {
+        bail!("{name}: no [[disk]], [checkpoint], [dedup] or [introspect]: a chain needs at least one service domain");
     }
     let mut disks = vec![];
     for d in file.disk {
@@ -300,6 +314,24 @@ pub fn plan(path: &Path) -> Result<Plan> {
             Some(crate::chain_dedup::DedupPlan { image, period: d.period.map(Duration::from_secs) })
         }
     };
+    let introspect = match file.introspect {
+        None => None,
+        Some(d) => {
+            let line = format!("{name}:{}", line_of(&text, d.span().start));
+            let image = catalog::find(&catalog_dir, &trusted, "introspect")
+                .map_err(|e| anyhow!("{line}: [introspect] needs the `introspect` image: {e:#}"))?;
+            let m = &image.manifest.image;
+            if m.windows < 1 || !m.permissions.iter().any(|p| p == "mem-read") {
+                bail!("{line}: `{}` does not declare a memory window with mem-read", m.name);
+            }
+            if file.client.count.as_ref().is_some_and(|c| *c.get_ref() > 1) {
+                bail!("{line}: [introspect] monitors one client; leave out [client] count");
+            }
+            let plan = crate::chain_introspect::IntrospectPlan::check(d.into_inner(), image, |p| at(p))
+                .map_err(|e| anyhow!("{line}: [introspect]: {e:#}"))?;
+            Some(plan)
+        }
+    };
     let clients = match &file.client.count {
         None => 1,
         Some(n) => {
@@ -333,6 +365,7 @@ pub fn plan(path: &Path) -> Result<Plan> {
         checkpoint,
         clients,
         dedup,
+        introspect,
         path: path.to_path_buf(),
     })
 }
@@ -344,6 +377,7 @@ pub struct Running {
     pub clients: Vec<Domain>,
     checkpoint: Option<crate::chain_checkpoint::Session>,
     dedup: Option<crate::chain_dedup::Session>,
+    introspect: Option<crate::chain_introspect::Session>,
     commands: Option<crate::chain_checkpoint::CommandSocket>,
     /// Holds the NBD sockets; dropped after the domains.
     _scratch: crate::builder::RunDir,
@@ -462,7 +496,7 @@ pub fn up(
     } else {
         (0..plan.clients).map(|i| format!("client-{i}")).collect()
     };
-    let shared_ram = plan.checkpoint.is_some() || plan.dedup.is_some();
+    let shared_ram = plan.checkpoint.is_some() || plan.dedup.is_some() || plan.introspect.is_some();
     let mut clients = vec![];
     for name in &names {
         let mut spec = DomainSpec::new(name, &plan.kernel);
@@ -498,9 +532,18 @@ pub fn up(
         }
         None => None,
     };
+    let introspect = match (&plan.introspect, &clients[0].1) {
+        // One client (plan() refuses [introspect] with several), shared RAM.
+        (Some(i), Some(memory)) => Some(crate::chain_introspect::start_sd(i, &mut sds, (accel, echo), memory)?),
+        _ => None,
+    };
     let mut clients: Vec<Domain> = clients.into_iter().map(|(d, _)| d).collect();
-    let commands = match session.is_some() || dedup.is_some() {
-        true => Some(crate::chain_checkpoint::CommandSocket::bind(&plan.path)?),
+    let commands = match session.is_some() || dedup.is_some() || introspect.is_some() {
+        true => {
+            let mut c = crate::chain_checkpoint::CommandSocket::bind(&plan.path)?;
+            c.monitor = introspect.is_some();
+            Some(c)
+        }
         false => None,
     };
     match (restore, session.as_mut()) {
@@ -523,7 +566,10 @@ pub fn up(
     if dedup.is_some() {
         eprintln!("ssc up: dedup: `ssc dedup scan|apply|stats {}`", plan.path.display());
     }
-    Ok(Running { sds, clients, checkpoint: session, dedup, commands, _scratch: scratch })
+    if introspect.is_some() {
+        eprintln!("ssc up: introspection: `ssc monitor {}` (add --ps for the process list)", plan.path.display());
+    }
+    Ok(Running { sds, clients, checkpoint: session, dedup, introspect, commands, _scratch: scratch })
 }
 
 impl Running {
@@ -568,10 +614,24 @@ impl Running {
             if let Some(d) = self.dedup.as_mut() {
                 d.tick(&mut self.sds);
             }
+            if let Some(i) = self.introspect.as_mut() {
+                for line in i.drain(&mut self.sds) {
+                    if line.alert || matches!(line.event, sd_introspect::Event::Attached { .. }) {
+                        eprintln!("ssc up: introspect: {}", line.text);
+                    }
+                    if let (Some(cmds), Ok(json)) = (self.commands.as_mut(), serde_json::to_string(&line)) {
+                        cmds.broadcast(&json);
+                    }
+                }
+            }
             if let Some(cmds) = self.commands.as_mut() {
                 let (clients, sds, scratch) = (&self.clients, &mut self.sds, self._scratch.path());
-                let (checkpoint, dedup) = (&mut self.checkpoint, &mut self.dedup);
+                let (checkpoint, dedup, introspect) = (&mut self.checkpoint, &mut self.dedup, &mut self.introspect);
                 cmds.poll(|cmd, progress| match (cmd, checkpoint.as_mut(), dedup.as_mut()) {
+                    (c, _, _) if c.starts_with("introspect ") => match introspect.as_mut() {
+                        Some(i) => crate::chain_introspect::serve(c, i, sds),
+                        None => bail!("this chain has no [introspect] section"),
+                    },
                     ("save", Some(s), _) => s.save(&clients[0], sds, scratch, false, progress),
                     ("save full", Some(s), _) => s.save(&clients[0], sds, scratch, true, progress),
                     ("save" | "save full", None, _) => bail!("this chain has no [checkpoint] section"),

@@ -279,6 +279,10 @@ pub fn socket_path(chain: &Path) -> PathBuf {
 pub struct CommandSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// Whether `monitor` is served (the chain has an introspection SD).
+    pub monitor: bool,
+    /// Connections that sent `monitor`: each gets every event line.
+    subscribers: Vec<UnixStream>,
 }
 
 impl CommandSocket {
@@ -294,7 +298,7 @@ impl CommandSocket {
         let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        Ok(CommandSocket { listener, path })
+        Ok(CommandSocket { listener, path, monitor: false, subscribers: Vec::new() })
     }
 
     /// Serves at most one pending command with `f`: one line in; out, any
@@ -309,6 +313,18 @@ impl CommandSocket {
         if reader.read_line(&mut line).is_err() {
             return;
         }
+        if line.trim() == "monitor" {
+            let reply = match self.monitor {
+                true => "ok monitoring\n",
+                false => "error this chain has no [introspect] section\n",
+            };
+            if (&stream).write_all(reply.as_bytes()).is_ok() && self.monitor {
+                // A monitor that stops reading is dropped, not waited for.
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+                self.subscribers.push(stream);
+            }
+            return;
+        }
         let mut progress = |done: u64, total: u64| {
             let _ = (&stream).write_all(format!("progress {done} {total}\n").as_bytes());
         };
@@ -317,6 +333,15 @@ impl CommandSocket {
             Err(e) => format!("error {e:#}\n").replace('\n', " ").trim_end().to_string() + "\n",
         };
         let _ = (&stream).write_all(reply.as_bytes());
+    }
+}
+
+impl CommandSocket {
+    /// Sends `event LINE` to every `monitor` connection; drops the ones
+    /// that went away.
+    pub fn broadcast(&mut self, line: &str) {
+        let msg = format!("event {line}\n");
+        self.subscribers.retain(|s| (&*s).write_all(msg.as_bytes()).is_ok());
     }
 }
 

@@ -24,10 +24,12 @@ pub mod catalog;
 pub mod chain;
 pub mod chain_checkpoint;
 pub mod chain_dedup;
+pub mod chain_introspect;
 pub mod checkpoint;
 pub mod dedup;
 pub mod doctor;
 pub mod luks;
+pub mod profile;
 pub mod qemu;
 pub mod qmp;
 

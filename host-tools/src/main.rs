@@ -112,6 +112,29 @@ enum Cmd {
     /// Tenant volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Watch the client of the `ssc up CHAIN` running now through its
+    /// introspection SD (see `[introspect]` in the chain file): process
+    /// start/exit, hidden processes, syscall-table and IDT hooks, kernel
+    /// text changes, modules, syscall alerts, and once a second which
+    /// syscalls the client's tasks are in. Runs until Ctrl-C or --for.
+    Monitor {
+        chain: PathBuf,
+        /// One JSON object per event (t_ms, alert, text, event).
+        #[arg(long)]
+        json: bool,
+        /// Print the process list and modules now, then exit.
+        #[arg(long)]
+        ps: bool,
+        /// Only events worth attention (hooks, hidden tasks, alerts).
+        #[arg(long)]
+        alerts: bool,
+        /// Stop after this many seconds.
+        #[arg(long = "for")]
+        duration: Option<u64>,
+    },
+    /// Introspection profiles of client kernels (for `[introspect]`).
+    #[command(subcommand)]
+    Profile(ProfileCmd),
     /// Report QEMU, KVM usability, swtpm and the rest, with install commands.
     Doctor {
         /// An image to probe KVM with (default: a built selftest image).
@@ -184,6 +207,27 @@ enum DedupCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ProfileCmd {
+    /// Derive the profile of a client kernel from its Debian package: symbol
+    /// addresses from System.map (the real one, from the -dbg package),
+    /// structure offsets from the kernel's own BTF, the syscall table as
+    /// linked, and the build id the introspection SD matches against the
+    /// running kernel. `make client` leaves both inputs in build/client.
+    Build {
+        /// The kernel: a bzImage (LZ4 payload, as Debian's) or a vmlinux ELF.
+        #[arg(long, default_value = "build/client/vmlinuz")]
+        kernel: PathBuf,
+        #[arg(long, default_value = "build/client/System.map")]
+        system_map: PathBuf,
+        /// Where the profile goes (postcard).
+        #[arg(short, long, default_value = "build/client/profile.ssc")]
+        out: PathBuf,
+    },
+    /// What a profile file holds.
+    Show { profile: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -491,6 +535,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("saved {msg}");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Monitor { chain, json, ps, alerts, duration } => {
+            if ps {
+                let reply = ssc::chain_checkpoint::request(&chain, "introspect ps", &mut ssc::checkpoint::quiet)?;
+                let line: ssc::chain_introspect::Line =
+                    serde_json::from_str(&reply).context("`ssc up` sent a snapshot this ssc cannot read")?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&line.event)?);
+                } else {
+                    let profile = ssc::chain::plan(&chain).ok().and_then(|p| p.introspect).map(|i| i.profile);
+                    print!("{}", ssc::chain_introspect::process_table(&line.event, profile.as_ref())?);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let until = duration.map(|s| std::time::Instant::now() + Duration::from_secs(s));
+            ssc::chain_introspect::watch(&chain, until, |line| {
+                if alerts && !line.alert {
+                    return;
+                }
+                if json {
+                    println!("{}", serde_json::to_string(line).unwrap_or_default());
+                } else {
+                    let mark = if line.alert { "ALERT " } else { "" };
+                    println!("{:>8.1}s {mark}{}", line.t_ms as f64 / 1000.0, line.text);
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Profile(ProfileCmd::Build { kernel, system_map, out }) => {
+            let p = ssc::profile::build(&kernel, &system_map)?;
+            let bytes = p.encode();
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            println!("{}", ssc::profile::describe(&p));
+            println!("profile: {} ({} bytes)", out.display(), bytes.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Profile(ProfileCmd::Show { profile }) => {
+            let p = ssc::profile::load(&profile)?;
+            println!("{}", ssc::profile::describe(&p));
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Dedup(cmd) => {
             let (chain, json, verb) = match cmd {
                 DedupCmd::Scan { chain, json } => (chain, json, "scan"),
@@ -698,13 +782,7 @@ fn up_cmd(
         eprintln!("ssc up: {} checks out", chain.display());
         return Ok(ExitCode::SUCCESS);
     }
-    let probe = match (plan.disks.first(), &plan.checkpoint, &plan.dedup) {
-        (Some(d), _, _) => d.sds[0].path.clone(),
-        (None, Some(c), _) => c.image.path.clone(),
-        (None, None, Some(d)) => d.image.path.clone(),
-        (None, None, None) => unreachable!("plan() refuses a chain without service domains"),
-    };
-    let (accel, why) = qemu::resolve_accel(accel, Some(&probe))?;
+    let (accel, why) = qemu::resolve_accel(accel, Some(plan.first_sd_image()))?;
     eprintln!("ssc: accelerator {accel} ({why})");
     let tmp = RunDir::create()?;
     let initrd = match &job {

@@ -281,19 +281,40 @@ pub fn process_with_arg_exists(needle: &str) -> bool {
 pub struct Up {
     child: std::process::Child,
     out: PathBuf,
+    err: PathBuf,
 }
 
 impl Up {
     pub fn start(dir: &Path, args: &[&str], name: &str) -> Up {
         let out = dir.join(format!("{name}.out"));
+        let err = dir.join(format!("{name}.err"));
         let child = std::process::Command::new(ssc_bin())
             .args(args)
+            .current_dir(repo())
             .env("SSC_ACCEL", accel().to_string())
             .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
             .spawn()
             .unwrap();
-        Up { child, out }
+        Up { child, out, err }
+    }
+
+    /// Everything it printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Its exit status once it exits by itself (up to `timeout`).
+    pub fn wait_exit(mut self, timeout: Duration) -> Option<i32> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        None
     }
 
     /// Everything it printed on stdout so far.

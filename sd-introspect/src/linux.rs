@@ -59,6 +59,9 @@ pub enum AttachError {
     WrongBuild { profile: String, running: String },
     /// VMCOREINFO was found but its page tables do not translate.
     Unreadable(Fault),
+    /// The first scan was inconsistent (the kernel is busy booting): try
+    /// again.
+    Busy(String),
 }
 
 impl core::fmt::Display for AttachError {
@@ -73,6 +76,7 @@ impl core::fmt::Display for AttachError {
                 "the profile is for kernel build {profile} but the client runs {running}: build a profile for the client's kernel with `ssc profile build`"
             ),
             AttachError::Unreadable(fault) => write!(f, "the kernel's page tables do not translate: {fault}"),
+            AttachError::Busy(why) => write!(f, "the kernel changed under the first scan ({why}); trying again"),
         }
     }
 }

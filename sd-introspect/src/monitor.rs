@@ -15,6 +15,81 @@ pub const DEFAULT_ALERTS: &[&str] = &["init_module", "finit_module", "ptrace", "
 /// Consecutive scans a task must be in the tree and off the task list
 /// before it is reported hidden (one scan may race a fork or an exit).
 const HIDDEN_CONFIRM: u32 = 2;
+const PAGE: usize = 4096;
+/// The kernel's 5- and 2-byte NOPs (x86-64 `BYTES_NOP5`, `BYTES_NOP2`).
+const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+const NOP2: [u8; 2] = [0x66, 0x90];
+/// A static call's `ret` form.
+const RET5: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
+
+/// What a changed text page is.
+#[derive(Debug, PartialEq, Eq)]
+enum Patch {
+    /// Every change is a kernel patch site: how many.
+    Explained(u32),
+    /// A site is mid-patch (`int3` first byte): look again next pass.
+    InProgress,
+    /// Not a patch the kernel makes: the first changed byte's offset.
+    Unexplained(usize),
+}
+
+/// Whether `w` (5 bytes at `at`) is a form the kernel patches in: a NOP,
+/// the static-call `ret`, or a jump or call into kernel text. A jump into
+/// a module or the heap (an inline hook) is not.
+fn patch_form5(w: &[u8], at: u64, text: &core::ops::Range<u64>) -> bool {
+    if w == NOP5 || w == RET5 {
+        return true;
+    }
+    if w[0] == 0xe8 || w[0] == 0xe9 {
+        let rel = i32::from_le_bytes([w[1], w[2], w[3], w[4]]) as i64;
+        return text.contains(&at.wrapping_add(5).wrapping_add(rel as u64));
+    }
+    false
+}
+
+/// Classifies the differences between `old` and `now` (one page at `va`).
+fn classify(old: &[u8], now: &[u8], va: u64, text: &core::ops::Range<u64>) -> Patch {
+    let mut sites = 0;
+    let mut i = 0;
+    while i < old.len() {
+        if old[i] == now[i] {
+            i += 1;
+            continue;
+        }
+        // A run of changes no longer than a site, separated by equal bytes.
+        let mut j = i + 1;
+        while j < old.len() && j - i < 5 && old[j] != now[j] {
+            j += 1;
+        }
+        let explained = [5usize, 2].iter().find_map(|&len| {
+            (j.saturating_sub(len)..=i).filter(|s| s + len <= old.len()).find_map(|s| {
+                let (o, n) = (&old[s..s + len], &now[s..s + len]);
+                let at = va + s as u64;
+                let ok = |w: &[u8]| match len {
+                    5 => patch_form5(w, at, text),
+                    _ => w == NOP2 || w[0] == 0xeb,
+                };
+                if n[0] == 0xcc && ok(o) {
+                    Some(None)
+                } else if ok(o) && ok(n) {
+                    Some(Some(s + len))
+                } else {
+                    None
+                }
+            })
+        });
+        match explained {
+            Some(None) => return Patch::InProgress,
+            Some(Some(end)) => {
+                sites += 1;
+                i = end.max(j);
+            }
+            None => return Patch::Unexplained(i),
+        }
+    }
+    Patch::Explained(sites)
+}
+
 /// Consecutive inconsistent scans before one is reported.
 const INCONSISTENT_REPORT: u32 = 3;
 
@@ -24,6 +99,9 @@ pub enum Owner {
     /// Kernel text, at this offset from `_stext` (the host names the
     /// symbol from System.map).
     KernelText { offset: u64 },
+    /// Boot-only kernel text (freed after boot), at this offset from
+    /// `_sinittext`.
+    InitText { offset: u64 },
     /// A loaded module's core text.
     Module { name: String, offset: u64 },
     /// Neither: heap, user memory, garbage.
@@ -88,10 +166,18 @@ pub enum Event {
         baseline: Option<u64>,
         owner: Owner,
     },
-    /// A kernel text page's hash changed since attach.
+    /// Kernel text changed since attach in a way the kernel's own
+    /// patching (jump labels, static calls, ftrace) does not explain: the
+    /// first changed byte and its offset from `_stext`.
     TextChanged {
-        page: u64,
+        at: u64,
         offset: u64,
+    },
+    /// Kernel text the kernel patched itself (jump labels, static calls,
+    /// ftrace: 2- or 5-byte NOPs, jumps and calls into kernel text).
+    TextPatched {
+        page: u64,
+        sites: u32,
     },
     ModuleLoaded {
         module: Module,
@@ -158,7 +244,8 @@ pub struct Monitor {
     idt_base: Vec<Option<u64>>,
     idt_reported: BTreeMap<u8, u64>,
     text_base: Vec<Option<u64>>,
-    text_reported: BTreeSet<usize>,
+    /// The text as of attach (updated with every explained patch).
+    text_copy: Vec<u8>,
     text_next: usize,
     counts: BTreeMap<u16, u32>,
     samples: u32,
@@ -181,7 +268,7 @@ impl Monitor {
             idt_base: Vec::new(),
             idt_reported: BTreeMap::new(),
             text_base: Vec::new(),
-            text_reported: BTreeSet::new(),
+            text_copy: Vec::new(),
             text_next: 0,
             counts: BTreeMap::new(),
             samples: 0,
@@ -206,18 +293,17 @@ impl Monitor {
         self.scan_us_max = self.scan_us_max.max(us);
     }
 
-    /// Tries to attach (called until it works). `Err(NoVmcoreInfo)` means
-    /// try again later; other errors are final for this profile.
+    /// Tries to attach (called until it works). `Err(NoVmcoreInfo)` and
+    /// `Err(Busy)` mean try again later; other errors are final for this
+    /// profile.
     pub fn attach(&mut self, mem: &dyn GuestMemory) -> Result<Vec<Event>, AttachError> {
         let mut k = Kernel::attach(&self.profile, mem)?;
         let pages = k.text_pages(&self.profile);
         // The baseline: everything the first consistent scan sees.
-        let snap = (0..5).find_map(|_| k.scan(&self.profile, mem, 0..pages).ok());
-        let Some(snap) = snap else {
-            return Err(AttachError::Unreadable(crate::paging::Fault::NotMapped(
-                k.sym(self.profile.symbols.init_task),
-            )));
-        };
+        let snap = k.scan(&self.profile, mem, 0..0).map_err(|ScanError::Inconsistent(why)| AttachError::Busy(why))?;
+        let text = k.sym(self.profile.symbols.text_start & !0xfff);
+        let mut copy = alloc::vec![0u8; pages * PAGE];
+        k.read(mem, text, &mut copy).map_err(AttachError::Unreadable)?;
         let mut events = alloc::vec![Event::Attached {
             release: k.info.release.clone(),
             slide: k.info.slide,
@@ -228,7 +314,8 @@ impl Monitor {
         self.kernel = Some(k);
         self.processes = snap.processes.iter().map(|p| (p.task, p.clone())).collect();
         self.modules = snap.modules.iter().map(|m| (m.base, m.clone())).collect();
-        self.text_base = snap.text.1.iter().copied().map(Some).collect();
+        self.text_base = copy.chunks(PAGE).map(|p| Some(xxhash_rust::xxh3::xxh3_64(p))).collect();
+        self.text_copy = copy;
         self.idt_base = snap.idt.clone();
         // The profile, not the baseline, says what the syscall table and
         // the IDT must hold: a client hooked before the monitor attached
@@ -261,7 +348,7 @@ impl Monitor {
         self.diff_modules(&snap, &mut events);
         self.check_hidden(&snap, &mut events);
         self.check_tables(&snap, &mut events);
-        self.check_text(&snap, &mut events);
+        self.check_text(mem, &snap, &mut events);
         self.sample(&snap, &mut events);
         events
     }
@@ -333,6 +420,10 @@ impl Monitor {
         if (start..end).contains(&addr) {
             return Owner::KernelText { offset: addr - start };
         }
+        let init = k.sym(s.init_text_start)..k.sym(s.init_text_end);
+        if init.contains(&addr) {
+            return Owner::InitText { offset: addr - init.start };
+        }
         match modules.iter().find(|m| addr >= m.base && addr - m.base < m.size) {
             Some(m) => Owner::Module { name: m.name.clone(), offset: addr - m.base },
             None => Owner::Unknown,
@@ -356,11 +447,16 @@ impl Monitor {
             }
         }
         let k = self.kernel.as_ref().expect("attached");
-        let (start, end) = (k.sym(self.profile.symbols.text_start), k.sym(self.profile.symbols.text_end));
+        let sy = &self.profile.symbols;
+        let text = k.sym(sy.text_start)..k.sym(sy.text_end);
+        let init = k.sym(sy.init_text_start)..k.sym(sy.init_text_end);
         for (v, found) in snap.idt.iter().enumerate() {
             let Some(found) = *found else { continue };
             let baseline = self.idt_base.get(v).copied().flatten();
-            let outside = !(start..end).contains(&found);
+            // Unused exception gates keep their boot-time handlers in init
+            // text: benign as found at attach, not as a change.
+            let benign = text.contains(&found) || (init.contains(&found) && baseline == Some(found));
+            let outside = !benign;
             let changed = baseline.is_some_and(|b| b != found);
             if (outside || changed) && self.idt_reported.get(&(v as u8)) != Some(&found) {
                 let owner = self.owner(found, &snap.modules);
@@ -370,17 +466,34 @@ impl Monitor {
         }
     }
 
-    fn check_text(&mut self, snap: &Snapshot, events: &mut Vec<Event>) {
-        let Some(k) = self.kernel.as_ref() else { return };
+    fn check_text(&mut self, mem: &dyn GuestMemory, snap: &Snapshot, events: &mut Vec<Event>) {
+        let Some(k) = self.kernel.as_mut() else { return };
         let base = k.sym(self.profile.symbols.text_start & !0xfff);
         let stext = k.sym(self.profile.symbols.text_start);
         let (first, hashes) = &snap.text;
+        let text = k.sym(self.profile.symbols.text_start)..k.sym(self.profile.symbols.text_end);
         for (i, h) in hashes.iter().enumerate() {
             let idx = first + i;
-            if self.text_base.get(idx).copied().flatten().is_some_and(|b| b != *h) && self.text_reported.insert(idx) {
-                let page = base + idx as u64 * 4096;
-                events.push(Event::TextChanged { page, offset: page.saturating_sub(stext) });
+            if self.text_base.get(idx).copied().flatten().is_none_or(|b| b == *h) {
+                continue;
             }
+            let page = base + idx as u64 * PAGE as u64;
+            let mut now = alloc::vec![0u8; PAGE];
+            if k.read(mem, page, &mut now).is_err() {
+                continue; // unreadable now: the next pass looks again
+            }
+            let old = &self.text_copy[idx * PAGE..(idx + 1) * PAGE];
+            match classify(old, &now, page, &text) {
+                Patch::InProgress => continue,
+                Patch::Explained(sites) => events.push(Event::TextPatched { page, sites }),
+                Patch::Unexplained(at) => {
+                    let va = page + at as u64;
+                    events.push(Event::TextChanged { at: va, offset: va.saturating_sub(stext) });
+                }
+            }
+            // Either way this is the new normal: a further change is news.
+            self.text_copy[idx * PAGE..(idx + 1) * PAGE].copy_from_slice(&now);
+            self.text_base[idx] = Some(xxhash_rust::xxh3::xxh3_64(&now));
         }
     }
 

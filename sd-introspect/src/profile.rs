@@ -44,6 +44,11 @@ pub struct Symbols {
     /// `_stext` and `_etext`: the text that is hashed.
     pub text_start: u64,
     pub text_end: u64,
+    /// `_sinittext` and `_einittext`: boot-only text. The kernel leaves
+    /// unused exception gates pointing there (benign, but a gate that
+    /// moves there later is reported).
+    pub init_text_start: u64,
+    pub init_text_end: u64,
     pub init_task: u64,
     pub sys_call_table: u64,
     pub idt_table: u64,

@@ -28,6 +28,8 @@ fn profile() -> Profile {
         symbols: Symbols {
             text_start: link,
             text_end: link + 0x8000,
+            init_text_start: link + 0x9000,
+            init_text_end: link + 0xa000,
             init_task: link + 0x10_0000,
             sys_call_table: link + 0x11_0000,
             idt_table: link + 0x12_0000,
@@ -405,12 +407,40 @@ fn text_changes_are_found_slice_by_slice() {
     let mut m = g.monitor(4); // 8 text pages, 2 per scan
     m.attach(&g.mem).unwrap();
     let at = g.sym(LINK_BASE) + 5 * 4096 + 17;
-    g.w(at, &[0xcc]);
+    g.w(at, &[0x90]);
     let mut found = vec![];
     for _ in 0..4 {
         found.extend(m.scan(&g.mem).into_iter().filter(|e| matches!(e, Event::TextChanged { .. })));
     }
-    assert_eq!(found, vec![Event::TextChanged { page: g.sym(LINK_BASE) + 5 * 4096, offset: 5 * 4096 }]);
+    assert_eq!(found, vec![Event::TextChanged { at, offset: 5 * 4096 + 17 }]);
+}
+
+#[test]
+fn the_kernels_own_text_patching_is_told_from_an_inline_hook() {
+    let mut g = booted(false);
+    let mut m = g.monitor(1);
+    m.attach(&g.mem).unwrap();
+    let text = g.sym(LINK_BASE);
+    let site = text + 0x1100;
+    g.w(site, &[0x0f, 0x1f, 0x44, 0x00, 0x00]); // a NOP5 jump-label site, as the kernel left it
+    let hook = text + 0x3200;
+    g.w(hook, &[0x0f, 0x1f, 0x44, 0x00, 0x00]);
+    let mut m = g.monitor(1);
+    m.attach(&g.mem).unwrap();
+    // A static key flips: the NOP becomes a jump further into text.
+    let rel = 0x80i32.to_le_bytes();
+    g.w(site, &[0xe9, rel[0], rel[1], rel[2], rel[3]]);
+    // Mid-patch (text_poke_bp's int3) is neither.
+    let base = g.load_module("rootkit", 0x1000);
+    g.w(hook, &[0xcc, 0x1f, 0x44, 0x00, 0x00]);
+    let ev = m.scan(&g.mem);
+    assert!(ev.iter().any(|e| matches!(e, Event::TextPatched { sites: 1, .. })), "{ev:?}");
+    assert!(!ev.iter().any(|e| matches!(e, Event::TextChanged { .. })), "{ev:?}");
+    // An inline hook: a jump into a module.
+    let rel = (base.wrapping_sub(hook + 5) as i64 as i32).to_le_bytes();
+    g.w(hook, &[0xe9, rel[0], rel[1], rel[2], rel[3]]);
+    let ev = m.scan(&g.mem);
+    assert!(ev.contains(&Event::TextChanged { at: hook, offset: 0x3200 }), "{ev:?}");
 }
 
 #[test]
