@@ -156,4 +156,50 @@ if grep -q "checksum BAD" "$work/up3.out"; then
     exit 1
 fi
 
+step "9. Watching a client from outside: its processes, a rootkit's syscall hook and hidden task"
+echo "-- two test rootkits (C), built against Debian's linux-headers for the client's kernel:"
+mkdir -p "$work/mod"
+cp qemu-tests/modules/Kbuild qemu-tests/modules/ssc_hook.c qemu-tests/modules/ssc_hide.c "$work/mod/"
+make -s -C "/usr/src/linux-headers-$(cat build/client/KERNEL)" M="$work/mod" modules 2>&1 | grep -v "Skipping BTF" || true
+{ chain_head "memory = 256"; printf '[introspect]\n'; } > "$work/mon.toml"
+{
+    for m in ssc_hook ssc_hide; do
+        strip --strip-debug -o "$work/$m.ko" "$work/mod/$m.ko"
+        printf "base64 -d > /tmp/%s.ko <<'EOF'\n%s\nEOF\n" "$m" "$(base64 "$work/$m.ko")"
+    done
+    cat <<'JOB'
+sleep 1000 &
+sleep 12
+T=$(grep ' sys_call_table$' /proc/kallsyms | cut -d' ' -f1)
+echo "insmod ssc_hook: replaces sys_call_table[getppid]"; insmod /tmp/ssc_hook.ko table=0x$T nr=110
+sleep 2; rmmod ssc_hook
+sleep 1000 & H=$!
+echo "insmod ssc_hide: unlinks pid $H from the task list"; insmod /tmp/ssc_hide.ko pid=$H
+sleep 2; rmmod ssc_hide; kill $H
+yes > /dev/null & sleep 3
+JOB
+} > "$work/rootkit.sh"
+$SSC up "$work/mon.toml" --job "$work/rootkit.sh" > "$work/up4.out" 2> "$work/up4.err" &
+up=$!
+until grep -q "introspect: attached" "$work/up4.err" 2>/dev/null; do sleep 0.5; done
+$SSC monitor "$work/mon.toml" --for 40 > "$work/mon.out" 2>&1 &
+mon=$!
+until grep -q "client: ssc: ready" "$work/up4.out" 2>/dev/null; do sleep 0.5; done
+sleep 3
+echo "-- ssc monitor --ps: the client's processes, read from its memory by the SD (first lines):"
+$SSC monitor "$work/mon.toml" --ps | head -4
+$SSC monitor "$work/mon.toml" --ps | grep -E " (init|sh|job.sh|sleep) " | head -5
+wait $up || true
+kill $mon 2>/dev/null || true; wait $mon 2>/dev/null || true
+echo "-- what the client said:"
+grep -E "insmod ssc_" "$work/up4.out"
+echo "-- ssc monitor (alerts and a syscall sample):"
+grep -E "ALERT (syscall hook|hidden|module loaded: ssc)|syscall table entry|yes\(" "$work/mon.out" | head -8
+for want in "syscall hook: sys_call_table\[110\]" "hidden process: pid"; do
+    if ! grep -q "$want" "$work/mon.out"; then
+        echo "demo: ERROR: the monitor did not report $want" >&2
+        exit 1
+    fi
+done
+
 step "Done. Benchmarks: make bench. Tests: make test."

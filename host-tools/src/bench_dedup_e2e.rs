@@ -55,7 +55,7 @@ pub struct Setup<'a> {
 }
 
 /// Copies the allocated extents of `from` into a sparse file `to`.
-fn capture(from: &Path, to: &Path) -> Result<()> {
+pub fn capture(from: &Path, to: &Path) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let src = std::fs::File::open(from)?;
     let dst = std::fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;

@@ -398,6 +398,46 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The introspection SD end to end: the slowdown of a syscall- and
+    /// CPU-heavy workload in a Linux client with the SD scanning at 10 Hz,
+    /// against no SD and an idle SD, in one run (the client runs ~100
+    /// processes).
+    Introspect {
+        #[arg(long)]
+        catalog: PathBuf,
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        #[arg(long, default_value = "build/client/profile.ssc")]
+        profile: PathBuf,
+        /// Client memory (MiB, a power of two of at least 128).
+        #[arg(long, default_value_t = 512)]
+        mib: u32,
+        /// Workload rounds measured per configuration.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Also copy the client's memory (paused) into this folder, for
+        /// `ssc bench introspect-core --from`.
+        #[arg(long)]
+        capture: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+        accel: AccelChoice,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The introspection core natively over a captured client memory file
+    /// (`ssc bench introspect --capture`): attach, full scan, 10 Hz tick,
+    /// process list, beside copying and hashing the kernel text. --release.
+    IntrospectCore {
+        /// A memory file captured from a running client.
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long, default_value = "build/client/profile.ssc")]
+        profile: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot time of every catalog image (median of --runs boots) per
     /// accelerator, machine type and firmware.
     Boot {
@@ -648,6 +688,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&cells)?);
             } else {
                 print!("{}", ssc::bench_checkpoint_e2e::render(&cells, accel));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::IntrospectCore { from, profile, runs, json }) => {
+            let profile = ssc::profile::load(&profile)?;
+            let rows = ssc::bench_introspect::core(&from, &profile, runs.max(1))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", ssc::bench_introspect::render_core(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::Introspect { catalog: dir, trust, profile, mib, rounds, capture, accel, json }) => {
+            if !mib.is_power_of_two() || mib < 128 {
+                bail!("client size {mib} MiB: a memory window needs a power of two of at least 128 MiB");
+            }
+            let image = catalog::find(&dir, &catalog::load_trusted(&trust)?, "introspect")?;
+            let profile = ssc::profile::load(&profile)?;
+            let (accel, why) = qemu::resolve_accel(accel, Some(&image.path))?;
+            eprintln!("ssc: accelerator {accel} ({why})");
+            let (kernel, initrd) =
+                (PathBuf::from("build/client/vmlinuz"), PathBuf::from("build/client/initrd.cpio.gz"));
+            for p in [&kernel, &initrd] {
+                if !p.is_file() {
+                    bail!("{} is missing: build the client with `make client`", p.display());
+                }
+            }
+            let setup = ssc::bench_introspect::Setup {
+                image: &image,
+                profile: &profile,
+                kernel: &kernel,
+                initrd: &initrd,
+                accel,
+                mib,
+                rounds: rounds.max(1),
+                capture,
+            };
+            let rows = ssc::bench_introspect::e2e(&setup)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", ssc::bench_introspect::render_e2e(&rows, accel, setup.rounds));
             }
             Ok(ExitCode::SUCCESS)
         }

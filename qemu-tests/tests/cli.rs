@@ -534,3 +534,26 @@ fn bench_dedup_measures_the_sd_beside_balloon_and_ksm_in_one_invocation() {
     let r = run_ssc(&["bench", "dedup", "--catalog", &dir, "--trust", &key, "--mib", "300"], T);
     assert!(r.code() == Some(1) && r.stderr().contains("power of two"), "{}", r.all());
 }
+
+#[test]
+fn bench_introspect_measures_the_client_with_and_without_the_sd_and_the_core_over_its_capture() {
+    let (dir, key) = catalog_args();
+    let tmp = tempfile::tempdir().unwrap();
+    let cap = tmp.path().to_str().unwrap();
+    let args =
+        ["bench", "introspect", "--catalog", &dir, "--trust", &key, "--mib", "256", "--rounds", "1", "--capture", cap];
+    let r = run_ssc(&args, T);
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    for want in ["accelerator:", "no introspection SD", "SD booted, not scanning", "scanning at 10 Hz", "vs no SD"] {
+        assert!(r.stdout().contains(want), "missing `{want}`:\n{}", r.all());
+    }
+    let mem = tmp.path().join("client-256M.mem");
+    let r = run_ssc(&["bench", "introspect-core", "--from", mem.to_str().unwrap(), "--runs", "3"], T);
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    assert!(r.stdout().contains("full scan") && r.stdout().contains("anchor: XXH3"), "{}", r.all());
+    // ~100 processes: the workload's 90 sleeps and the rest.
+    let out = r.stdout();
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let n: u32 = words.windows(2).find(|w| w[1] == "processes,").and_then(|w| w[0].parse().ok()).unwrap();
+    assert!(n >= 100, "{}", r.all());
+}
