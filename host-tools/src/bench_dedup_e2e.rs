@@ -55,7 +55,7 @@ pub struct Setup<'a> {
 }
 
 /// Copies the allocated extents of `from` into a sparse file `to`.
-pub fn capture(from: &Path, to: &Path) -> Result<()> {
+fn capture(from: &Path, to: &Path) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let src = std::fs::File::open(from)?;
     let dst = std::fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
@@ -71,6 +71,15 @@ pub fn capture(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Pauses `client`, copies its memory file `from` to `to`, resumes it.
+pub fn capture_paused(client: &Domain, from: &Path, to: &Path) -> Result<()> {
+    let mut q = client.qmp(Duration::from_secs(10))?;
+    q.execute("stop", None)?;
+    let r = capture(from, to);
+    q.execute("cont", None)?;
+    r
 }
 
 /// How a client's RAM is backed.
@@ -151,12 +160,8 @@ pub fn run(s: &Setup<'_>) -> Result<Vec<Cell>> {
         if let Some(out) = &s.capture {
             std::fs::create_dir_all(out)?;
             for (i, (c, m)) in clients.iter().enumerate() {
-                let mut q = c.qmp(Duration::from_secs(10))?;
-                q.execute("stop", None)?;
                 let to = out.join(format!("client-{i}-{}M.mem", s.mib));
-                let r = capture(m.as_ref().expect("shared"), &to);
-                q.execute("cont", None)?;
-                r?;
+                capture_paused(c, m.as_ref().expect("shared"), &to)?;
                 eprintln!("bench dedup: captured {}", to.display());
             }
         }

@@ -165,11 +165,7 @@ pub fn e2e(s: &Setup<'_>) -> Result<Vec<(String, f64, f64)>> {
     if let Some(dir) = &s.capture {
         std::fs::create_dir_all(dir)?;
         let to = dir.join(format!("client-{}M.mem", s.mib));
-        let mut q = client.qmp(Duration::from_secs(10))?;
-        q.execute("stop", None)?;
-        let r = crate::bench_dedup_e2e::capture(&memory, &to);
-        q.execute("cont", None)?;
-        r?;
+        crate::bench_dedup_e2e::capture_paused(&client, &memory, &to)?;
         eprintln!("bench introspect: captured {} (for `ssc bench introspect-core --from`)", to.display());
     }
     let mut sd_spec = DomainSpec::new("introspect", &s.image.path);
