@@ -554,6 +554,6 @@ fn bench_introspect_measures_the_client_with_and_without_the_sd_and_the_core_ove
     // ~100 processes: the workload's 90 sleeps and the rest.
     let out = r.stdout();
     let words: Vec<&str> = out.split_whitespace().collect();
-    let n: u32 = words.windows(2).find(|w| w[1] == "processes,").and_then(|w| w[0].parse().ok()).unwrap();
+    let n: u32 = words.windows(2).filter(|w| w[1] == "processes,").find_map(|w| w[0].parse().ok()).unwrap();
     assert!(n >= 100, "{}", r.all());
 }
