@@ -165,6 +165,18 @@ pub fn read_key(path: &Path) -> Result<Vec<u8>> {
     Ok(key)
 }
 
+/// The image a `[name]` section starts (named alike), verified, which
+/// must declare a memory window it may read.
+fn memory_sd(catalog_dir: &Path, trusted: &[String], name: &str, line: &str) -> Result<VerifiedImage> {
+    let image = catalog::find(catalog_dir, trusted, name)
+        .map_err(|e| anyhow!("{line}: [{name}] needs the `{name}` image: {e:#}"))?;
+    let m = &image.manifest.image;
+    if m.windows < 1 || !m.permissions.iter().any(|p| p == "mem-read") {
+        bail!("{line}: `{}` does not declare a memory window with mem-read", m.name);
+    }
+    Ok(image)
+}
+
 /// Parses and checks a chain file. Nothing is started.
 pub fn plan(path: &Path) -> Result<Plan> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading chain file {}", path.display()))?;
@@ -255,12 +267,7 @@ pub fn plan(path: &Path) -> Result<Plan> {
         Some(c) => {
             let line = format!("{name}:{}", line_of(&text, c.span().start));
             let c = c.into_inner();
-            let image = catalog::find(&catalog_dir, &trusted, "checkpoint")
-                .map_err(|e| anyhow!("{line}: [checkpoint] needs the `checkpoint` image: {e:#}"))?;
-            let m = &image.manifest.image;
-            if m.windows < 1 || !m.permissions.iter().any(|p| p == "mem-read") {
-                bail!("{line}: `{}` does not declare a memory window with mem-read", m.name);
-            }
+            let image = memory_sd(&catalog_dir, &trusted, "checkpoint", &line)?;
             let key_path = at(&c.key);
             let disk = at(&c.disk);
             // Through a storage SD: the disk is a volume of its own.
@@ -302,12 +309,7 @@ pub fn plan(path: &Path) -> Result<Plan> {
         Some(d) => {
             let line = format!("{name}:{}", line_of(&text, d.span().start));
             let d = d.into_inner();
-            let image = catalog::find(&catalog_dir, &trusted, "dedup")
-                .map_err(|e| anyhow!("{line}: [dedup] needs the `dedup` image: {e:#}"))?;
-            let m = &image.manifest.image;
-            if m.windows < 1 || !m.permissions.iter().any(|p| p == "mem-read") {
-                bail!("{line}: `{}` does not declare a memory window with mem-read", m.name);
-            }
+            let image = memory_sd(&catalog_dir, &trusted, "dedup", &line)?;
             if d.period == Some(0) {
                 bail!("{line}: period = 0: leave it out to scan on demand only");
             }
@@ -318,12 +320,7 @@ pub fn plan(path: &Path) -> Result<Plan> {
         None => None,
         Some(d) => {
             let line = format!("{name}:{}", line_of(&text, d.span().start));
-            let image = catalog::find(&catalog_dir, &trusted, "introspect")
-                .map_err(|e| anyhow!("{line}: [introspect] needs the `introspect` image: {e:#}"))?;
-            let m = &image.manifest.image;
-            if m.windows < 1 || !m.permissions.iter().any(|p| p == "mem-read") {
-                bail!("{line}: `{}` does not declare a memory window with mem-read", m.name);
-            }
+            let image = memory_sd(&catalog_dir, &trusted, "introspect", &line)?;
             if file.client.count.as_ref().is_some_and(|c| *c.get_ref() > 1) {
                 bail!("{line}: [introspect] monitors one client; leave out [client] count");
             }

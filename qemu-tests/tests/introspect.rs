@@ -46,19 +46,11 @@ fn modules(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// Base64 in 76-character lines, as `base64 -d` in the client reads it.
 fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for (i, c) in data.chunks(3).enumerate() {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
-        for k in 0..4 {
-            s.push(if k <= c.len() { T[(n >> (18 - 6 * k)) as usize & 63] as char } else { '=' });
-        }
-        if i % 19 == 18 {
-            s.push('\n');
-        }
-    }
-    s
+    use base64::Engine;
+    let b = base64::engine::general_purpose::STANDARD.encode(data);
+    b.as_bytes().chunks(76).map(|l| std::str::from_utf8(l).expect("ascii")).collect::<Vec<_>>().join("\n")
 }
 
 /// The chain file: one client with the introspection SD.

@@ -90,6 +90,16 @@ fn classify(old: &[u8], now: &[u8], va: u64, text: &core::ops::Range<u64>) -> Pa
     Patch::Explained(sites)
 }
 
+/// What left `known` and what arrived in `now` (items keyed by `key`);
+/// `known` becomes `now`.
+fn turnover<T: Clone>(known: &mut BTreeMap<u64, T>, now: &[T], key: impl Fn(&T) -> u64) -> (Vec<T>, Vec<T>) {
+    let mut next: BTreeMap<u64, T> = now.iter().map(|x| (key(x), x.clone())).collect();
+    let gone = known.iter().filter(|(k, _)| !next.contains_key(k)).map(|(_, x)| x.clone()).collect();
+    let new = now.iter().filter(|x| !known.contains_key(&key(x))).cloned().collect();
+    core::mem::swap(known, &mut next);
+    (gone, new)
+}
+
 /// Consecutive inconsistent scans before one is reported.
 const INCONSISTENT_REPORT: u32 = 3;
 
@@ -243,7 +253,8 @@ pub struct Monitor {
     hooks: BTreeMap<u16, u64>,
     idt_base: Vec<Option<u64>>,
     idt_reported: BTreeMap<u8, u64>,
-    text_base: Vec<Option<u64>>,
+    /// XXH3 of each text page as of `text_copy`.
+    text_base: Vec<u64>,
     /// The text as of attach (updated with every explained patch).
     text_copy: Vec<u8>,
     text_next: usize,
@@ -251,7 +262,6 @@ pub struct Monitor {
     samples: u32,
     alerted: BTreeSet<(u64, u16)>,
     streak: u32,
-    scans: u64,
     scan_us_max: u64,
 }
 
@@ -274,7 +284,6 @@ impl Monitor {
             samples: 0,
             alerted: BTreeSet::new(),
             streak: 0,
-            scans: 0,
             scan_us_max: 0,
         }
     }
@@ -312,9 +321,9 @@ impl Monitor {
             modules: snap.modules.len() as u32,
         }];
         self.kernel = Some(k);
-        self.processes = snap.processes.iter().map(|p| (p.task, p.clone())).collect();
-        self.modules = snap.modules.iter().map(|m| (m.base, m.clone())).collect();
-        self.text_base = copy.chunks(PAGE).map(|p| Some(xxhash_rust::xxh3::xxh3_64(p))).collect();
+        turnover(&mut self.processes, &snap.processes, |p| p.task);
+        turnover(&mut self.modules, &snap.modules, |m| m.base);
+        self.text_base = copy.chunks(PAGE).map(xxhash_rust::xxh3::xxh3_64).collect();
         self.text_copy = copy;
         self.idt_base = snap.idt.clone();
         // The profile, not the baseline, says what the syscall table and
@@ -342,7 +351,6 @@ impl Monitor {
         };
         self.streak = 0;
         self.text_next = if range.end >= pages { 0 } else { range.end };
-        self.scans += 1;
         let mut events = Vec::new();
         self.diff_processes(&snap, &mut events);
         self.diff_modules(&snap, &mut events);
@@ -371,33 +379,15 @@ impl Monitor {
     }
 
     fn diff_processes(&mut self, snap: &Snapshot, events: &mut Vec<Event>) {
-        let now: BTreeMap<u64, &Process> = snap.processes.iter().map(|p| (p.task, p)).collect();
-        for (task, p) in &self.processes {
-            if !now.contains_key(task) {
-                events.push(Event::ProcessExit { pid: p.pid, comm: p.comm.clone() });
-            }
-        }
-        for p in &snap.processes {
-            if !self.processes.contains_key(&p.task) {
-                events.push(Event::ProcessStart { process: p.clone() });
-            }
-        }
-        self.processes = snap.processes.iter().map(|p| (p.task, p.clone())).collect();
+        let (gone, new) = turnover(&mut self.processes, &snap.processes, |p| p.task);
+        events.extend(gone.into_iter().map(|p| Event::ProcessExit { pid: p.pid, comm: p.comm }));
+        events.extend(new.into_iter().map(|process| Event::ProcessStart { process }));
     }
 
     fn diff_modules(&mut self, snap: &Snapshot, events: &mut Vec<Event>) {
-        let now: BTreeMap<u64, &Module> = snap.modules.iter().map(|m| (m.base, m)).collect();
-        for (base, m) in &self.modules {
-            if !now.contains_key(base) {
-                events.push(Event::ModuleUnloaded { name: m.name.clone() });
-            }
-        }
-        for m in &snap.modules {
-            if !self.modules.contains_key(&m.base) {
-                events.push(Event::ModuleLoaded { module: m.clone() });
-            }
-        }
-        self.modules = snap.modules.iter().map(|m| (m.base, m.clone())).collect();
+        let (gone, new) = turnover(&mut self.modules, &snap.modules, |m| m.base);
+        events.extend(gone.into_iter().map(|m| Event::ModuleUnloaded { name: m.name }));
+        events.extend(new.into_iter().map(|module| Event::ModuleLoaded { module }));
     }
 
     fn check_hidden(&mut self, snap: &Snapshot, events: &mut Vec<Event>) {
@@ -432,21 +422,18 @@ impl Monitor {
 
     fn check_tables(&mut self, snap: &Snapshot, events: &mut Vec<Event>) {
         let Some(k) = self.kernel.as_ref() else { return };
-        let expected: Vec<u64> = self.profile.syscalls.iter().map(|s| k.sym(s.target)).collect();
-        for (nr, (&found, &want)) in snap.syscall_table.iter().zip(&expected).enumerate() {
-            let nr = nr as u16;
-            let name = self.profile.syscalls[nr as usize].name.clone();
+        for (nr, (&found, sc)) in snap.syscall_table.iter().zip(&self.profile.syscalls).enumerate() {
+            let (nr, want) = (nr as u16, k.sym(sc.target));
             if found != want {
                 if self.hooks.get(&nr) != Some(&found) {
                     let owner = self.owner(found, &snap.modules);
-                    events.push(Event::SyscallHook { nr, name, expected: want, found, owner });
+                    events.push(Event::SyscallHook { nr, name: sc.name.clone(), expected: want, found, owner });
                     self.hooks.insert(nr, found);
                 }
             } else if self.hooks.remove(&nr).is_some() {
-                events.push(Event::SyscallRestored { nr, name });
+                events.push(Event::SyscallRestored { nr, name: sc.name.clone() });
             }
         }
-        let k = self.kernel.as_ref().expect("attached");
         let sy = &self.profile.symbols;
         let text = k.sym(sy.text_start)..k.sym(sy.text_end);
         let init = k.sym(sy.init_text_start)..k.sym(sy.init_text_end);
@@ -474,7 +461,7 @@ impl Monitor {
         let text = k.sym(self.profile.symbols.text_start)..k.sym(self.profile.symbols.text_end);
         for (i, h) in hashes.iter().enumerate() {
             let idx = first + i;
-            if self.text_base.get(idx).copied().flatten().is_none_or(|b| b == *h) {
+            if self.text_base.get(idx).is_none_or(|b| b == h) {
                 continue;
             }
             let page = base + idx as u64 * PAGE as u64;
@@ -493,7 +480,7 @@ impl Monitor {
             }
             // Either way this is the new normal: a further change is news.
             self.text_copy[idx * PAGE..(idx + 1) * PAGE].copy_from_slice(&now);
-            self.text_base[idx] = Some(xxhash_rust::xxh3::xxh3_64(&now));
+            self.text_base[idx] = xxhash_rust::xxh3::xxh3_64(&now);
         }
     }
 

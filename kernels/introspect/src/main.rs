@@ -128,14 +128,14 @@ fn start(
 
 /// One due scan (or attach attempt); schedules the next.
 fn tick(serial: &mut VirtioSerial, ctl: &ControlLink, s: &mut Scanning, window: &MemoryWindow) -> ImageResult {
-    let start = Instant::now();
+    let (start, due) = (Instant::now(), since_boot());
     if s.monitor.attached() {
         let events = s.monitor.scan(window);
         s.monitor.note_scan_micros(start.elapsed().as_micros() as u64);
         for ev in &events {
             send_event(serial, ctl, 0, ev)?;
         }
-        s.next = after(start, s.period);
+        s.next = due + s.period;
         return Ok(());
     }
     match s.monitor.attach(window) {
@@ -150,9 +150,9 @@ fn tick(serial: &mut VirtioSerial, ctl: &ControlLink, s: &mut Scanning, window: 
             for ev in &events {
                 send_event(serial, ctl, 0, ev)?;
             }
-            s.next = after(start, s.period);
+            s.next = due + s.period;
         }
-        Err(AttachError::NoVmcoreInfo | AttachError::Busy(_)) => s.next = after(start, ATTACH_RETRY),
+        Err(AttachError::NoVmcoreInfo | AttachError::Busy(_)) => s.next = due + ATTACH_RETRY,
         Err(e) => {
             let reason = e.to_string();
             warn!(target: IMAGE, "cannot monitor the client: {reason}");
@@ -161,11 +161,6 @@ fn tick(serial: &mut VirtioSerial, ctl: &ControlLink, s: &mut Scanning, window: 
         }
     }
     Ok(())
-}
-
-/// When something started at `start` (an instant) is next due, `d` on.
-fn after(start: Instant, d: Duration) -> Duration {
-    since_boot().saturating_sub(start.elapsed()) + d
 }
 
 fn send_event(serial: &mut VirtioSerial, ctl: &ControlLink, id: u64, ev: &Event) -> ImageResult {
