@@ -28,11 +28,12 @@ extern crate std;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
+pub mod hsm;
 pub mod memory;
 pub mod pairs;
 
 /// The ABI version this crate speaks.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Largest payload accepted or produced, in bytes.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Bytes of the length prefix.
@@ -145,6 +146,12 @@ pub enum Body<'a> {
     /// `sd_introspect::Event`: process start/exit, hidden process, hook,
     /// text change, module, syscall alert or summary, snapshot).
     MonitorEvent { event: &'a [u8] },
+    /// Tenant side → DomC: one administrative request (`postcard` of
+    /// [`hsm::AdminOp`]: set the PIN, import a key, list, destroy, read the
+    /// audit log). Reply: `HsmAdminReply`.
+    HsmAdmin { request: &'a [u8] },
+    /// DomC → tenant side: `postcard` of [`hsm::AdminReply`].
+    HsmAdminReply { reply: &'a [u8] },
 }
 
 /// Parameters of an encrypted volume (dm-crypt/LUKS data-segment terms).
