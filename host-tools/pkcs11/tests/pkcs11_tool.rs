@@ -1,0 +1,245 @@
+//! The module under OpenSC's `pkcs11-tool` and checked by `openssl`, with
+//! DomC's core served on a unix socket on the host (the QEMU tests run the
+//! same tools inside a client VM against the real DomC image).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use sd_hsm::Hsm;
+use ssc_abi::hsm::{AdminOp, AdminReply, HsmDecoder, KeyMaterial, MAGIC, Usage};
+
+const PIN: &str = "4321";
+
+fn module() -> PathBuf {
+    // target/debug/deps/pkcs11_tool-… → target/debug/libssc_pkcs11.so
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("libssc_pkcs11.so")
+}
+
+/// DomC's core on a unix socket, one connection at a time.
+fn serve(dir: &Path) -> (String, Arc<Mutex<Hsm>>) {
+    let sock = dir.join("hsm.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let mut hsm = Hsm::new("DomC-test", "0123456789abcdef");
+    assert_eq!(hsm.admin(AdminOp::SetPin { pin: PIN.into() }, 0), AdminReply::Ok);
+    let rsa = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sd-hsm/testdata/rsa2048.pk8")).unwrap();
+    let op =
+        AdminOp::Import { label: "rsa".into(), id: vec![0x52], usage: Usage::ALL, material: KeyMaterial::Pkcs8(rsa) };
+    assert!(matches!(hsm.admin(op, 0), AdminReply::Key(_)));
+    let hsm = Arc::new(Mutex::new(hsm));
+    let h = hsm.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut d = HsmDecoder::new();
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                d.feed(&buf[..n]);
+                while let Some(p) = d.next_payload() {
+                    let reply = h.lock().unwrap().client_frame(&p, 0);
+                    let mut out = MAGIC.to_vec();
+                    out.extend_from_slice(&(reply.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&reply);
+                    let _ = conn.write_all(&out);
+                }
+            }
+        }
+    });
+    (format!("unix:{}", sock.display()), hsm)
+}
+
+fn tool(port: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(module())
+        .args(args)
+        .env("SSC_HSM_PORT", port)
+        .output()
+        .expect("pkcs11-tool (apt install opensc; `make deps`)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn ok(port: &str, args: &[&str]) -> String {
+    let (good, text) = tool(port, args);
+    assert!(good, "pkcs11-tool {args:?} failed:\n{text}");
+    text
+}
+
+fn openssl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("openssl").args(args).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn pkcs11_tool_generates_signs_and_openssl_verifies() {
+    let dir = tempdir();
+    let (port, hsm) = serve(&dir);
+    let d = |f: &str| dir.join(f).display().to_string();
+    let list = ok(&port, &["-L"]);
+    assert!(list.contains("DomC-test"), "{list}");
+    assert!(ok(&port, &["-M"]).contains("ECDSA-SHA256"));
+    // Objects need the PIN; a wrong one is refused.
+    let (good, text) = tool(&port, &["--login", "--pin", "9999", "-O"]);
+    assert!(!good && text.contains("CKR_PIN_INCORRECT"), "{text}");
+    ok(
+        &port,
+        &["--login", "--pin", PIN, "--keypairgen", "--key-type", "EC:prime256v1", "--id", "01", "--label", "web"],
+    );
+    ok(
+        &port,
+        &["--login", "--pin", PIN, "--keypairgen", "--key-type", "EC:edwards25519", "--id", "02", "--label", "ed"],
+    );
+    let objects = ok(&port, &["--login", "--pin", PIN, "-O"]);
+    assert!(objects.contains("label:      web") && objects.contains("EC_POINT"), "{objects}");
+    std::fs::write(d("data"), b"sign me, DomC").unwrap();
+    // ECDSA P-256 with SHA-256, DER signature, verified by openssl with the
+    // public key read back through the module.
+    ok(&port, &["--read-object", "--type", "pubkey", "--id", "01", "-o", &d("ec.der")]);
+    ok(
+        &port,
+        &[
+            "--login",
+            "--pin",
+            PIN,
+            "--sign",
+            "--id",
+            "01",
+            "-m",
+            "ECDSA-SHA256",
+            "--signature-format",
+            "openssl",
+            "-i",
+            &d("data"),
+            "-o",
+            &d("ec.sig"),
+        ],
+    );
+    let (good, text) = openssl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        &d("ec.der"),
+        "-keyform",
+        "DER",
+        "-signature",
+        &d("ec.sig"),
+        &d("data"),
+    ]);
+    assert!(good && text.contains("Verified OK"), "{text}");
+    // RSA (imported by the tenant): PKCS#1 v1.5 and PSS.
+    ok(&port, &["--read-object", "--type", "pubkey", "--id", "52", "-o", &d("rsa.der")]);
+    ok(
+        &port,
+        &[
+            "--login",
+            "--pin",
+            PIN,
+            "--sign",
+            "--id",
+            "52",
+            "-m",
+            "SHA256-RSA-PKCS",
+            "-i",
+            &d("data"),
+            "-o",
+            &d("rsa.sig"),
+        ],
+    );
+    let (good, text) = openssl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        &d("rsa.der"),
+        "-keyform",
+        "DER",
+        "-signature",
+        &d("rsa.sig"),
+        &d("data"),
+    ]);
+    assert!(good && text.contains("Verified OK"), "{text}");
+    ok(
+        &port,
+        &[
+            "--login",
+            "--pin",
+            PIN,
+            "--sign",
+            "--id",
+            "52",
+            "-m",
+            "SHA256-RSA-PKCS-PSS",
+            "--salt-len",
+            "32",
+            "-i",
+            &d("data"),
+            "-o",
+            &d("pss.sig"),
+        ],
+    );
+    let (good, text) = openssl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        &d("rsa.der"),
+        "-keyform",
+        "DER",
+        "-sigopt",
+        "rsa_padding_mode:pss",
+        "-sigopt",
+        "rsa_pss_saltlen:32",
+        "-signature",
+        &d("pss.sig"),
+        &d("data"),
+    ]);
+    assert!(good && text.contains("Verified OK"), "{text}");
+    // Ed25519.
+    ok(&port, &["--login", "--pin", PIN, "--sign", "--id", "02", "-m", "EDDSA", "-i", &d("data"), "-o", &d("ed.sig")]);
+    ok(&port, &["--read-object", "--type", "pubkey", "--id", "02", "-o", &d("ed.pem")]);
+    let (good, text) = openssl(&[
+        "pkeyutl",
+        "-verify",
+        "-pubin",
+        "-inkey",
+        &d("ed.pem"),
+        "-rawin",
+        "-in",
+        &d("data"),
+        "-sigfile",
+        &d("ed.sig"),
+    ]);
+    assert!(good && text.contains("Signature Verified Successfully"), "{text}");
+    // Random bytes and the mechanism test suite of pkcs11-tool.
+    ok(&port, &["--generate-random", "64", "-o", &d("rnd")]);
+    assert_eq!(std::fs::metadata(d("rnd")).unwrap().len(), 64);
+    // Everything above is in the audit log, and the chain verifies.
+    let h = hsm.lock().unwrap();
+    let page = h.audit.page(0, 256);
+    sd_hsm::audit::verify(&page.entries, Some(page.head)).unwrap();
+    assert!(page.entries.iter().any(|e| e.op == "sign" && e.outcome == "ok"));
+    assert!(page.entries.iter().any(|e| e.op == "login" && e.outcome.contains("wrong PIN")));
+}
+
+#[test]
+fn no_port_is_a_clear_error() {
+    let (good, text) = tool("/nonexistent/ssc-hsm", &["-L"]);
+    assert!(!good && text.contains("opening /nonexistent/ssc-hsm"), "{text}");
+}
+
+fn tempdir() -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "ssc-pkcs11-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
