@@ -36,7 +36,7 @@ images:
 
 ## ssc: build the host CLI
 ssc:
-	$(CARGO) build -p host-tools --bin ssc
+	$(CARGO) build -p host-tools --bin ssc -p ssc-pkcs11 --lib
 
 ## catalog: sign the built images into build/catalog with a local publisher key
 catalog: images ssc

@@ -327,7 +327,8 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    fn base() -> PathBuf {
+    /// Where run directories live (one per `ssc` process and run).
+    pub fn base() -> PathBuf {
         match std::env::var_os("XDG_RUNTIME_DIR") {
             Some(d) if Path::new(&d).is_dir() => PathBuf::from(d).join("ssc"),
             _ => std::env::temp_dir().join(format!("ssc-{}", std::env::var("USER").unwrap_or_else(|_| "user".into()))),
@@ -458,6 +459,12 @@ pub enum ControlEvent {
         request_id: u64,
         event: Vec<u8>,
     },
+    /// DomC's reply to an `HsmAdmin` request (`ssc_abi::hsm::AdminReply`,
+    /// postcard).
+    HsmAdminReply {
+        request_id: u64,
+        reply: Vec<u8>,
+    },
     Other(String),
     /// The link failed (bad frame, closed): the reason.
     Broken(String),
@@ -500,6 +507,9 @@ fn owned(env: Envelope<'_>) -> ControlEvent {
             ControlEvent::DedupDone { request_id: env.request_id, changed, micros }
         }
         Body::MonitorEvent { event } => ControlEvent::Monitor { request_id: env.request_id, event: event.into() },
+        Body::HsmAdminReply { reply } => {
+            ControlEvent::HsmAdminReply { request_id: env.request_id, reply: reply.into() }
+        }
         other => ControlEvent::Other(format!("{other:?}")),
     }
 }

@@ -99,6 +99,7 @@ struct ChainFile {
     checkpoint: Option<Spanned<crate::chain_checkpoint::CheckpointSection>>,
     dedup: Option<Spanned<crate::chain_dedup::DedupSection>>,
     introspect: Option<Spanned<crate::chain_introspect::IntrospectSection>>,
+    hsm: Option<Spanned<crate::chain_hsm::HsmSection>>,
 }
 
 /// The tenant-side secret of one disk.
@@ -135,6 +136,8 @@ pub struct Plan {
     pub dedup: Option<crate::chain_dedup::DedupPlan>,
     /// The chain file's `[introspect]`, checked.
     pub introspect: Option<crate::chain_introspect::IntrospectPlan>,
+    /// The chain file's `[hsm]`, checked.
+    pub hsm: Option<crate::chain_hsm::HsmPlan>,
     /// The chain file (its command socket sits beside it).
     pub path: PathBuf,
 }
@@ -146,6 +149,7 @@ impl Plan {
         disk.or(self.checkpoint.as_ref().map(|c| c.image.path.as_path()))
             .or(self.dedup.as_ref().map(|d| d.image.path.as_path()))
             .or(self.introspect.as_ref().map(|i| i.image.path.as_path()))
+            .or(self.hsm.as_ref().map(|h| h.image.path.as_path()))
             .expect("plan() refuses a chain without service domains")
     }
 }
@@ -189,8 +193,15 @@ pub fn plan(path: &Path) -> Result<Plan> {
     let at = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
     let trusted = catalog::load_trusted(&file.catalog.trust.iter().map(|p| at(p)).collect::<Vec<_>>())?;
     let catalog_dir = at(&file.catalog.path);
-    if file.disk.is_empty() && file.checkpoint.is_none() && file.dedup.is_none() && file.introspect.is_none() {
-        bail!("{name}: no [[disk]], [checkpoint], [dedup] or [introspect]: a chain needs at least one service domain");
+    if file.disk.is_empty()
+        && file.checkpoint.is_none()
+        && file.dedup.is_none()
+        && file.introspect.is_none()
+        && file.hsm.is_none()
+    {
+        bail!(
+            "{name}: no [[disk]], [checkpoint], [dedup], [introspect] or [hsm]: a chain needs at least one service domain"
+        );
     }
     let mut disks = vec![];
     for d in file.disk {
@@ -329,6 +340,22 @@ pub fn plan(path: &Path) -> Result<Plan> {
             Some(plan)
         }
     };
+    let hsm = match file.hsm {
+        None => None,
+        Some(h) => {
+            let line = format!("{name}:{}", line_of(&text, h.span().start));
+            let image = catalog::find(&catalog_dir, &trusted, "domc").map_err(|e| anyhow!("{line}: `domc`: {e:#}"))?;
+            if !image.manifest.image.permissions.iter().any(|p| p == "hsm") {
+                bail!("{line}: the catalog's `domc` image does not declare the `hsm` permission");
+            }
+            if file.client.count.as_ref().is_some_and(|c| *c.get_ref() > 1) {
+                bail!("{line}: [hsm] serves one client; leave out [client] count");
+            }
+            let plan = crate::chain_hsm::HsmPlan::check(h.into_inner(), image, |p| at(p))
+                .map_err(|e| anyhow!("{line}: [hsm]: {e:#}"))?;
+            Some(plan)
+        }
+    };
     let clients = match &file.client.count {
         None => 1,
         Some(n) => {
@@ -363,6 +390,7 @@ pub fn plan(path: &Path) -> Result<Plan> {
         clients,
         dedup,
         introspect,
+        hsm,
         path: path.to_path_buf(),
     })
 }
@@ -375,6 +403,7 @@ pub struct Running {
     checkpoint: Option<crate::chain_checkpoint::Session>,
     dedup: Option<crate::chain_dedup::Session>,
     introspect: Option<crate::chain_introspect::Session>,
+    hsm: Option<crate::chain_hsm::Session>,
     commands: Option<crate::chain_checkpoint::CommandSocket>,
     /// Holds the NBD sockets; dropped after the domains.
     _scratch: crate::builder::RunDir,
@@ -487,6 +516,27 @@ pub fn up(
     for (i, d) in plan.disks.iter().enumerate() {
         sockets.push(start_disk_sds(d, &i.to_string(), &mut sds, accel, echo, scratch.path())?);
     }
+    // DomC listens before the client's QEMU connects its ssc-hsm port; the
+    // client gets the PKCS#11 module in its initramfs.
+    let (hsm, hsm_link, initrd) = match &plan.hsm {
+        Some(h) => {
+            let (session, socket) = crate::chain_hsm::start_sd(h, &mut sds, (accel, echo), scratch.path())?;
+            let base = initrd_override.unwrap_or(&plan.initrd);
+            let module = std::fs::read(&h.module).with_context(|| format!("reading {}", h.module.display()))?;
+            let out = scratch.path().join("initrd-hsm");
+            // The PKCS#11 peer tools of `make client`, when there.
+            let tools = plan.initrd.with_file_name("pkcs11-tools.cpio.gz");
+            let mut parts = vec![base.to_path_buf()];
+            if tools.is_file() {
+                parts.push(tools);
+            }
+            concat_archives(&parts, &out)?;
+            let name = crate::chain_hsm::CLIENT_MODULE.trim_start_matches('/');
+            append_to_initrd(&out, &[(name, 0o100755, &module)], &out)?;
+            (Some(session), Some(LinkSpec::connect(crate::chain_hsm::CLIENT_PORT, &socket)), Some(out))
+        }
+        None => (None, None, initrd_override.map(Path::to_path_buf)),
+    };
     // Clients: `client`, or `client-0`, `client-1`… when there are several.
     let names: Vec<String> = if plan.clients == 1 {
         vec!["client".into()]
@@ -497,7 +547,8 @@ pub fn up(
     let mut clients = vec![];
     for name in &names {
         let mut spec = DomainSpec::new(name, &plan.kernel);
-        spec.initrd = Some(initrd_override.map(Path::to_path_buf).unwrap_or_else(|| plan.initrd.clone()));
+        spec.initrd = Some(initrd.clone().unwrap_or_else(|| plan.initrd.clone()));
+        spec.links.extend(hsm_link.clone());
         spec.mem_mib = plan.memory;
         spec.append = plan.append.clone();
         spec.nbd_disks = sockets.iter().map(|s| NbdDisk { socket: s.clone(), export: "vol".into() }).collect();
@@ -535,7 +586,7 @@ pub fn up(
         _ => None,
     };
     let mut clients: Vec<Domain> = clients.into_iter().map(|(d, _)| d).collect();
-    let commands = match session.is_some() || dedup.is_some() || introspect.is_some() {
+    let commands = match session.is_some() || dedup.is_some() || introspect.is_some() || hsm.is_some() {
         true => {
             let mut c = crate::chain_checkpoint::CommandSocket::bind(&plan.path)?;
             c.monitor = introspect.is_some();
@@ -566,7 +617,10 @@ pub fn up(
     if introspect.is_some() {
         eprintln!("ssc up: introspection: `ssc monitor {}` (add --ps for the process list)", plan.path.display());
     }
-    Ok(Running { sds, clients, checkpoint: session, dedup, introspect, commands, _scratch: scratch })
+    if hsm.is_some() {
+        eprintln!("ssc up: hsm: `ssc hsm list|import|audit {}`", plan.path.display());
+    }
+    Ok(Running { sds, clients, checkpoint: session, dedup, introspect, hsm, commands, _scratch: scratch })
 }
 
 impl Running {
@@ -624,7 +678,12 @@ impl Running {
             if let Some(cmds) = self.commands.as_mut() {
                 let (clients, sds, scratch) = (&self.clients, &mut self.sds, self._scratch.path());
                 let (checkpoint, dedup, introspect) = (&mut self.checkpoint, &mut self.dedup, &mut self.introspect);
+                let hsm = &self.hsm;
                 cmds.poll(|cmd, progress| match (cmd, checkpoint.as_mut(), dedup.as_mut()) {
+                    (c, _, _) if c.starts_with("hsm ") => match hsm.as_ref() {
+                        Some(h) => crate::chain_hsm::serve(c, h, sds),
+                        None => bail!("this chain has no [hsm] section"),
+                    },
                     (c, _, _) if c.starts_with("introspect ") => match introspect.as_mut() {
                         Some(i) => crate::chain_introspect::serve(c, i, sds),
                         None => bail!("this chain has no [introspect] section"),
@@ -683,12 +742,49 @@ fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], ino: u32) {
 /// client runs it at boot (`set -e`), prints `client: job passed|failed`
 /// and powers off. Written to `out`.
 pub fn initrd_with_job(base: &Path, job: &str, out: &Path) -> Result<()> {
+    let job = format!("#!/bin/sh\nset -e\n{job}\n");
+    append_to_initrd(base, &[("job.sh", 0o100755, job.as_bytes())], out)
+}
+
+/// Initramfs archives (each a multiple of 4 bytes long) one after the
+/// other in `out`: the kernel unpacks them in order.
+pub fn concat_archives(parts: &[PathBuf], out: &Path) -> Result<()> {
+    let mut data = vec![];
+    for p in parts {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        if !bytes.len().is_multiple_of(4) {
+            bail!("{} is not 4-byte aligned; rebuild it with `make client`", p.display());
+        }
+        data.extend(bytes);
+    }
+    std::fs::write(out, data).with_context(|| format!("writing {}", out.display()))
+}
+
+/// `base` with a further archive of `files` (path without the leading
+/// `/`, mode, bytes) appended; their parent directories are created.
+pub fn append_to_initrd(base: &Path, files: &[(&str, u32, &[u8])], out: &Path) -> Result<()> {
     let mut data = std::fs::read(base).with_context(|| format!("reading {}", base.display()))?;
     if !data.len().is_multiple_of(4) {
         bail!("{} is not 4-byte aligned; rebuild it with `make client`", base.display());
     }
-    newc_entry(&mut data, "job.sh", 0o100755, format!("#!/bin/sh\nset -e\n{job}\n").as_bytes(), 1);
+    let mut ino = 1;
+    let mut dirs: Vec<String> = vec![];
+    for (name, mode, bytes) in files {
+        let parts: Vec<&str> = name.split('/').collect();
+        for i in 1..parts.len() {
+            let dir = parts[..i].join("/");
+            if !dirs.contains(&dir) {
+                newc_entry(&mut data, &dir, 0o040755, b"", ino);
+                ino += 1;
+                dirs.push(dir);
+            }
+        }
+        newc_entry(&mut data, name, *mode, bytes, ino);
+        ino += 1;
+    }
     newc_entry(&mut data, "TRAILER!!!", 0, b"", 0);
+    // Keep the 4-byte alignment for a further archive.
+    data.resize(data.len().next_multiple_of(4), 0);
     std::fs::write(out, data).with_context(|| format!("writing {}", out.display()))
 }
 

@@ -25,6 +25,7 @@ pub mod catalog;
 pub mod chain;
 pub mod chain_checkpoint;
 pub mod chain_dedup;
+pub mod chain_hsm;
 pub mod chain_introspect;
 pub mod checkpoint;
 pub mod dedup;

@@ -132,6 +132,12 @@ enum Cmd {
         #[arg(long = "for")]
         duration: Option<u64>,
     },
+    /// DomC, the tenant's virtual HSM in the `ssc up CHAIN` running now (see
+    /// `[hsm]` in the chain file): its keys, imports, PIN and audit log.
+    /// The client uses it through the PKCS#11 module `ssc up` installs
+    /// (/usr/lib/ssc/libssc_pkcs11.so).
+    #[command(subcommand)]
+    Hsm(HsmCmd),
     /// Introspection profiles of client kernels (for `[introspect]`).
     #[command(subcommand)]
     Profile(ProfileCmd),
@@ -180,6 +186,60 @@ enum CheckpointCmd {
     },
     /// The checkpoints in the tenant's record.
     List { chain: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum HsmCmd {
+    /// The keys DomC holds: handle, kind, label, id, allowed operations
+    /// (public facts only; no key ever leaves DomC).
+    List {
+        chain: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a key into DomC over its control link: PKCS#8 (PEM or DER)
+    /// EC P-256/P-384, Ed25519 or RSA 2048-4096, or an AES-256 key as 64
+    /// hex digits. The client sees it as a PKCS#11 object with this label
+    /// and id.
+    Import {
+        chain: PathBuf,
+        file: PathBuf,
+        #[arg(long)]
+        label: String,
+        /// CKA_ID, hex (e.g. 01).
+        #[arg(long, default_value = "")]
+        id: String,
+        /// Allowed operations: sign, verify, encrypt, decrypt, wrap, unwrap.
+        #[arg(long, default_value = "sign,verify,encrypt,decrypt,wrap,unwrap")]
+        usage: String,
+        /// Most operations per second (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        rate_per_sec: u32,
+    },
+    /// Destroy a key (by the handle `ssc hsm list` shows).
+    Destroy { chain: PathBuf, handle: u64 },
+    /// Set the client's user PIN (also unlocks it after five wrong PINs).
+    SetPin {
+        chain: PathBuf,
+        /// A file whose first line is the PIN (4-64 bytes).
+        #[arg(long)]
+        pin_file: PathBuf,
+    },
+    /// Export DomC's audit log (every operation, allowed or refused, from
+    /// the client or the tenant) and verify its hash chain: an edited,
+    /// dropped or reordered entry fails the check.
+    Audit {
+        chain: PathBuf,
+        /// One JSON object per entry.
+        #[arg(long)]
+        json: bool,
+        /// Also write the entries as JSON lines to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print only the last N entries (all are verified).
+        #[arg(long)]
+        tail: Option<usize>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -602,6 +662,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Hsm(cmd) => hsm_command(cmd),
         Cmd::Profile(ProfileCmd::Build { kernel, system_map, out }) => {
             let p = ssc::profile::build(&kernel, &system_map)?;
             let bytes = p.encode();
@@ -1031,4 +1092,72 @@ fn client_files() -> Result<(PathBuf, PathBuf)> {
         bail!("no client VM in build/client: run `make client`");
     }
     Ok((kernel, initrd))
+}
+
+fn hsm_command(cmd: HsmCmd) -> Result<ExitCode> {
+    use ssc::chain_hsm::{describe_key, request};
+    use ssc_abi::hsm::{AdminOp, AdminReply, Usage};
+    match cmd {
+        HsmCmd::List { chain, json } => {
+            let AdminReply::Keys(keys) = request(&chain, &AdminOp::List)? else { bail!("DomC answered a list oddly") };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else if keys.is_empty() {
+                println!("DomC holds no keys");
+            } else {
+                for k in &keys {
+                    println!("{}", describe_key(k));
+                }
+            }
+        }
+        HsmCmd::Import { chain, file, label, id, usage, rate_per_sec } => {
+            let material = ssc::chain_hsm::read_key_file(&file)?;
+            let usage = Usage::parse(&usage, rate_per_sec).map_err(|e| anyhow::anyhow!(e))?;
+            let id = ssc::catalog::unhex(&id).with_context(|| format!("--id `{id}` is not hex"))?;
+            match request(&chain, &AdminOp::Import { label, id, usage, material })? {
+                AdminReply::Key(k) => println!("imported {}", describe_key(&k)),
+                other => bail!("DomC answered {other:?}"),
+            }
+        }
+        HsmCmd::Destroy { chain, handle } => {
+            request(&chain, &AdminOp::Destroy { key: handle })?;
+            println!("destroyed key #{handle}");
+        }
+        HsmCmd::SetPin { chain, pin_file } => {
+            let pin = ssc::chain_hsm::read_pin(&pin_file)?;
+            request(&chain, &AdminOp::SetPin { pin })?;
+            println!("PIN set; the client logs in with it");
+        }
+        HsmCmd::Audit { chain, json, out, tail } => {
+            let (entries, oldest) = ssc::chain_hsm::audit(&chain)?;
+            if let Some(path) = &out {
+                let mut text = String::new();
+                for e in &entries {
+                    text.push_str(&serde_json::to_string(e)?);
+                    text.push('\n');
+                }
+                std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+            }
+            let shown = &entries[entries.len().saturating_sub(tail.unwrap_or(usize::MAX))..];
+            for e in shown {
+                if json {
+                    println!("{}", serde_json::to_string(e)?);
+                } else {
+                    let who = match e.actor {
+                        ssc_abi::hsm::Actor::Tenant => "tenant".to_string(),
+                        ssc_abi::hsm::Actor::Client { session } => format!("client session {session}"),
+                    };
+                    let key = e.key.map(|k| format!(" key #{k}")).unwrap_or_default();
+                    println!("{:>6} {:>10.3}s {who}: {}{key}: {}", e.seq, e.at_ms as f64 / 1000.0, e.op, e.outcome);
+                }
+            }
+            let dropped = if oldest > 0 {
+                format!(" (entries before {oldest} rotated out of DomC's memory)")
+            } else {
+                String::new()
+            };
+            eprintln!("ssc hsm audit: {} entries, hash chain verified{dropped}", entries.len());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -101,14 +101,15 @@ pub fn accel() -> Accel {
     })
 }
 
-/// The `ssc` binary, built on first use if `cargo test` did not build it.
+/// The `ssc` binary (and `libssc_pkcs11.so` beside it), built on first use
+/// if `cargo test` did not build them.
 pub fn ssc_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
         let bin = target.join("debug/ssc");
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "host-tools", "--bin", "ssc"])
+            .args(["build", "--quiet", "-p", "host-tools", "--bin", "ssc", "-p", "ssc-pkcs11", "--lib"])
             .current_dir(repo())
             .status()
             .expect("running cargo build for ssc");
@@ -297,6 +298,11 @@ impl Up {
             .spawn()
             .unwrap();
         Up { child, out, err }
+    }
+
+    /// The `ssc up` process id (its run directory is named after it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Everything it printed on stderr so far.

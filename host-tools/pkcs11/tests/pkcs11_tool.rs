@@ -215,6 +215,24 @@ fn pkcs11_tool_generates_signs_and_openssl_verifies() {
         &d("ed.sig"),
     ]);
     assert!(good && text.contains("Signature Verified Successfully"), "{text}");
+    // OpenSSL through libp11's engine: a certificate signed with the RSA
+    // key that lives in DomC. libp11 0.4.12 (Debian 12) gives up listing
+    // keys at the first Ed25519 key, so that one goes first (and
+    // C_DestroyObject is exercised).
+    ok(&port, &["--login", "--pin", PIN, "--delete-object", "--type", "privkey", "--id", "02"]);
+    assert!(!ok(&port, &["--login", "--pin", PIN, "-O"]).contains("EC_EDWARDS"));
+    let key = format!("pkcs11:id=%52;type=private;pin-value={PIN}");
+    let out = Command::new("openssl")
+        .args(["req", "-new", "-x509", "-engine", "pkcs11", "-keyform", "engine", "-key", &key])
+        .args(["-subj", "/CN=domc", "-days", "1", "-out", &d("cert.pem")])
+        .env("PKCS11_MODULE_PATH", std::env::var("SPY_MODULE").map(PathBuf::from).unwrap_or_else(|_| module()))
+        .env("PKCS11SPY", module())
+        .env("SSC_HSM_PORT", &port)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (good, text) = openssl(&["verify", "-CAfile", &d("cert.pem"), &d("cert.pem")]);
+    assert!(good, "{text}");
     // Random bytes and the mechanism test suite of pkcs11-tool.
     ok(&port, &["--generate-random", "64", "-o", &d("rnd")]);
     assert_eq!(std::fs::metadata(d("rnd")).unwrap().len(), 64);
