@@ -36,7 +36,7 @@ images:
 
 ## ssc: build the host CLI
 ssc:
-	$(CARGO) build -p host-tools --bin ssc -p ssc-pkcs11 --lib
+	$(CARGO) build -p host-tools -p ssc-pkcs11 --lib --bin ssc --bin ssc-p11bench
 
 ## catalog: sign the built images into build/catalog with a local publisher key
 catalog: images ssc

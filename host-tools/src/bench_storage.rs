@@ -250,8 +250,11 @@ pub fn render_with(rows: &[Row], footer: &str) -> String {
             Some((name, v)) => (format!("{name}: {v:.2} {}", r.unit), format!("{:.2}×", r.value / v)),
             None => ("-".into(), "-".into()),
         };
-        let value =
-            if r.unit == "req/s" { format!("{:.0} {}", r.value, r.unit) } else { format!("{:.2} {}", r.value, r.unit) };
+        let value = if matches!(r.unit, "req/s" | "sig/s") {
+            format!("{:.0} {}", r.value, r.unit)
+        } else {
+            format!("{:.2} {}", r.value, r.unit)
+        };
         s.push_str(&format!("| {} | {value} | {anchor} | {ratio} |\n", r.what));
     }
     s.push('\n');

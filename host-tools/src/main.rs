@@ -484,6 +484,37 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// DomC end to end: signatures per second through the PKCS#11 module
+    /// inside a client VM to the DomC image, beside SoftHSM2 inside the
+    /// same client (ECDSA P-256, Ed25519, RSA-2048; 1 and 8 threads).
+    Hsm {
+        #[arg(long)]
+        catalog: PathBuf,
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// Thread counts, comma-separated.
+        #[arg(long, default_value = "1,8", value_delimiter = ',')]
+        threads: Vec<usize>,
+        #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+        accel: AccelChoice,
+        #[arg(long)]
+        json: bool,
+    },
+    /// DomC's core natively (one instance per thread) beside SoftHSM2 on
+    /// the host through PKCS#11, same run. Build with --release.
+    HsmCore {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// Thread counts, comma-separated.
+        #[arg(long, default_value = "1,8", value_delimiter = ',')]
+        threads: Vec<usize>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The introspection core natively over a captured client memory file
     /// (`ssc bench introspect --capture`): attach, full scan, 10 Hz tick,
     /// process list, beside copying and hashing the kernel text. --release.
@@ -832,6 +863,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&cells)?);
             } else {
                 print!("{}", ssc::bench_dedup_e2e::render(&cells, &setup));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::HsmCore { secs, threads, json }) => {
+            if cfg!(debug_assertions) {
+                eprintln!("ssc: warning: this ssc is a debug build; core figures are meaningless (use `make bench`)");
+            }
+            let rows = ssc::bench_hsm::core(secs, &threads)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", ssc::bench_storage::render_with(&rows, ssc::bench_hsm::ANCHORS));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::Hsm { catalog: dir, trust, secs, threads, accel, json }) => {
+            let image = catalog::find(&dir, &catalog::load_trusted(&trust)?, "domc")?;
+            let (accel, why) = qemu::resolve_accel(accel, Some(&image.path))?;
+            eprintln!("ssc: accelerator {accel} ({why})");
+            let setup = ssc::bench_hsm::E2e { catalog: &dir, trust: &trust, accel, secs, threads: &threads };
+            let rows = ssc::bench_hsm::e2e(&setup)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", ssc::bench_storage::render_with(&rows, ssc::bench_hsm::ANCHORS));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -109,7 +109,19 @@ pub fn ssc_bin() -> PathBuf {
         let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"));
         let bin = target.join("debug/ssc");
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "host-tools", "--bin", "ssc", "-p", "ssc-pkcs11", "--lib"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "host-tools",
+                "-p",
+                "ssc-pkcs11",
+                "--lib",
+                "--bin",
+                "ssc",
+                "--bin",
+                "ssc-p11bench",
+            ])
             .current_dir(repo())
             .status()
             .expect("running cargo build for ssc");

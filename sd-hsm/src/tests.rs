@@ -142,7 +142,16 @@ fn rsa_pkcs1_and_pss_verify_with_ring() {
     assert_eq!((k.kind, k.bits), (KeyKind::Rsa, 2048));
     let msg = b"rsa message";
     let pk = UnparsedPublicKey::new(&rs::RSA_PKCS1_2048_8192_SHA256, RSA_PUB_PKCS1);
-    pk.verify(msg, &sign(&mut h, k.handle, SignMech::RsaPkcs1 { hash: Some(Hash::Sha256) }, msg)).unwrap();
+    let s1 = sign(&mut h, k.handle, SignMech::RsaPkcs1 { hash: Some(Hash::Sha256) }, msg);
+    pk.verify(msg, &s1).unwrap();
+    // ring signed that one: the rsa crate (DomC's Verify) checks it too.
+    let v = Op::Verify {
+        key: k.handle,
+        mech: SignMech::RsaPkcs1 { hash: Some(Hash::Sha256) },
+        data: msg.to_vec(),
+        signature: s1,
+    };
+    assert_eq!(call(&mut h, v), Ok(Reply::Ok));
     // CKM_RSA_PKCS: the caller sends the DigestInfo.
     let mut info = hex("3031300d060960864801650304020105000420");
     info.extend(keys::digest(Hash::Sha256, msg));
@@ -294,8 +303,10 @@ fn aes_gcm_and_key_wrap() {
         panic!()
     };
     assert_eq!(copy.public, ec.public);
-    let mech = SignMech::Ecdsa { hash: Some(Hash::Sha256) };
-    assert_eq!(sign(&mut h, ec.handle, mech, b"m"), sign(&mut h, copy.handle, mech, b"m"));
+    // CKM_ECDSA over a digest is RFC 6979 (deterministic); the hashing
+    // mechanisms go through ring, whose nonces are random.
+    let (mech, digest) = (SignMech::Ecdsa { hash: None }, [5u8; 32]);
+    assert_eq!(sign(&mut h, ec.handle, mech, &digest), sign(&mut h, copy.handle, mech, &digest));
     let other = generate(&mut h, KeyKind::Aes256);
     assert_eq!(
         call(&mut h, Op::Unwrap { wrapping: other.handle, blob, label: String::new(), id: vec![] }),
