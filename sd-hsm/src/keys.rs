@@ -42,8 +42,8 @@ pub enum Secret {
 /// than the portable RustCrypto arithmetic).
 pub enum Fast {
     /// P-256 with SHA-256, or P-384 with SHA-384.
-    Ecdsa(EcdsaKeyPair, Hash),
-    Rsa(alloc::boxed::Box<RsaKeyPair>),
+    Ecdsa(alloc::boxed::Box<EcdsaKeyPair>, Hash),
+    Rsa(RsaKeyPair),
 }
 
 /// One key: the parsed form and the raw bytes it came from (for wrapping).
@@ -116,15 +116,15 @@ impl KeyMaterialHeld {
             KeyKind::EcP256 => {
                 EcdsaKeyPair::from_private_key_and_public_key(&ECDSA_P256_SHA256_FIXED_SIGNING, &raw, &public, &rng)
                     .ok()
-                    .map(|k| Fast::Ecdsa(k, Hash::Sha256))
+                    .map(|k| Fast::Ecdsa(alloc::boxed::Box::new(k), Hash::Sha256))
             }
             KeyKind::EcP384 => {
                 EcdsaKeyPair::from_private_key_and_public_key(&ECDSA_P384_SHA384_FIXED_SIGNING, &raw, &public, &rng)
                     .ok()
-                    .map(|k| Fast::Ecdsa(k, Hash::Sha384))
+                    .map(|k| Fast::Ecdsa(alloc::boxed::Box::new(k), Hash::Sha384))
             }
             // ring takes e = 65537 and 2048-4096 bits; others go the slow way.
-            KeyKind::Rsa => RsaKeyPair::from_pkcs8(&raw).ok().map(|k| Fast::Rsa(alloc::boxed::Box::new(k))),
+            KeyKind::Rsa => RsaKeyPair::from_pkcs8(&raw).ok().map(Fast::Rsa),
             _ => None,
         };
         Ok(KeyMaterialHeld { kind, secret, fast, raw, public, exponent, bits })
