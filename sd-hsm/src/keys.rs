@@ -43,7 +43,7 @@ pub enum Secret {
 pub enum Fast {
     /// P-256 with SHA-256, or P-384 with SHA-384.
     Ecdsa(alloc::boxed::Box<EcdsaKeyPair>, Hash),
-    Rsa(RsaKeyPair),
+    Rsa(alloc::boxed::Box<RsaKeyPair>),
 }
 
 /// One key: the parsed form and the raw bytes it came from (for wrapping).
@@ -124,7 +124,7 @@ impl KeyMaterialHeld {
                     .map(|k| Fast::Ecdsa(alloc::boxed::Box::new(k), Hash::Sha384))
             }
             // ring takes e = 65537 and 2048-4096 bits; others go the slow way.
-            KeyKind::Rsa => RsaKeyPair::from_pkcs8(&raw).ok().map(Fast::Rsa),
+            KeyKind::Rsa => RsaKeyPair::from_pkcs8(&raw).ok().map(|k| Fast::Rsa(alloc::boxed::Box::new(k))),
             _ => None,
         };
         Ok(KeyMaterialHeld { kind, secret, fast, raw, public, exponent, bits })
