@@ -75,12 +75,14 @@ fmt:
 	$(CARGO) fmt --all
 	cd kernels && $(CARGO) fmt --all
 
-## bench: boot-time table (median of 20 boots per combination), the storage, checkpoint and dedup cores natively
+## bench: boot-time table (median of 20 boots per combination), the storage, checkpoint, dedup and HSM cores natively
 bench: deps catalog
 	$(SSC) bench boot --catalog build/catalog --trust build/publisher.pub --runs 20
 	$(CARGO) run --release -q -p host-tools --bin ssc -- bench storage-core
 	$(CARGO) run --release -q -p host-tools --bin ssc -- bench checkpoint-core
 	$(CARGO) run --release -q -p host-tools --bin ssc -- bench dedup-core
+	$(CARGO) build --release -q -p ssc-pkcs11 --bin ssc-p11bench
+	$(CARGO) run --release -q -p host-tools --bin ssc -- bench hsm-core
 
 ## fuzz: every fuzz target for 60 s each (cargo-fuzz; stable via RUSTC_BOOTSTRAP)
 fuzz:

@@ -202,7 +202,7 @@ pub fn e2e(s: &E2e) -> Result<Vec<Row>> {
          echo BENCH domc\n\
          /usr/bin/ssc-p11bench /usr/lib/ssc/libssc_pkcs11.so 1234 {secs} {t} {algs} | sed 's/^/domc /'\n\
          mkdir -p /tmp/softhsm\n\
-         softhsm2-util --init-token --free --label bench --pin 1234 --so-pin 1234 >/dev/null\n\
+         softhsm2-util --module {SOFTHSM_MODULE} --init-token --free --label bench --pin 1234 --so-pin 1234 >/dev/null\n\
          /usr/bin/ssc-p11bench {SOFTHSM_MODULE} 1234 {secs} {t} {algs} | sed 's/^/softhsm /'\n"
     );
     let bench = std::fs::read(p11bench_binary()?)?;

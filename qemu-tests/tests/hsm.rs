@@ -234,3 +234,38 @@ fn domc_serves_pkcs11_tool_openssl_and_tls_inside_a_real_client() {
     assert!(text.contains("malformed-frame"), "{text}");
     assert_eq!(up.wait_exit(Duration::from_secs(180)), Some(0));
 }
+
+#[test]
+fn hsm_chain_mistakes_are_named_before_anything_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (catalog_dir, trust) = catalog();
+    let head = format!("[catalog]\npath = \"{}\"\ntrust = [\"{}\"]\n", catalog_dir.display(), trust.display());
+    let check = |body: &str| {
+        let chain = dir.join("c.toml");
+        std::fs::write(&chain, format!("{head}{body}")).unwrap();
+        let r = run_ssc(&["up", chain.to_str().unwrap(), "--check"], Duration::from_secs(60));
+        assert_ne!(r.code(), Some(0), "{body}: {}", r.all());
+        r.stderr()
+    };
+    let e = check("[hsm]\npin_file = \"nope\"\n");
+    assert!(e.contains("[hsm]") && e.contains("reading PIN file") && e.contains("nope"), "{e}");
+    std::fs::write(dir.join("short"), "12\n").unwrap();
+    let e = check("[hsm]\npin_file = \"short\"\n");
+    assert!(e.contains("4 to 64 bytes"), "{e}");
+    std::fs::write(dir.join("pin"), "123456\n").unwrap();
+    std::fs::write(dir.join("ec.pem"), "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----\n")
+        .unwrap();
+    let e = check("[hsm]\npin_file = \"pin\"\n[[hsm.key]]\nfile = \"ec.pem\"\nlabel = \"k\"\n");
+    assert!(e.contains("openssl pkcs8 -topk8"), "{e}");
+    let e = check("[hsm]\npin_file = \"pin\"\n[[hsm.key]]\nfile = \"ec.pem\"\nlabel = \"k\"\nusage = \"sign,fly\"\n");
+    assert!(e.contains("openssl pkcs8") || e.contains("fly"), "{e}");
+    let e = check("[hsm]\npin_file = \"pin\"\nlabel = \"two words\"\n");
+    assert!(e.contains("no spaces"), "{e}");
+    // No `ssc up` running: the tenant verbs say so.
+    let chain = dir.join("c.toml");
+    std::fs::write(&chain, format!("{head}[hsm]\npin_file = \"pin\"\n")).unwrap();
+    let r = run_ssc(&["hsm", "list", chain.to_str().unwrap()], Duration::from_secs(30));
+    assert_ne!(r.code(), Some(0));
+    assert!(r.stderr().contains("no `ssc up"), "{}", r.all());
+}
