@@ -244,6 +244,42 @@ fn pkcs11_tool_generates_signs_and_openssl_verifies() {
     assert!(page.entries.iter().any(|e| e.op == "login" && e.outcome.contains("wrong PIN")));
 }
 
+/// Eight threads, a session each, requests in flight together through one
+/// link: every algorithm, and AES-GCM (C_GenerateKey, C_Encrypt,
+/// C_Decrypt, a tampered ciphertext refused) through `cryptoki`.
+#[test]
+fn threads_with_their_own_sessions_share_the_link() {
+    let dir = tempdir();
+    let (port, hsm) = serve(&dir);
+    let bench = env!("CARGO_BIN_EXE_ssc-p11bench");
+    let out = Command::new(bench)
+        .args([
+            module().to_str().unwrap(),
+            PIN,
+            "0.3",
+            "1,8",
+            "ecdsa-p256",
+            "ecdsa-p256-sha256",
+            "ed25519",
+            "rsa2048",
+            "aes-gcm",
+        ])
+        .env("SSC_HSM_PORT", &port)
+        .output()
+        .expect("ssc-p11bench (cargo build -p ssc-pkcs11 --bins)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("p11bench ")).collect();
+    assert_eq!(lines.len(), 10, "{text}");
+    for l in lines {
+        let ops: u64 = l.split_whitespace().nth(3).unwrap().parse().unwrap();
+        assert!(ops > 0, "{l}");
+    }
+    let h = hsm.lock().unwrap();
+    // The only refusals: each AES thread's deliberately tampered ciphertext.
+    assert_eq!(h.stats.refused, 1 + 8, "{:?}", h.stats);
+}
+
 #[test]
 fn no_port_is_a_clear_error() {
     let (good, text) = tool("/nonexistent/ssc-hsm", &["-L"]);

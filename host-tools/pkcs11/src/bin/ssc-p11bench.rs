@@ -4,7 +4,8 @@
 //! (inside a client VM).
 //!
 //! ALG: `ecdsa-p256` (CKM_ECDSA over a SHA-256 digest, what TLS asks),
-//! `ecdsa-p256-sha256` (CKM_ECDSA_SHA256 over 64 bytes),
+//! `ecdsa-p256-sha256` (CKM_ECDSA_SHA256 over 64 bytes), `aes-gcm` (an
+//! AES-256-GCM encrypt and decrypt of 64 bytes, checked),
 //! `ed25519` (CKM_EDDSA over 64 bytes) or `rsa2048` (CKM_SHA256_RSA_PKCS over
 //! 64 bytes). It uses the first token's key of that kind, generating an EC
 //! or Ed25519 key (and an RSA key where the token can) if there is none.
@@ -25,6 +26,15 @@ const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07
 const ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
 
 fn key(session: &Session, alg: &str) -> Result<ObjectHandle, String> {
+    if alg == "aes-gcm" {
+        let t = [
+            Attribute::Token(true),
+            Attribute::ValueLen(32.into()),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+        ];
+        return session.generate_key(&Mechanism::AesKeyGen, &t).map_err(|e| format!("generating an AES key: {e}"));
+    }
     let (kt, params) = match alg {
         "ecdsa-p256" | "ecdsa-p256-sha256" => (KeyType::EC, Some(P256)),
         "ed25519" => (KeyType::EC_EDWARDS, None),
@@ -60,6 +70,23 @@ fn key(session: &Session, alg: &str) -> Result<ObjectHandle, String> {
     Ok(k)
 }
 
+/// AES-256-GCM: encrypt, decrypt, compare; a flipped byte must fail.
+fn aes_round_trip(session: &Session, k: ObjectHandle, n: u64, data: &[u8]) -> cryptoki::error::Result<Vec<u8>> {
+    use cryptoki::mechanism::aead::GcmParams;
+    let mut iv = [0u8; 12];
+    iv[..8].copy_from_slice(&n.to_le_bytes());
+    let ct = session.encrypt(&Mechanism::AesGcm(GcmParams::new(&mut iv, b"aad", 128.into())?), k, data)?;
+    let pt = session.decrypt(&Mechanism::AesGcm(GcmParams::new(&mut iv, b"aad", 128.into())?), k, &ct)?;
+    assert_eq!(pt, data, "AES-GCM round trip");
+    if n == 0 {
+        let mut bad = ct.clone();
+        bad[0] ^= 1;
+        let r = session.decrypt(&Mechanism::AesGcm(GcmParams::new(&mut iv, b"aad", 128.into())?), k, &bad);
+        assert!(r.is_err(), "a tampered AES-GCM ciphertext decrypted");
+    }
+    Ok(ct)
+}
+
 fn run(ctx: &Pkcs11, slot: Slot, pin: &str, alg: &str, threads: usize, secs: f64) -> Result<u64, String> {
     let setup = ctx.open_rw_session(slot).map_err(|e| format!("session: {e}"))?;
     let _ = setup.login(UserType::User, Some(&AuthPin::new(pin.into())));
@@ -84,6 +111,7 @@ fn run(ctx: &Pkcs11, slot: Slot, pin: &str, alg: &str, threads: usize, secs: f64
                             "ecdsa-p256" => session.sign(&Mechanism::Ecdsa, k, &digest),
                             "ecdsa-p256-sha256" if hash_here => session.sign(&Mechanism::Ecdsa, k, &digest),
                             "ecdsa-p256-sha256" => session.sign(&Mechanism::EcdsaSha256, k, &data),
+                            "aes-gcm" => aes_round_trip(&session, k, n, &data),
                             "ed25519" => {
                                 session.sign(&Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)), k, &data)
                             }
@@ -105,7 +133,7 @@ fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 6 || args[1] == "--help" {
         eprintln!(
-            "usage: ssc-p11bench MODULE PIN SECONDS THREADS[,THREADS…] ALG… (ecdsa-p256, ecdsa-p256-sha256, ed25519, rsa2048)"
+            "usage: ssc-p11bench MODULE PIN SECONDS THREADS[,THREADS…] ALG… (ecdsa-p256, ecdsa-p256-sha256, ed25519, rsa2048, aes-gcm)"
         );
         return std::process::ExitCode::from(2);
     }
