@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 4] = *b"SSCH";
 /// Largest HSM frame payload, in bytes.
 pub const MAX_FRAME: usize = 64 * 1024;
+/// Largest `Op::Random` request, in bytes.
+pub const MAX_RANDOM: u32 = 16 * 1024;
 
 /// Key kinds DomC holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

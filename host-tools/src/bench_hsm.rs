@@ -208,7 +208,7 @@ pub fn e2e(s: &E2e) -> Result<Vec<Row>> {
     let bench = std::fs::read(p11bench_binary()?)?;
     let initrd = d.join("initrd-bench");
     crate::chain::append_to_initrd(
-        &plan.initrd,
+        &[&plan.initrd],
         &[("job.sh", 0o100755, job.as_bytes()), ("usr/bin/ssc-p11bench", 0o100755, &bench)],
         &initrd,
     )?;

@@ -526,13 +526,12 @@ pub fn up(
             let out = scratch.path().join("initrd-hsm");
             // The PKCS#11 peer tools of `make client`, when there.
             let tools = plan.initrd.with_file_name("pkcs11-tools.cpio.gz");
-            let mut parts = vec![base.to_path_buf()];
+            let mut parts = vec![base];
             if tools.is_file() {
-                parts.push(tools);
+                parts.push(&tools);
             }
-            concat_archives(&parts, &out)?;
             let name = crate::chain_hsm::CLIENT_MODULE.trim_start_matches('/');
-            append_to_initrd(&out, &[(name, 0o100755, &module)], &out)?;
+            append_to_initrd(&parts, &[(name, 0o100755, &module)], &out)?;
             (Some(session), Some(LinkSpec::connect(crate::chain_hsm::CLIENT_PORT, &socket)), Some(out))
         }
         None => (None, None, initrd_override.map(Path::to_path_buf)),
@@ -743,12 +742,14 @@ fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], ino: u32) {
 /// and powers off. Written to `out`.
 pub fn initrd_with_job(base: &Path, job: &str, out: &Path) -> Result<()> {
     let job = format!("#!/bin/sh\nset -e\n{job}\n");
-    append_to_initrd(base, &[("job.sh", 0o100755, job.as_bytes())], out)
+    append_to_initrd(&[base], &[("job.sh", 0o100755, job.as_bytes())], out)
 }
 
-/// Initramfs archives (each a multiple of 4 bytes long) one after the
-/// other in `out`: the kernel unpacks them in order.
-pub fn concat_archives(parts: &[PathBuf], out: &Path) -> Result<()> {
+/// The initramfs archives `parts` one after the other (each a multiple of
+/// 4 bytes long; the kernel unpacks them in order), then a further archive
+/// of `files` (path without the leading `/`, mode, bytes) whose parent
+/// directories are created. Written to `out`.
+pub fn append_to_initrd(parts: &[&Path], files: &[(&str, u32, &[u8])], out: &Path) -> Result<()> {
     let mut data = vec![];
     for p in parts {
         let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
@@ -756,16 +757,6 @@ pub fn concat_archives(parts: &[PathBuf], out: &Path) -> Result<()> {
             bail!("{} is not 4-byte aligned; rebuild it with `make client`", p.display());
         }
         data.extend(bytes);
-    }
-    std::fs::write(out, data).with_context(|| format!("writing {}", out.display()))
-}
-
-/// `base` with a further archive of `files` (path without the leading
-/// `/`, mode, bytes) appended; their parent directories are created.
-pub fn append_to_initrd(base: &Path, files: &[(&str, u32, &[u8])], out: &Path) -> Result<()> {
-    let mut data = std::fs::read(base).with_context(|| format!("reading {}", base.display()))?;
-    if !data.len().is_multiple_of(4) {
-        bail!("{} is not 4-byte aligned; rebuild it with `make client`", base.display());
     }
     let mut ino = 1;
     let mut dirs: Vec<String> = vec![];

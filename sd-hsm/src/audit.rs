@@ -120,7 +120,8 @@ impl AuditLog {
         let oldest = self.entries.front().map_or(self.next, |e| e.seq);
         let start = from.max(oldest);
         let skip = (start - oldest) as usize;
-        let entries: Vec<AuditEntry> = self.entries.iter().skip(skip).take(max.min(PAGE) as usize).cloned().collect();
+        let skip = skip.min(self.entries.len());
+        let entries: Vec<AuditEntry> = self.entries.range(skip..).take(max.min(PAGE) as usize).cloned().collect();
         AuditPage { entries, oldest_kept: oldest, next: self.next, head: self.head }
     }
 }

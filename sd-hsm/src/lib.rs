@@ -33,6 +33,7 @@ use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
+pub use ssc_abi::hsm::MAX_RANDOM;
 use ssc_abi::hsm::{Actor, AdminOp, AdminReply, HsmError, KeyInfo, Op, Reply, Request, Response, TokenInfo, Usage};
 
 use crate::audit::AuditLog;
@@ -42,8 +43,6 @@ use crate::keys::KeyMaterialHeld;
 pub const PIN_TRIES: u32 = 5;
 /// Most keys DomC holds.
 pub const MAX_KEYS: usize = 4096;
-/// Largest `Random` request.
-pub const MAX_RANDOM: u32 = 16 * 1024;
 
 struct Key {
     label: String,

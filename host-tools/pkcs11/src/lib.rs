@@ -989,6 +989,9 @@ unsafe fn sign_finish(h: CK_SESSION_HANDLE, extra: &[u8], sig: *mut u8, sig_len:
         // SAFETY: caller's length pointer.
         return unsafe { put(sig_len, op.sig_len as CK_ULONG) };
     }
+    // A short buffer is refused before the RPC, leaving the operation
+    // active as PKCS#11 asks.
+    // SAFETY: caller's length pointer, read only when non-NULL.
     if !sig_len.is_null() && (unsafe { *sig_len } as usize) < op.sig_len {
         // SAFETY: caller's length pointer (checked non-NULL).
         unsafe { *sig_len = op.sig_len as CK_ULONG };
@@ -1306,7 +1309,7 @@ unsafe extern "C" fn C_GenerateRandom(h: CK_SESSION_HANDLE, out: CK_BYTE_PTR, le
     }
     let mut done = 0usize;
     while done < len as usize {
-        let n = (len as usize - done).min(sd_max_random());
+        let n = (len as usize - done).min(ssc_abi::hsm::MAX_RANDOM as usize);
         match call(h, Op::Random { len: n as u32 }) {
             Ok(Reply::Bytes(b)) if b.len() == n => {
                 // SAFETY: the caller's buffer holds `len` bytes; done + n <= len.
@@ -1318,9 +1321,4 @@ unsafe extern "C" fn C_GenerateRandom(h: CK_SESSION_HANDLE, out: CK_BYTE_PTR, le
         }
     }
     CKR_OK
-}
-
-/// DomC's largest `Random` (sd_hsm::MAX_RANDOM).
-fn sd_max_random() -> usize {
-    16 * 1024
 }
