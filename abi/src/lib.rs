@@ -28,12 +28,13 @@ extern crate std;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
+pub mod attest;
 pub mod hsm;
 pub mod memory;
 pub mod pairs;
 
 /// The ABI version this crate speaks.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// Largest payload accepted or produced, in bytes.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Bytes of the length prefix.
@@ -152,6 +153,12 @@ pub enum Body<'a> {
     HsmAdmin { request: &'a [u8] },
     /// DomC → tenant side: `postcard` of [`hsm::AdminReply`].
     HsmAdminReply { reply: &'a [u8] },
+    /// Udom0 → builder: quote this meta-domain's vTPM (and the host TPM)
+    /// with this qualifying data (SHA-256 of [`attest::binding_input`]).
+    /// Reply: `QuoteEvidence` or an `Error`.
+    QuoteRequest { qualifying_data: &'a [u8] },
+    /// Builder → Udom0: `postcard` of [`attest::Evidence`].
+    QuoteEvidence { evidence: &'a [u8] },
 }
 
 /// Parameters of an encrypted volume (dm-crypt/LUKS data-segment terms).
