@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SSC := target/debug/ssc
 IMAGES_DIR := kernels/target/x86_64-unknown-linux-gnu/release
-DEB_PACKAGES := qemu-system-x86 qemu-utils swtpm swtpm-tools util-linux python3 libnbd-bin \
+DEB_PACKAGES := qemu-system-x86 qemu-utils swtpm swtpm-tools tpm2-tools libtss2-dev util-linux python3 libnbd-bin \
 	fio kmod busybox-static cpio cryptsetup-bin make binutils opensc softhsm2 libengine-pkcs11-openssl openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

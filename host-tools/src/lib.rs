@@ -35,6 +35,7 @@ pub mod luks;
 pub mod profile;
 pub mod qemu;
 pub mod qmp;
+pub mod vtpm;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -36,6 +36,7 @@ pub enum TpmError {
     Unsupported(&'static str, u16),
     NotAnAttestationKey(u32),
     BadSignature,
+    PcrMismatch,
 }
 
 impl fmt::Display for TpmError {
@@ -55,6 +56,7 @@ impl fmt::Display for TpmError {
                 "the signing key's attributes {a:#010x} are not those of an attestation key (fixedTPM, restricted, sign)"
             ),
             TpmError::BadSignature => write!(f, "the quote's signature does not verify under its attestation key"),
+            TpmError::PcrMismatch => write!(f, "the PCR values sent do not hash to the quote's PCR digest"),
         }
     }
 }

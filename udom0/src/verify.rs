@@ -22,15 +22,15 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use ssc_abi::attest::{
-    ALG_SHA256, ALG_SHA384, Binding, EXPORTER_LEN, Evidence, HOST_PCRS, LAUNCH_PCR, NONCE_LEN, PcrValue, Quote,
-    binding_input, host_binding_input,
+    ALG_SHA256, ALG_SHA384, Binding, EXPORTER_LEN, Evidence, LAUNCH_PCR, NONCE_LEN, PcrValue, Quote, binding_input,
+    host_binding_input,
 };
 
 use crate::eventlog::{self, EventLogError, Launch};
 use crate::tpm::{AttestationKey, QuoteInfo, TpmError};
 
 /// The provider's published profile of a host: its TPM's attestation key
-/// and the values of [`HOST_PCRS`] a correct host has.
+/// and the values of `ssc_abi::attest::HOST_PCRS` a correct host has.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostProfile {
     /// `TPMT_PUBLIC` of the host TPM's attestation key.
@@ -163,7 +163,7 @@ fn check_quote(q: &Quote) -> Result<QuoteInfo, TpmError> {
     ak.verify(&q.attest, &q.signature)?;
     let info = QuoteInfo::parse(&q.attest)?;
     if !info.matches(&q.pcrs) {
-        return Err(TpmError::Truncated("the quoted PCR values (they do not hash to the quote's PCR digest)"));
+        return Err(TpmError::PcrMismatch);
     }
     Ok(info)
 }
@@ -202,7 +202,6 @@ pub fn verify(evidence: &Evidence, binding: &Binding, ex: &Expectations) -> Resu
             }
         }
     }
-    let _ = HOST_PCRS;
     // 2. The vTPM's quote, and the host vouching for its key.
     let vtpm = check_quote(&evidence.vtpm).map_err(AttestError::VtpmQuote)?;
     if host.extra_data != host_qualifying_data(&evidence.vtpm.ak_public, &vtpm.extra_data) {
