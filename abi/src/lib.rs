@@ -159,6 +159,9 @@ pub enum Body<'a> {
     QuoteRequest { qualifying_data: &'a [u8] },
     /// Builder → Udom0: `postcard` of [`attest::Evidence`].
     QuoteEvidence { evidence: &'a [u8] },
+    /// Builder → Udom0: a tenant connection begins on the `tls` link; drop
+    /// any previous session. Reply: `Ack`.
+    TenantConnected,
 }
 
 /// Parameters of an encrypted volume (dm-crypt/LUKS data-segment terms).

@@ -465,6 +465,11 @@ pub enum ControlEvent {
         request_id: u64,
         reply: Vec<u8>,
     },
+    /// Udom0 asks for a quote of its meta-domain (`ssc_abi::attest`).
+    QuoteRequest {
+        request_id: u64,
+        qualifying_data: Vec<u8>,
+    },
     Other(String),
     /// The link failed (bad frame, closed): the reason.
     Broken(String),
@@ -510,7 +515,25 @@ fn owned(env: Envelope<'_>) -> ControlEvent {
         Body::HsmAdminReply { reply } => {
             ControlEvent::HsmAdminReply { request_id: env.request_id, reply: reply.into() }
         }
+        Body::QuoteRequest { qualifying_data } => {
+            ControlEvent::QuoteRequest { request_id: env.request_id, qualifying_data: qualifying_data.into() }
+        }
         other => ControlEvent::Other(format!("{other:?}")),
+    }
+}
+
+/// A handle that sends on a control link from another thread (the
+/// builder's relay to Udom0).
+#[derive(Clone)]
+pub struct ControlSender {
+    writer: Arc<Mutex<UnixStream>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl ControlSender {
+    /// Sends a request body; returns its request id.
+    pub fn send(&self, body: Body<'_>) -> Result<u64> {
+        send_frame(&self.writer, &self.next_id, body)
     }
 }
 
@@ -552,6 +575,17 @@ fn send_frame(writer: &Mutex<UnixStream>, next_id: &AtomicU64, body: Body<'_>) -
 }
 
 impl ControlLink {
+    /// Answers the image's request `request_id`.
+    pub fn reply(&self, request_id: u64, body: Body<'_>) -> Result<()> {
+        let frame = Envelope::new(request_id, body).to_frame()?;
+        self.writer.lock().unwrap().write_all(&frame).context("writing to the control link")
+    }
+
+    /// A sender for another thread.
+    pub fn sender(&self) -> ControlSender {
+        ControlSender { writer: self.writer.clone(), next_id: self.next_id.clone() }
+    }
+
     fn connect(path: &Path, child: &mut Child, timeout: Duration) -> Result<ControlLink> {
         let start = Instant::now();
         let stream = loop {
@@ -1071,7 +1105,13 @@ impl Drop for Domain {
 pub struct MetaDomain {
     domains: Vec<Domain>,
     run_dir: RunDir,
+    /// Called with each spec before its domain starts: the vTPM
+    /// measurement of an attested meta-domain.
+    measure: Option<Measure>,
 }
+
+/// A measurement hook: called with each spec before its domain starts.
+type Measure = Box<dyn FnMut(&DomainSpec) -> Result<()> + Send>;
 
 impl MetaDomain {
     /// Starts `specs` in order. On any failure, the domains already started
@@ -1092,7 +1132,13 @@ impl MetaDomain {
 
     /// A meta-domain with nothing running yet.
     pub fn new() -> Result<MetaDomain> {
-        Ok(MetaDomain { domains: vec![], run_dir: RunDir::create()? })
+        Ok(MetaDomain { domains: vec![], run_dir: RunDir::create()?, measure: None })
+    }
+
+    /// Measures every domain started from now on with `f` (before it
+    /// starts; an error stops the launch).
+    pub fn measure_with(&mut self, f: impl FnMut(&DomainSpec) -> Result<()> + Send + 'static) {
+        self.measure = Some(Box::new(f));
     }
 
     /// Starts one more domain and waits until it is ready (for chains whose
@@ -1106,6 +1152,9 @@ impl MetaDomain {
     ) -> Result<&mut Domain> {
         if self.domains.iter().any(|d| d.name == spec.name) {
             bail!("two domains are named `{}`; names must be unique", spec.name);
+        }
+        if let Some(m) = self.measure.as_mut() {
+            m(spec).with_context(|| format!("measuring {} into the vTPM", spec.name))?;
         }
         let log = if echo { LogEcho::Stdout(format!("[{}] ", spec.name)) } else { LogEcho::Quiet };
         let mut d = Domain::launch(spec, accel, &self.run_dir, log)?;

@@ -100,6 +100,7 @@ struct ChainFile {
     dedup: Option<Spanned<crate::chain_dedup::DedupSection>>,
     introspect: Option<Spanned<crate::chain_introspect::IntrospectSection>>,
     hsm: Option<Spanned<crate::chain_hsm::HsmSection>>,
+    udom0: Option<Spanned<crate::chain_udom0::Udom0Section>>,
 }
 
 /// The tenant-side secret of one disk.
@@ -138,6 +139,8 @@ pub struct Plan {
     pub introspect: Option<crate::chain_introspect::IntrospectPlan>,
     /// The chain file's `[hsm]`, checked.
     pub hsm: Option<crate::chain_hsm::HsmPlan>,
+    /// The chain file's `[udom0]`, checked: an attested launch.
+    pub udom0: Option<crate::chain_udom0::Udom0Plan>,
     /// The chain file (its command socket sits beside it).
     pub path: PathBuf,
 }
@@ -152,6 +155,35 @@ impl Plan {
             .or(self.hsm.as_ref().map(|h| h.image.path.as_path()))
             .expect("plan() refuses a chain without service domains")
     }
+
+    /// Every SD image the chain launches (not Udom0), once per launch.
+    pub fn service_images(&self) -> Vec<&VerifiedImage> {
+        let mut v: Vec<&VerifiedImage> = self.disks.iter().flat_map(|d| d.sds.iter()).collect();
+        v.extend(self.hsm.as_ref().map(|h| &h.image));
+        v.extend(self.checkpoint.as_ref().map(|c| &c.image));
+        v.extend(self.dedup.as_ref().map(|d| &d.image));
+        v.extend(self.introspect.as_ref().map(|i| &i.image));
+        v
+    }
+}
+
+/// The initramfs the chain's clients boot: the plan's (or `over`), with
+/// the PKCS#11 module and tools appended for `[hsm]` chains (written into
+/// `scratch`). The same bytes every time, so the tenant can measure it.
+pub fn client_initrd(plan: &Plan, over: Option<&Path>, scratch: &Path) -> Result<PathBuf> {
+    let base = over.unwrap_or(&plan.initrd);
+    let Some(h) = &plan.hsm else { return Ok(base.to_path_buf()) };
+    let module = std::fs::read(&h.module).with_context(|| format!("reading {}", h.module.display()))?;
+    let out = scratch.join("initrd-hsm");
+    // The PKCS#11 peer tools of `make client`, when there.
+    let tools = plan.initrd.with_file_name("pkcs11-tools.cpio.gz");
+    let mut parts = vec![base];
+    if tools.is_file() {
+        parts.push(&tools);
+    }
+    let name = crate::chain_hsm::CLIENT_MODULE.trim_start_matches('/');
+    append_to_initrd(&parts, &[(name, 0o100755, &module)], &out)?;
+    Ok(out)
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -356,6 +388,16 @@ pub fn plan(path: &Path) -> Result<Plan> {
             Some(plan)
         }
     };
+    let udom0 = match file.udom0 {
+        None => None,
+        Some(u) => {
+            let line = format!("{name}:{}", line_of(&text, u.span().start));
+            Some(
+                crate::chain_udom0::Udom0Plan::check(u.into_inner(), &catalog_dir, &trusted)
+                    .map_err(|e| anyhow!("{line}: [udom0]: {e:#}"))?,
+            )
+        }
+    };
     let clients = match &file.client.count {
         None => 1,
         Some(n) => {
@@ -391,6 +433,7 @@ pub fn plan(path: &Path) -> Result<Plan> {
         dedup,
         introspect,
         hsm,
+        udom0,
         path: path.to_path_buf(),
     })
 }
@@ -404,6 +447,7 @@ pub struct Running {
     dedup: Option<crate::chain_dedup::Session>,
     introspect: Option<crate::chain_introspect::Session>,
     hsm: Option<crate::chain_hsm::Session>,
+    udom0: Option<crate::chain_udom0::Session>,
     commands: Option<crate::chain_checkpoint::CommandSocket>,
     /// Holds the NBD sockets; dropped after the domains.
     _scratch: crate::builder::RunDir,
@@ -512,30 +556,25 @@ pub fn up(
         eprintln!("ssc up: starting {total} storage service domain(s)");
     }
     let mut sds = MetaDomain::new()?;
+    // Udom0 first: from then on every launch is measured into the vTPM.
+    let udom0 = match &plan.udom0 {
+        Some(u) => Some(crate::chain_udom0::start(u, &mut sds, (accel, echo), scratch.path())?),
+        None => None,
+    };
     let mut sockets = vec![];
     for (i, d) in plan.disks.iter().enumerate() {
         sockets.push(start_disk_sds(d, &i.to_string(), &mut sds, accel, echo, scratch.path())?);
     }
     // DomC listens before the client's QEMU connects its ssc-hsm port; the
     // client gets the PKCS#11 module in its initramfs.
-    let (hsm, hsm_link, initrd) = match &plan.hsm {
+    let (hsm, hsm_link) = match &plan.hsm {
         Some(h) => {
             let (session, socket) = crate::chain_hsm::start_sd(h, &mut sds, (accel, echo), scratch.path())?;
-            let base = initrd_override.unwrap_or(&plan.initrd);
-            let module = std::fs::read(&h.module).with_context(|| format!("reading {}", h.module.display()))?;
-            let out = scratch.path().join("initrd-hsm");
-            // The PKCS#11 peer tools of `make client`, when there.
-            let tools = plan.initrd.with_file_name("pkcs11-tools.cpio.gz");
-            let mut parts = vec![base];
-            if tools.is_file() {
-                parts.push(&tools);
-            }
-            let name = crate::chain_hsm::CLIENT_MODULE.trim_start_matches('/');
-            append_to_initrd(&parts, &[(name, 0o100755, &module)], &out)?;
-            (Some(session), Some(LinkSpec::connect(crate::chain_hsm::CLIENT_PORT, &socket)), Some(out))
+            (Some(session), Some(LinkSpec::connect(crate::chain_hsm::CLIENT_PORT, &socket)))
         }
-        None => (None, None, initrd_override.map(Path::to_path_buf)),
+        None => (None, None),
     };
+    let initrd = client_initrd(plan, initrd_override, scratch.path())?;
     // Clients: `client`, or `client-0`, `client-1`… when there are several.
     let names: Vec<String> = if plan.clients == 1 {
         vec!["client".into()]
@@ -546,7 +585,10 @@ pub fn up(
     let mut clients = vec![];
     for name in &names {
         let mut spec = DomainSpec::new(name, &plan.kernel);
-        spec.initrd = Some(initrd.clone().unwrap_or_else(|| plan.initrd.clone()));
+        spec.initrd = Some(initrd.clone());
+        if let Some(u) = &udom0 {
+            u.measure_client(name, &plan.kernel, &initrd, &plan.append)?;
+        }
         spec.links.extend(hsm_link.clone());
         spec.mem_mib = plan.memory;
         spec.append = plan.append.clone();
@@ -585,14 +627,15 @@ pub fn up(
         _ => None,
     };
     let mut clients: Vec<Domain> = clients.into_iter().map(|(d, _)| d).collect();
-    let commands = match session.is_some() || dedup.is_some() || introspect.is_some() || hsm.is_some() {
-        true => {
-            let mut c = crate::chain_checkpoint::CommandSocket::bind(&plan.path)?;
-            c.monitor = introspect.is_some();
-            Some(c)
-        }
-        false => None,
-    };
+    let commands =
+        match session.is_some() || dedup.is_some() || introspect.is_some() || hsm.is_some() || udom0.is_some() {
+            true => {
+                let mut c = crate::chain_checkpoint::CommandSocket::bind(&plan.path)?;
+                c.monitor = introspect.is_some();
+                Some(c)
+            }
+            false => None,
+        };
     match (restore, session.as_mut()) {
         (Some(g), Some(s)) => s.restore(&clients[0], &mut sds, scratch.path(), g)?,
         (Some(_), None) => bail!("--restore needs a [checkpoint] section in the chain file"),
@@ -619,7 +662,10 @@ pub fn up(
     if hsm.is_some() {
         eprintln!("ssc up: hsm: `ssc hsm list|import|audit {}`", plan.path.display());
     }
-    Ok(Running { sds, clients, checkpoint: session, dedup, introspect, hsm, commands, _scratch: scratch })
+    if udom0.is_some() {
+        eprintln!("ssc up: attestation: `ssc attest {} --host-profile FILE`", plan.path.display());
+    }
+    Ok(Running { sds, clients, checkpoint: session, dedup, introspect, hsm, udom0, commands, _scratch: scratch })
 }
 
 impl Running {
@@ -664,6 +710,9 @@ impl Running {
             if let Some(d) = self.dedup.as_mut() {
                 d.tick(&mut self.sds);
             }
+            if let Some(u) = self.udom0.as_mut() {
+                u.tick(&mut self.sds);
+            }
             if let Some(i) = self.introspect.as_mut() {
                 for line in i.drain(&mut self.sds) {
                     if line.alert || matches!(line.event, sd_introspect::Event::Attached { .. }) {
@@ -678,7 +727,12 @@ impl Running {
                 let (clients, sds, scratch) = (&self.clients, &mut self.sds, self._scratch.path());
                 let (checkpoint, dedup, introspect) = (&mut self.checkpoint, &mut self.dedup, &mut self.introspect);
                 let hsm = &self.hsm;
+                let relay = self.udom0.as_ref().map(|u| u.relay());
                 cmds.poll(|cmd, progress| match (cmd, checkpoint.as_mut(), dedup.as_mut()) {
+                    ("udom0 relay", _, _) => match relay {
+                        Some(r) => Ok(r.to_string()),
+                        None => bail!("this chain has no [udom0] section"),
+                    },
                     (c, _, _) if c.starts_with("hsm ") => match hsm.as_ref() {
                         Some(h) => crate::chain_hsm::serve(c, h, sds),
                         None => bail!("this chain has no [hsm] section"),
@@ -740,6 +794,16 @@ fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], ino: u32) {
 /// The client's initramfs with `/job.sh` appended as a second archive: the
 /// client runs it at boot (`set -e`), prints `client: job passed|failed`
 /// and powers off. Written to `out`.
+/// The plan's initramfs with the job script `job` (`ssc up --job`), in
+/// `scratch`; `None` without a job.
+pub fn job_initrd(plan: &Plan, job: Option<&Path>, scratch: &Path) -> Result<Option<PathBuf>> {
+    let Some(j) = job else { return Ok(None) };
+    let script = std::fs::read_to_string(j).with_context(|| format!("reading job {}", j.display()))?;
+    let out = scratch.join("initrd-job");
+    initrd_with_job(&plan.initrd, &script, &out)?;
+    Ok(Some(out))
+}
+
 pub fn initrd_with_job(base: &Path, job: &str, out: &Path) -> Result<()> {
     let job = format!("#!/bin/sh\nset -e\n{job}\n");
     append_to_initrd(&[base], &[("job.sh", 0o100755, job.as_bytes())], out)

@@ -28,6 +28,7 @@ pub mod chain_checkpoint;
 pub mod chain_dedup;
 pub mod chain_hsm;
 pub mod chain_introspect;
+pub mod chain_udom0;
 pub mod checkpoint;
 pub mod dedup;
 pub mod doctor;

@@ -141,6 +141,33 @@ enum Cmd {
     /// Introspection profiles of client kernels (for `[introspect]`).
     #[command(subcommand)]
     Profile(ProfileCmd),
+    /// Attest the meta-domain `ssc up CHAIN` runs (a chain with `[udom0]`).
+    ///
+    /// Opens TLS 1.3 to Udom0 through the builder's relay, sends a fresh
+    /// nonce, and verifies what comes back before anything secret is sent:
+    /// the host TPM's quote against the provider's published profile
+    /// (--host-profile, from `ssc provider profile`), the host vouching for
+    /// the meta-domain's vTPM key, the vTPM quote binding the nonce, this
+    /// TLS session's exporter value and Udom0's key, and the event log:
+    /// exactly the images the chain file names (catalog digests) and the
+    /// tenant's own client kernel, initramfs and command line. Prints what
+    /// it verified, or the attack it caught (replay, diversion, VM or host
+    /// substitution). Exit status 0 only when everything verified.
+    Attest {
+        chain: PathBuf,
+        /// The provider's host profile (JSON from `ssc provider profile`).
+        #[arg(long)]
+        host_profile: PathBuf,
+        /// The job script `ssc up --job` was given (it is part of the
+        /// client's measured initramfs).
+        #[arg(long)]
+        job: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Provider verbs: what the provider publishes about its hosts.
+    #[command(subcommand)]
+    Provider(ProviderCmd),
     /// Report QEMU, KVM usability, swtpm and the rest, with install commands.
     Doctor {
         /// An image to probe KVM with (default: a built selftest image).
@@ -155,6 +182,22 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum ProviderCmd {
+    /// Print (or write) this host's profile: the host TPM's attestation key
+    /// and the PCR values a correct boot of this builder gives (builder
+    /// binary, QEMU, the catalog publisher keys it trusts). Tenants check
+    /// quotes against it (`ssc attest --host-profile`).
+    Profile {
+        /// Catalog publisher keys the builder trusts (as in chain files).
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        /// Write the profile here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -694,6 +737,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Hsm(cmd) => hsm_command(cmd),
+        Cmd::Attest { chain, host_profile, job, json } => {
+            let r = ssc::chain_udom0::attest(&chain, &host_profile, job.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                ssc::chain_udom0::print_report(&r);
+            }
+            Ok(if r.verified { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Cmd::Provider(ProviderCmd::Profile { trust, out }) => {
+            let p = ssc::chain_udom0::provider_profile(&trust)?;
+            let text = serde_json::to_string_pretty(&p)? + "\n";
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("ssc provider profile: wrote {}", path.display());
+                }
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Profile(ProfileCmd::Build { kernel, system_map, out }) => {
             let p = ssc::profile::build(&kernel, &system_map)?;
             let bytes = p.encode();
@@ -985,15 +1049,7 @@ fn up_cmd(
     let (accel, why) = qemu::resolve_accel(accel, Some(plan.first_sd_image()))?;
     eprintln!("ssc: accelerator {accel} ({why})");
     let tmp = RunDir::create()?;
-    let initrd = match &job {
-        Some(j) => {
-            let script = std::fs::read_to_string(j).with_context(|| format!("reading job {}", j.display()))?;
-            let out = tmp.path().join("initrd-job");
-            ssc::chain::initrd_with_job(&plan.initrd, &script, &out)?;
-            Some(out)
-        }
-        None => None,
-    };
+    let initrd = ssc::chain::job_initrd(&plan, job.as_deref(), tmp.path())?;
     let restore = match restore {
         Some(choice) => {
             let c = plan.checkpoint.as_ref().context("--restore needs a [checkpoint] section in the chain file")?;

@@ -377,8 +377,7 @@ impl HostTpm {
     /// `base` is the persistent state directory ([`host_state_dir`]).
     pub fn start(base: &Path, run_dir: &Path) -> Result<Tpm> {
         let state = base.join("tpm");
-        std::fs::create_dir_all(base)
-            .with_context(|| format!("creating the host TPM directory {}", base.display()))?;
+        std::fs::create_dir_all(base).with_context(|| format!("creating the host TPM directory {}", base.display()))?;
         let lock = std::fs::File::create(base.join(".lock"))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
         if !state.join("tpm2-00.permall").is_file() {

@@ -15,7 +15,7 @@
 //! | claimed nonce = ours | [`AttestError::Replay`] |
 //! | claimed exporter and key = those of our TLS session | [`AttestError::Diversion`] |
 //! | event log replays to the quoted PCRs | [`AttestError::EventLogMismatch`] |
-//! | every launch is one we asked for, with its catalog digest, in order | [`AttestError::VmSubstitution`] and friends |
+//! | every launch is one we asked for, with its catalog digest, each once | [`AttestError::VmSubstitution`] and friends |
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -229,7 +229,9 @@ pub fn verify(evidence: &Evidence, binding: &Binding, ex: &Expectations) -> Resu
             return Err(AttestError::EventLogMismatch { bank: name });
         }
     }
-    // 5. Exactly the launches asked for.
+    // 5. Exactly the launches asked for, each once (in any order: the
+    // domain names are the builder's labels, the images are the tenant's).
+    let mut remaining: Vec<&ExpectedLaunch> = ex.launches.iter().collect();
     let mut launches = Vec::new();
     let measured = events.iter().filter(|e| e.pcr == LAUNCH_PCR as u32 && e.event_type != eventlog::EV_NO_ACTION);
     for (i, e) in measured.enumerate() {
@@ -241,28 +243,29 @@ pub fn verify(evidence: &Evidence, binding: &Binding, ex: &Expectations) -> Resu
         if d384.len() == 48 {
             digest.copy_from_slice(d384);
         }
-        match ex.launches.get(i) {
-            None => return Err(AttestError::UnexpectedLaunch(describe(&l, d384))),
-            Some(want) if want.launch != l || want.sha384 != digest => {
-                return Err(AttestError::VmSubstitution {
-                    index: i + 1,
-                    expected: alloc::format!(
-                        "{} of domain `{}`",
-                        describe(&want.launch, &want.sha384),
-                        want.launch.domain
-                    ),
-                    got: alloc::format!("{} of domain `{}`", describe(&l, d384), l.domain),
-                });
-            }
-            Some(_) => launches.push((l, digest)),
+        let same_slot = |w: &&ExpectedLaunch| w.launch.role == l.role && w.launch.part == l.part;
+        let exact = |w: &&ExpectedLaunch| {
+            same_slot(w) && w.launch.image == l.image && w.launch.version == l.version && w.sha384 == digest
+        };
+        if let Some(pos) = remaining.iter().position(exact) {
+            remaining.remove(pos);
+            launches.push((l, digest));
+        } else if let Some(want) = remaining.iter().find(|w| same_slot(w)) {
+            return Err(AttestError::VmSubstitution {
+                index: i + 1,
+                expected: describe(&want.launch, &want.sha384),
+                got: alloc::format!("{} as domain `{}`", describe(&l, d384), l.domain),
+            });
+        } else {
+            return Err(AttestError::UnexpectedLaunch(alloc::format!(
+                "{} as domain `{}`",
+                describe(&l, d384),
+                l.domain
+            )));
         }
     }
-    if let Some(missing) = ex.launches.get(launches.len()) {
-        return Err(AttestError::MissingLaunch(alloc::format!(
-            "{} of domain `{}`",
-            describe(&missing.launch, &missing.sha384),
-            missing.launch.domain
-        )));
+    if let Some(missing) = remaining.first() {
+        return Err(AttestError::MissingLaunch(describe(&missing.launch, &missing.sha384)));
     }
     Ok(Verified {
         host_pcrs: evidence.host.pcrs.clone(),

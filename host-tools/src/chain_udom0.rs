@@ -1,0 +1,603 @@
+//! Attested launch: a chain's `[udom0]` section, the builder's side of
+//! Udom0 (vTPM, host TPM, quotes, the TLS relay) and the tenant's side
+//! (`ssc attest`).
+//!
+//! ```toml
+//! [udom0]
+//! listen = "127.0.0.1:0"   # the relay's TCP address (0: any free port)
+//! ```
+//!
+//! With `[udom0]`, `ssc up` (the builder) boots the host TPM, creates the
+//! meta-domain's vTPM, launches Udom0 first and measures every launch into
+//! the vTPM (Udom0, each SD image, each client's kernel, initramfs and
+//! command line), with a TCG event log. It relays the tenant's TCP
+//! connection to Udom0's `tls` link, byte for byte, and answers Udom0's
+//! `QuoteRequest`s with vTPM and host quotes.
+//!
+//! `ssc attest CHAIN --host-profile FILE` is the tenant: it asks `ssc up`
+//! for the relay's address, opens TLS 1.3 to Udom0 (rustls, Udom0's raw
+//! public key), sends a fresh nonce, and verifies the evidence with
+//! `udom0::verify` against the provider's published host profile and the
+//! launches its own chain file implies (catalog digests, its own kernel and
+//! initramfs), then prints what it verified or the attack it caught.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use ssc_abi::Body;
+use ssc_abi::attest::{ALG_SHA256, EXPORTER_LABEL, NONCE_LEN, PcrValue, TenantMsg, Udom0Msg, encode_frame, take_frame};
+use udom0::eventlog::Launch;
+use udom0::verify::{Expectations, ExpectedLaunch, HostProfile, Verified};
+
+use crate::builder::{ControlEvent, ControlSender, DomainSpec, LinkSpec, MetaDomain};
+use crate::catalog::{self, VerifiedImage};
+use crate::qemu::Accel;
+use crate::vtpm::{HostTpm, Vtpm};
+
+/// The domain name of Udom0 in every meta-domain.
+pub const DOMAIN: &str = "udom0";
+
+/// `[udom0]` of a chain file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Udom0Section {
+    /// The relay's TCP address, `127.0.0.1:0` by default.
+    pub listen: Option<String>,
+}
+
+/// `[udom0]`, checked.
+#[derive(Clone, Debug)]
+pub struct Udom0Plan {
+    pub image: VerifiedImage,
+    pub listen: SocketAddr,
+    /// Catalog publisher keys the builder trusts (measured into the host TPM).
+    pub trusted: Vec<String>,
+    /// Every verified catalog image, to name what the builder launches.
+    pub catalog: Vec<VerifiedImage>,
+}
+
+impl Udom0Plan {
+    pub fn check(section: Udom0Section, catalog_dir: &Path, trusted: &[String]) -> Result<Udom0Plan> {
+        let image = catalog::find(catalog_dir, trusted, "udom0")?;
+        let listen: SocketAddr = section
+            .listen
+            .as_deref()
+            .unwrap_or("127.0.0.1:0")
+            .parse()
+            .map_err(|e| anyhow!("`listen` is not an address like 127.0.0.1:7443: {e}"))?;
+        if !listen.ip().is_loopback() {
+            bail!("`listen` = {listen}: the relay only listens on loopback here (127.0.0.1)");
+        }
+        Ok(Udom0Plan { image, listen, trusted: trusted.to_vec(), catalog: catalog::verify(catalog_dir, trusted)? })
+    }
+}
+
+fn launch_of(domain: &str, role: &str, m: &catalog::ImageEntry) -> Launch {
+    Launch {
+        domain: domain.into(),
+        role: role.into(),
+        image: m.name.clone(),
+        version: m.version.clone(),
+        part: "kernel".into(),
+    }
+}
+
+fn sha384_bytes(b: &[u8]) -> [u8; 48] {
+    let mut o = [0u8; 48];
+    o.copy_from_slice(ring::digest::digest(&ring::digest::SHA384, b).as_ref());
+    o
+}
+
+fn sha384_file(p: &Path) -> Result<[u8; 48]> {
+    Ok(sha384_bytes(&std::fs::read(p).with_context(|| format!("measuring {}", p.display()))?))
+}
+
+/// The measurements of a client VM: kernel, initramfs, command line.
+pub fn client_launches(domain: &str, kernel: &Path, initrd: &Path, cmdline: &str) -> Result<Vec<(Launch, Vec<u8>)>> {
+    let l = |part: &str| Launch {
+        domain: domain.into(),
+        role: "client".into(),
+        image: "client".into(),
+        version: "tenant".into(),
+        part: part.into(),
+    };
+    Ok(vec![
+        (l("kernel"), std::fs::read(kernel).with_context(|| format!("measuring {}", kernel.display()))?),
+        (l("initrd"), std::fs::read(initrd).with_context(|| format!("measuring {}", initrd.display()))?),
+        (l("cmdline"), cmdline.as_bytes().to_vec()),
+    ])
+}
+
+/// The builder's side of Udom0 in a running chain.
+pub struct Session {
+    vtpm: Arc<Mutex<Vtpm>>,
+    host: HostTpm,
+    relay: SocketAddr,
+    connects: Receiver<Sender<Result<(), String>>>,
+    waiting: Vec<(u64, Sender<Result<(), String>>)>,
+    sender: ControlSender,
+    pub quotes: u64,
+}
+
+/// Starts the TPMs and Udom0 (measured first), and the relay; from then
+/// on, every domain `sds` starts is measured.
+pub fn start(plan: &Udom0Plan, sds: &mut MetaDomain, (accel, echo): (Accel, bool), scratch: &Path) -> Result<Session> {
+    let t = Instant::now();
+    let base = crate::vtpm::host_state_dir();
+    let host = HostTpm::boot(&base, scratch, &plan.trusted).context("booting the host TPM")?;
+    let vtpm = Vtpm::create(&base, &scratch.join("vtpm")).context("creating the meta-domain's vTPM")?;
+    eprintln!("ssc up: udom0: host TPM booted, vTPM manufactured ({} ms)", t.elapsed().as_millis());
+    let vtpm = Arc::new(Mutex::new(vtpm));
+    // Every SD image is named by its catalog manifest; anything else is
+    // measured under its file name (and so fails the tenant's check).
+    let catalog: Vec<(PathBuf, catalog::ImageEntry)> =
+        plan.catalog.iter().map(|v| (v.path.clone(), v.manifest.image.clone())).collect();
+    let v = vtpm.clone();
+    let measure = move |spec: &DomainSpec| -> Result<()> {
+        let role = if spec.name == DOMAIN { "udom0" } else { "sd" };
+        let launch = match catalog.iter().find(|(p, _)| p == &spec.image) {
+            Some((_, m)) => launch_of(&spec.name, role, m),
+            None => Launch {
+                domain: spec.name.clone(),
+                role: role.into(),
+                image: spec.image.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+                version: "uncatalogued".into(),
+                part: "kernel".into(),
+            },
+        };
+        v.lock().unwrap().measure_file(launch, &spec.image)
+    };
+    sds.measure_with(measure);
+    let tls = scratch.join("udom0-tls.sock");
+    let mut spec = DomainSpec::new(DOMAIN, &plan.image.path);
+    spec.links.push(LinkSpec::listen("tls", &tls));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    spec.append = format!("ssc.time={now}");
+    let dom = sds.start(&spec, accel, echo, Duration::from_secs(60))?;
+    let ctl = dom.control().ok_or_else(|| anyhow!("udom0 has no control link"))?;
+    let sender = ctl.sender();
+    let listener = TcpListener::bind(plan.listen).with_context(|| format!("binding the relay on {}", plan.listen))?;
+    let relay = listener.local_addr()?;
+    let link =
+        UnixStream::connect(&tls).with_context(|| format!("connecting to udom0's tls link {}", tls.display()))?;
+    let (tx, connects) = channel();
+    std::thread::spawn(move || relay_loop(listener, link, tx));
+    eprintln!("ssc up: udom0: ready; the tenant's TLS relay listens on {relay} (`ssc attest`)");
+    Ok(Session { vtpm, host, relay, connects, waiting: vec![], sender, quotes: 0 })
+}
+
+/// Relays one tenant connection at a time to Udom0's `tls` link. Before
+/// the first byte, Udom0 is told a new session begins (and acknowledges).
+fn relay_loop(listener: TcpListener, link: UnixStream, connects: Sender<Sender<Result<(), String>>>) {
+    let current: Arc<Mutex<Option<TcpStream>>> = Arc::new(Mutex::new(None));
+    let (from_udom0, cur) = (link.try_clone(), current.clone());
+    if let Ok(mut from_udom0) = from_udom0 {
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match from_udom0.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if let Some(t) = cur.lock().unwrap().as_mut() {
+                    let _ = t.write_all(&buf[..n]);
+                }
+            }
+        });
+    }
+    for stream in listener.incoming() {
+        let Ok(mut tcp) = stream else { continue };
+        let (tx, rx) = channel();
+        if connects.send(tx).is_err() {
+            return;
+        }
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(())) => {}
+            _ => continue, // Udom0 did not take it: the tenant sees the connection close.
+        }
+        let Ok(peer) = tcp.try_clone() else { continue };
+        *current.lock().unwrap() = Some(peer);
+        let mut to_udom0 = &link;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match tcp.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to_udom0.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        *current.lock().unwrap() = None;
+    }
+}
+
+impl Session {
+    /// The relay's TCP address.
+    pub fn relay(&self) -> SocketAddr {
+        self.relay
+    }
+
+    /// Measures a client VM before it starts.
+    pub fn measure_client(&self, domain: &str, kernel: &Path, initrd: &Path, cmdline: &str) -> Result<()> {
+        let mut v = self.vtpm.lock().unwrap();
+        for (l, bytes) in client_launches(domain, kernel, initrd, cmdline)? {
+            v.measure(l, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Serves Udom0's quote requests and the relay's new connections.
+    pub fn tick(&mut self, sds: &mut MetaDomain) {
+        while let Ok(tx) = self.connects.try_recv() {
+            match self.sender.send(Body::TenantConnected) {
+                Ok(id) => self.waiting.push((id, tx)),
+                Err(e) => {
+                    let _ = tx.send(Err(format!("{e:#}")));
+                }
+            }
+        }
+        let Some(ctl) = sds.domains().iter().find(|d| d.name == DOMAIN).and_then(|d| d.control_ref()) else {
+            return;
+        };
+        while let Some(ev) = ctl.recv(Duration::ZERO) {
+            match ev {
+                ControlEvent::Ack { request_id } => {
+                    if let Some(i) = self.waiting.iter().position(|(id, _)| *id == request_id) {
+                        let _ = self.waiting.remove(i).1.send(Ok(()));
+                    }
+                }
+                ControlEvent::QuoteRequest { request_id, qualifying_data } => {
+                    let t = Instant::now();
+                    let reply = self.evidence(&qualifying_data);
+                    let sent = match &reply {
+                        Ok(bytes) => ctl.reply(request_id, Body::QuoteEvidence { evidence: bytes }),
+                        Err(e) => {
+                            let message = format!("{e:#}");
+                            ctl.reply(request_id, Body::Error { code: ssc_abi::ErrorCode::Internal, message: &message })
+                        }
+                    };
+                    match (reply, sent) {
+                        (Ok(_), Ok(())) => {
+                            self.quotes += 1;
+                            eprintln!("ssc up: udom0: quote {} served ({} ms)", self.quotes, t.elapsed().as_millis());
+                        }
+                        (Err(e), _) | (_, Err(e)) => eprintln!("ssc up: udom0: quote failed: {e:#}"),
+                    }
+                }
+                ControlEvent::Broken(why) => {
+                    eprintln!("ssc up: udom0: control link broken: {why}");
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn evidence(&mut self, qualifying_data: &[u8]) -> Result<Vec<u8>> {
+        if qualifying_data.len() != 32 {
+            bail!("qualifying data must be 32 bytes (a SHA-256), got {}", qualifying_data.len());
+        }
+        let mut v = self.vtpm.lock().unwrap();
+        let ev = crate::vtpm::evidence(&mut v, &mut self.host, qualifying_data)?;
+        Ok(postcard::to_allocvec(&ev)?)
+    }
+}
+
+// ---------------------------------------------------------------- tenant
+
+/// The provider's published host profile, as a file.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProfileFile {
+    /// `TPMT_PUBLIC` of the host TPM's attestation key, hex.
+    pub ak_public: String,
+    pub pcrs: Vec<ProfilePcr>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProfilePcr {
+    pub index: u8,
+    pub sha256: String,
+    /// What the builder measures into it.
+    pub holds: String,
+}
+
+impl ProfileFile {
+    pub fn read(path: &Path) -> Result<HostProfile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading host profile {}", path.display()))?;
+        let f: ProfileFile = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a host profile (`ssc provider profile` writes one)", path.display()))?;
+        let mut pcrs = vec![];
+        for p in f.pcrs {
+            pcrs.push(PcrValue { bank: ALG_SHA256, index: p.index, value: catalog::unhex(&p.sha256)? });
+        }
+        Ok(HostProfile { ak_public: catalog::unhex(&f.ak_public)?, pcrs })
+    }
+}
+
+/// `ssc provider profile`: this host's profile.
+pub fn provider_profile(trust: &[PathBuf]) -> Result<ProfileFile> {
+    let trusted = catalog::load_trusted(trust)?;
+    let scratch = crate::builder::RunDir::create()?;
+    let (p, what) = crate::vtpm::host_profile(&crate::vtpm::host_state_dir(), scratch.path(), &trusted)?;
+    Ok(ProfileFile {
+        ak_public: catalog::hex(&p.ak_public),
+        pcrs: p
+            .pcrs
+            .iter()
+            .zip(what)
+            .map(|(v, (_, holds))| ProfilePcr { index: v.index, sha256: catalog::hex(&v.value), holds })
+            .collect(),
+    })
+}
+
+/// Accepts Udom0's raw public key and remembers it; the quote is what
+/// makes it trusted.
+#[derive(Debug, Default)]
+struct RawKey(Mutex<Option<Vec<u8>>>);
+
+impl rustls::client::danger::ServerCertVerifier for RawKey {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.0.lock().unwrap() = Some(end_entity.to_vec());
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("Udom0 speaks TLS 1.3 only".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature_with_raw_key(
+            message,
+            &rustls::pki_types::SubjectPublicKeyInfoDer::from(cert.as_ref()),
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+    }
+    fn requires_raw_public_keys(&self) -> bool {
+        true
+    }
+}
+
+/// The tenant's TLS session to Udom0.
+pub struct TenantSession {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    key: Arc<RawKey>,
+    inbox: Vec<u8>,
+}
+
+impl TenantSession {
+    pub fn connect(addr: SocketAddr) -> Result<TenantSession> {
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .with_context(|| format!("connecting to the builder's relay {addr}"))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let key = Arc::new(RawKey::default());
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(key.clone())
+            .with_no_client_auth();
+        let conn = rustls::ClientConnection::new(Arc::new(config), rustls::pki_types::ServerName::try_from("udom0")?)?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).context("TLS handshake with Udom0 (through the relay)")?;
+        }
+        Ok(TenantSession { tls, key, inbox: vec![] })
+    }
+
+    pub fn send(&mut self, msg: &TenantMsg) -> Result<()> {
+        self.tls.write_all(&encode_frame(msg)?)?;
+        self.tls.flush()?;
+        Ok(())
+    }
+
+    pub fn recv(&mut self) -> Result<Udom0Msg> {
+        let mut buf = [0u8; 16384];
+        loop {
+            if let Some(frame) = take_frame(&mut self.inbox).map_err(|e| anyhow!("{e}"))? {
+                return postcard::from_bytes(&frame).context("Udom0's reply is malformed");
+            }
+            let n = self.tls.read(&mut buf).context("reading from Udom0")?;
+            if n == 0 {
+                bail!("Udom0 closed the session");
+            }
+            self.inbox.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// This session's exporter value.
+    pub fn exporter(&self) -> Result<[u8; 32]> {
+        Ok(self.tls.conn.export_keying_material([0u8; 32], EXPORTER_LABEL, None)?)
+    }
+
+    /// Udom0's key as the handshake presented it.
+    pub fn udom0_spki(&self) -> Vec<u8> {
+        self.key.0.lock().unwrap().clone().unwrap_or_default()
+    }
+}
+
+/// What `ssc attest` reports.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub verified: bool,
+    pub relay: String,
+    pub udom0_key_sha256: String,
+    pub host: Vec<ReportPcr>,
+    pub launches: Vec<ReportLaunch>,
+    pub error: Option<String>,
+    pub timings_ms: Timings,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReportPcr {
+    pub index: u8,
+    pub sha256: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReportLaunch {
+    pub domain: String,
+    pub role: String,
+    pub image: String,
+    pub version: String,
+    pub part: String,
+    pub sha384: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Timings {
+    pub tls_handshake: f64,
+    pub quote: f64,
+    pub verification: f64,
+}
+
+/// The launches the tenant's chain implies, from its plan.
+pub fn expected_launches(plan: &crate::chain::Plan, client_initrd: &Path) -> Result<Vec<ExpectedLaunch>> {
+    let u =
+        plan.udom0.as_ref().ok_or_else(|| anyhow!("{}: no [udom0] section: nothing to attest", plan.path.display()))?;
+    let mut out = vec![ExpectedLaunch {
+        launch: launch_of(DOMAIN, "udom0", &u.image.manifest.image),
+        sha384: sha384_file(&u.image.path)?,
+    }];
+    for img in plan.service_images() {
+        out.push(ExpectedLaunch { launch: launch_of("", "sd", &img.manifest.image), sha384: sha384_file(&img.path)? });
+    }
+    for c in 0..plan.clients {
+        for (launch, bytes) in client_launches(&format!("client{c}"), &plan.kernel, client_initrd, &plan.append)? {
+            out.push(ExpectedLaunch { launch, sha384: sha384_bytes(&bytes) });
+        }
+    }
+    Ok(out)
+}
+
+/// `ssc attest`: attests the chain `ssc up` runs; `Ok(report)` whether or
+/// not it verified (the report says), `Err` when it could not even ask.
+pub fn attest(chain: &Path, host_profile: &Path, job: Option<&Path>) -> Result<Report> {
+    let plan = crate::chain::plan(chain)?;
+    let profile = ProfileFile::read(host_profile)?;
+    let scratch = crate::builder::RunDir::create()?;
+    let job = crate::chain::job_initrd(&plan, job, scratch.path())?;
+    let initrd = crate::chain::client_initrd(&plan, job.as_deref(), scratch.path())?;
+    let expected = expected_launches(&plan, &initrd)?;
+    let relay: SocketAddr = crate::chain_checkpoint::request(chain, "udom0 relay", &mut |_, _| {})?
+        .parse()
+        .map_err(|e| anyhow!("`ssc up` gave no relay address: {e}"))?;
+    let t = Instant::now();
+    let mut s = TenantSession::connect(relay)?;
+    let tls_handshake = t.elapsed().as_secs_f64() * 1e3;
+    let mut nonce = [0u8; NONCE_LEN];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+        .map_err(|_| anyhow!("no randomness"))?;
+    let t = Instant::now();
+    s.send(&TenantMsg::Attest { nonce })?;
+    let (binding, evidence) = match s.recv()? {
+        Udom0Msg::Evidence { binding, evidence } => (binding, evidence),
+        Udom0Msg::Error { message } => bail!("Udom0 could not attest: {message}"),
+        other => bail!("Udom0 answered {other:?} to an attestation request"),
+    };
+    let quote = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let spki = s.udom0_spki();
+    let ex = Expectations { nonce, exporter: s.exporter()?, udom0_spki: &spki, host: &profile, launches: &expected };
+    let result = udom0::verify::verify(&evidence, &binding, &ex);
+    let verification = t.elapsed().as_secs_f64() * 1e3;
+    Ok(report(relay, &spki, &evidence, result, Timings { tls_handshake, quote, verification }))
+}
+
+fn report(
+    relay: SocketAddr,
+    spki: &[u8],
+    evidence: &ssc_abi::attest::Evidence,
+    result: std::result::Result<Verified, udom0::verify::AttestError>,
+    timings_ms: Timings,
+) -> Report {
+    let host =
+        evidence.host.pcrs.iter().map(|p| ReportPcr { index: p.index, sha256: catalog::hex(&p.value) }).collect();
+    let (verified, launches, error) = match result {
+        Ok(v) => {
+            let launches = v
+                .launches
+                .iter()
+                .map(|(l, d)| ReportLaunch {
+                    domain: l.domain.clone(),
+                    role: l.role.clone(),
+                    image: l.image.clone(),
+                    version: l.version.clone(),
+                    part: l.part.clone(),
+                    sha384: catalog::hex(d),
+                })
+                .collect();
+            (true, launches, None)
+        }
+        Err(e) => (false, vec![], Some(e.to_string())),
+    };
+    Report {
+        verified,
+        relay: relay.to_string(),
+        udom0_key_sha256: catalog::hex(ring::digest::digest(&ring::digest::SHA256, spki).as_ref()),
+        host,
+        launches,
+        error,
+        timings_ms,
+    }
+}
+
+/// The report in plain words.
+pub fn print_report(r: &Report) {
+    match &r.error {
+        None => println!("attestation VERIFIED (Udom0 via relay {})", r.relay),
+        Some(e) => println!("attestation FAILED: {e}"),
+    }
+    println!(
+        "  session: TLS 1.3 to Udom0 key sha256:{}…, bound to this session's exporter and a fresh nonce",
+        &r.udom0_key_sha256[..16]
+    );
+    println!("  host: TPM quote by the provider's attestation key; PCRs equal the published profile:");
+    for p in &r.host {
+        println!("    PCR {:>2} = {}…", p.index, &p.sha256[..16]);
+    }
+    if r.verified {
+        println!("  vTPM: quote over PCR 9 (sha256+sha384) vouched for by the host TPM; event log replays to it:");
+        for l in &r.launches {
+            println!(
+                "    {:<7} {:<14} {:<10} {:<8} sha384:{}… ({})",
+                l.role,
+                l.image,
+                l.version,
+                l.part,
+                &l.sha384[..16],
+                l.domain
+            );
+        }
+    }
+    println!(
+        "  took: TLS handshake {:.1} ms, quote {:.1} ms, verification {:.1} ms",
+        r.timings_ms.tls_handshake, r.timings_ms.quote, r.timings_ms.verification
+    );
+}
