@@ -80,13 +80,7 @@ impl Udom0Plan {
 }
 
 fn launch_of(domain: &str, role: &str, m: &catalog::ImageEntry) -> Launch {
-    Launch {
-        domain: domain.into(),
-        role: role.into(),
-        image: m.name.clone(),
-        version: m.version.clone(),
-        part: "kernel".into(),
-    }
+    Launch::kernel(domain, role, &m.name, &m.version)
 }
 
 fn sha384_bytes(b: &[u8]) -> [u8; 48] {

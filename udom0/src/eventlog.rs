@@ -225,6 +225,17 @@ pub struct Launch {
 }
 
 impl Launch {
+    /// The launch of an image's kernel (`part` = `kernel`).
+    pub fn kernel(domain: &str, role: &str, image: &str, version: &str) -> Launch {
+        Launch {
+            domain: domain.into(),
+            role: role.into(),
+            image: image.into(),
+            version: version.into(),
+            part: "kernel".into(),
+        }
+    }
+
     /// The event data.
     pub fn line(&self) -> String {
         alloc::format!(

@@ -243,13 +243,7 @@ fn malformed_tenant_frame_gets_an_error_reply() {
 // --- A meta-domain in software: the quote layout of a TPM, a P-256 key. ---
 
 fn launch(domain: &str, role: &str, image: &str) -> Launch {
-    Launch {
-        domain: domain.into(),
-        role: role.into(),
-        image: image.into(),
-        version: "0.1.0".into(),
-        part: "kernel".into(),
-    }
+    Launch::kernel(domain, role, image, "0.1.0")
 }
 
 struct SoftTpm {

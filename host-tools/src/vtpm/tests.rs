@@ -12,13 +12,7 @@ use udom0::verify::{self, AttestError, Expectations, ExpectedLaunch, HostProfile
 use super::*;
 
 fn launch(domain: &str, role: &str, image: &str) -> Launch {
-    Launch {
-        domain: domain.into(),
-        role: role.into(),
-        image: image.into(),
-        version: "0.1.0".into(),
-        part: "kernel".into(),
-    }
+    Launch::kernel(domain, role, image, "0.1.0")
 }
 
 fn expected(l: &Launch, bytes: &[u8]) -> ExpectedLaunch {

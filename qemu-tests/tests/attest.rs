@@ -1,0 +1,174 @@
+//! Attested launch on real QEMU and real swtpm: `ssc up` with `[udom0]`
+//! boots Udom0 first and measures every launch into the meta-domain's
+//! vTPM; `ssc attest` opens TLS 1.3 to Udom0 through the builder's relay
+//! and verifies the host and vTPM quotes, the binding to its own session
+//! and nonce, and the event log against its chain file, while a Linux
+//! client writes through the storage SD. Then the attacks a tenant can
+//! stage from its side: a host profile that does not match this host
+//! (host substitution) and a launch the tenant did not ask for (VM
+//! substitution) are refused by name.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use qemu_tests::*;
+
+fn chain(dir: &Path, extra: &str) -> PathBuf {
+    let (catalog_dir, trust) = catalog();
+    let chain = dir.join("chain.toml");
+    std::fs::write(
+        &chain,
+        format!(
+            "[catalog]\npath = \"{}\"\ntrust = [\"{}\"]\n\n[udom0]\n{extra}\n[[disk]]\nvolume = \"vol.img\"\nkey = \"vol.key\"\nchain = [\"storage-crypt\"]\n",
+            catalog_dir.display(),
+            trust.display()
+        ),
+    )
+    .unwrap();
+    chain
+}
+
+fn profile(dir: &Path) -> PathBuf {
+    let (_, trust) = catalog();
+    let out = dir.join("profile.json");
+    let r = run_ssc(
+        &["provider", "profile", "--trust", trust.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert!(r.output.status.success(), "ssc provider profile: {}", r.all());
+    out
+}
+
+fn wait_stderr(up: &Up, what: &str) {
+    let start = Instant::now();
+    while !up.stderr().contains(what) {
+        assert!(start.elapsed() < Duration::from_secs(240), "timed out waiting for `{what}`:\n{}", up.stderr());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn attested_launch_verifies_and_attacks_from_the_tenant_side_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vol = d.join("vol.img");
+    let key = d.join("vol.key");
+    let r = run_ssc(
+        &["volume", "create", vol.to_str().unwrap(), "--size", "16M", "--key-out", key.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert!(r.output.status.success(), "{}", r.all());
+    let c = chain(d, "");
+    let cs = c.to_str().unwrap();
+    let job = d.join("job.sh");
+    std::fs::write(
+        &job,
+        "printf 'ATTESTED-WRITE' > /tmp/m\ndd if=/tmp/m of=/dev/vda bs=512 seek=100 conv=sync 2>/dev/null\nsync\n\
+         dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 14; echo\necho ATTEST-JOB-WROTE\nsleep 600\n",
+    )
+    .unwrap();
+    let js = job.to_str().unwrap();
+    let prof = profile(d);
+    let ps = prof.to_str().unwrap();
+    let up = Up::start(d, &["up", cs, "--job", js], "up");
+    wait_stderr(&up, "ssc up: attestation:");
+    up.wait_until("the client's write", |o| o.contains("ATTEST-JOB-WROTE"));
+    assert!(up.stdout().contains("ATTESTED-WRITE"), "the client did not read its write back:\n{}", up.stdout());
+
+    // The happy path, twice (a fresh nonce and a fresh TLS session each time).
+    for _ in 0..2 {
+        let r = run_ssc(&["attest", cs, "--host-profile", ps, "--job", js, "--json"], Duration::from_secs(120));
+        assert!(r.output.status.success(), "ssc attest: {}", r.all());
+        let v: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+        assert_eq!(v["verified"], true, "{v}");
+        let parts: Vec<String> = v["launches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}/{}/{}",
+                    l["role"].as_str().unwrap(),
+                    l["image"].as_str().unwrap(),
+                    l["part"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            parts,
+            [
+                "udom0/udom0/kernel",
+                "sd/storage-crypt/kernel",
+                "client/client/kernel",
+                "client/client/initrd",
+                "client/client/cmdline"
+            ]
+        );
+    }
+    // The plain-words report.
+    let r = run_ssc(&["attest", cs, "--host-profile", ps, "--job", js], Duration::from_secs(120));
+    assert!(r.output.status.success() && r.stdout().contains("attestation VERIFIED"), "{}", r.all());
+    assert!(r.stdout().contains("storage-crypt"), "{}", r.stdout());
+
+    // Host substitution: the quote is not what the provider published.
+    let mut p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&prof).unwrap()).unwrap();
+    p["pcrs"][1]["sha256"] = serde_json::Value::String("00".repeat(32));
+    let bad = d.join("other-host.json");
+    std::fs::write(&bad, p.to_string()).unwrap();
+    let r = run_ssc(&["attest", cs, "--host-profile", bad.to_str().unwrap(), "--job", js], Duration::from_secs(120));
+    assert_eq!(r.code(), Some(1), "{}", r.all());
+    assert!(r.stdout().contains("host substitution") && r.stdout().contains("PCR 9"), "{}", r.all());
+
+    // VM substitution: the builder launched a client initramfs other than
+    // the one this tenant asked for (here: another job).
+    let other = d.join("other-job.sh");
+    std::fs::write(&other, "echo something else\n").unwrap();
+    let r = run_ssc(&["attest", cs, "--host-profile", ps, "--job", other.to_str().unwrap()], Duration::from_secs(120));
+    assert_eq!(r.code(), Some(1), "{}", r.all());
+    assert!(r.stdout().contains("VM substitution") && r.stdout().contains("initrd"), "{}", r.all());
+
+    // The builder saw only ciphertext and served one quote per attestation.
+    let err = up.stderr();
+    assert_eq!(err.matches("ssc up: udom0: quote").count(), 5, "{err}");
+    up.stop();
+    let vol_bytes = std::fs::read(&vol).unwrap();
+    assert!(!vol_bytes.windows(14).any(|w| w == b"ATTESTED-WRITE"), "plaintext reached the provider's volume");
+}
+
+#[test]
+fn attestation_mistakes_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("vol.img"), vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(d.join("vol.key"), "07".repeat(64)).unwrap();
+    // The relay stays on loopback.
+    let c = chain(d, "listen = \"10.1.2.3:7443\"\n");
+    let r = run_ssc(&["up", c.to_str().unwrap(), "--check"], Duration::from_secs(60));
+    assert!(!r.output.status.success() && r.all().contains("[udom0]") && r.all().contains("loopback"), "{}", r.all());
+    // No `ssc up` runs this chain.
+    let c = chain(d, "");
+    let prof = profile(d);
+    let r =
+        run_ssc(&["attest", c.to_str().unwrap(), "--host-profile", prof.to_str().unwrap()], Duration::from_secs(60));
+    assert!(!r.output.status.success() && r.all().contains("no `ssc up"), "{}", r.all());
+    // Not a profile.
+    let r = run_ssc(&["attest", c.to_str().unwrap(), "--host-profile", c.to_str().unwrap()], Duration::from_secs(60));
+    assert!(!r.output.status.success() && r.all().contains("not a host profile"), "{}", r.all());
+    // A chain without [udom0] has nothing to attest.
+    let (catalog_dir, trust) = catalog();
+    let plain = d.join("plain.toml");
+    std::fs::write(
+        &plain,
+        format!(
+            "[catalog]\npath = \"{}\"\ntrust = [\"{}\"]\n[[disk]]\nvolume = \"vol.img\"\nkey = \"vol.key\"\nchain = [\"storage-crypt\"]\n",
+            catalog_dir.display(),
+            trust.display()
+        ),
+    )
+    .unwrap();
+    let r = run_ssc(
+        &["attest", plain.to_str().unwrap(), "--host-profile", prof.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert!(!r.output.status.success() && r.all().contains("no [udom0] section"), "{}", r.all());
+}
