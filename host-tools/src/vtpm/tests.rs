@@ -153,3 +153,20 @@ fn host_attestation_key_is_stable_across_boots() {
     let b = HostTpm::start(&base, &dir.path().join("b")).unwrap();
     assert_eq!(a.ak_public(), b.ak_public());
 }
+
+#[test]
+fn a_missing_tpm_tool_is_named_with_its_package() {
+    let e = need_tool("swtpm_setup-not-installed", "swtpm-tools").unwrap_err().to_string();
+    assert!(e.contains("swtpm_setup-not-installed") && e.contains("apt-get install swtpm-tools"), "{e}");
+}
+
+#[test]
+fn a_broken_host_tpm_state_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("host");
+    std::fs::create_dir_all(base.join("tpm")).unwrap();
+    std::fs::write(base.join("tpm/tpm2-00.permall"), b"not a TPM state").unwrap();
+    let e = HostTpm::start(&base, &dir.path().join("run")).err().expect("a corrupt state must not start");
+    let e = format!("{e:#}");
+    assert!(e.contains("swtpm"), "{e}");
+}
