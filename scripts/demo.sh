@@ -6,6 +6,14 @@ SSC=target/debug/ssc
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Waits until the background `ssc up` (pid $1, output $2.out/.err) prints
+# the job's marker $3 or the job fails; stops the demo if ssc up exits.
+wait_job() {
+    until grep -q "$3\|client: job failed" "$2.out" 2>/dev/null; do
+        kill -0 "$1" 2>/dev/null || { cat "$2.err" >&2; echo "demo: ERROR: ssc up stopped early" >&2; exit 1; }
+        sleep 0.5
+    done
+}
 # The catalog and client part of a chain file; extra [client] lines as arguments.
 chain_head() {
     printf '[catalog]\npath = "%s"\ntrust = ["%s"]\n\n[client]\n' "$PWD/build/catalog" "$PWD/build/publisher.pub"
@@ -234,10 +242,7 @@ echo "job: DEMO-HSM-DONE"; sleep 15
 JOB
 $SSC up "$work/hsm.toml" --job "$work/hsm.sh" > "$work/up5.out" 2> "$work/up5.err" &
 up=$!
-until grep -q "DEMO-HSM-DONE\|client: job failed" "$work/up5.out" 2>/dev/null; do
-    kill -0 $up 2>/dev/null || { cat "$work/up5.err" >&2; echo "demo: ERROR: ssc up stopped early" >&2; exit 1; }
-    sleep 0.5
-done
+wait_job $up "$work/up5" DEMO-HSM-DONE
 grep -E "\] job: " "$work/up5.out" | sed 's/^\[client\] //'
 echo "-- ssc hsm list (public facts only; no key leaves DomC):"
 $SSC hsm list "$work/hsm.toml"
@@ -269,10 +274,7 @@ echo "job: DEMO-ATTEST-READY"; sleep 600
 JOB
 $SSC up "$work/att.toml" --job "$work/att.sh" > "$work/up6.out" 2> "$work/up6.err" &
 up=$!
-until grep -q "DEMO-ATTEST-READY\|client: job failed" "$work/up6.out" 2>/dev/null; do
-    kill -0 $up 2>/dev/null || { cat "$work/up6.err" >&2; echo "demo: ERROR: ssc up stopped early" >&2; exit 1; }
-    sleep 0.5
-done
+wait_job $up "$work/up6" DEMO-ATTEST-READY
 grep -E "^ssc up: udom0" "$work/up6.err"
 grep -E "\] job: " "$work/up6.out" | sed 's/^\[client\] //'
 echo "-- ssc attest (TLS 1.3 to Udom0 through the relay, a fresh nonce, quotes verified):"

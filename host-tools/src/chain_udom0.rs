@@ -333,56 +333,10 @@ pub fn provider_profile(trust: &[PathBuf]) -> Result<ProfileFile> {
     })
 }
 
-/// Accepts Udom0's raw public key and remembers it; the quote is what
-/// makes it trusted.
-#[derive(Debug, Default)]
-struct RawKey(Mutex<Option<Vec<u8>>>);
-
-impl rustls::client::danger::ServerCertVerifier for RawKey {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        *self.0.lock().unwrap() = Some(end_entity.to_vec());
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("Udom0 speaks TLS 1.3 only".into()))
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature_with_raw_key(
-            message,
-            &rustls::pki_types::SubjectPublicKeyInfoDer::from(cert.as_ref()),
-            dss,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
-    }
-    fn requires_raw_public_keys(&self) -> bool {
-        true
-    }
-}
-
 /// The tenant's TLS session to Udom0.
 pub struct TenantSession {
     tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
-    key: Arc<RawKey>,
+    key: Arc<udom0::tls::RawKeyVerifier>,
     inbox: Vec<u8>,
 }
 
@@ -391,7 +345,7 @@ impl TenantSession {
         let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
             .with_context(|| format!("connecting to the builder's relay {addr}"))?;
         tcp.set_read_timeout(Some(Duration::from_secs(120)))?;
-        let key = Arc::new(RawKey::default());
+        let key = Arc::new(udom0::tls::RawKeyVerifier::default());
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
@@ -432,7 +386,7 @@ impl TenantSession {
 
     /// Udom0's key as the handshake presented it.
     pub fn udom0_spki(&self) -> Vec<u8> {
-        self.key.0.lock().unwrap().clone().unwrap_or_default()
+        self.key.key().unwrap_or_default()
     }
 }
 

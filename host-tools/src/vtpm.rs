@@ -55,9 +55,7 @@ pub fn host_state_dir() -> PathBuf {
 }
 
 fn need_tool(tool: &str, package: &str) -> Result<()> {
-    let found =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
-    if !found {
+    if which(tool).is_none() {
         bail!("`{tool}` is not installed; attested launch needs it (`apt-get install {package}`, or `make deps`)");
     }
     Ok(())

@@ -7,9 +7,8 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use std::io::{Read, Write};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 use ssc_abi::attest::{
     ALG_SHA256, ALG_SHA384, Binding, EXPORTER_LABEL, Evidence, LAUNCH_PCR, PcrValue, Quote, TenantMsg, Udom0Msg,
     encode_frame, take_frame,
@@ -19,59 +18,14 @@ use super::*;
 use crate::eventlog::{EventLogWriter, Launch};
 use crate::verify::{AttestError, Expectations, ExpectedLaunch, HostProfile};
 
-/// Accepts any raw public key and remembers it (trust comes from the quote).
-#[derive(Debug, Default)]
-struct RawKey(std::sync::Mutex<Option<Vec<u8>>>);
-
-impl ServerCertVerifier for RawKey {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.0.lock().unwrap() = Some(end_entity.to_vec());
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2".into()))
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature_with_raw_key(
-            message,
-            &SubjectPublicKeyInfoDer::from(cert.as_ref()),
-            dss,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
-    }
-    fn requires_raw_public_keys(&self) -> bool {
-        true
-    }
-}
-
 struct Client {
     conn: ClientConnection,
-    key: Arc<RawKey>,
+    key: Arc<tls::RawKeyVerifier>,
 }
 
 impl Client {
     fn new(suites: Option<&[rustls::SupportedCipherSuite]>) -> Self {
-        let key = Arc::new(RawKey::default());
+        let key = Arc::new(tls::RawKeyVerifier::default());
         let mut provider = rustls::crypto::ring::default_provider();
         if let Some(s) = suites {
             provider.cipher_suites = s.to_vec();
@@ -167,7 +121,7 @@ fn exporter_matches_rustls_for_both_hashes() {
         let mut mine = [0u8; 32];
         u.session.as_ref().unwrap().exporter(EXPORTER_LABEL, &mut mine).unwrap();
         assert_eq!(mine, c.exporter(), "suite {:?}", s[0].suite());
-        assert_eq!(c.key.0.lock().unwrap().as_deref(), Some(u.spki()));
+        assert_eq!(c.key.key().as_deref(), Some(u.spki()));
     }
 }
 

@@ -295,3 +295,61 @@ fn expand_label(
     let okm = prk.expand(&info, Len(out.len())).map_err(|_| TlsError::Key("exporter too long".into()))?;
     okm.fill(out).map_err(|_| TlsError::Key("exporter too long".into()))
 }
+
+/// The tenant's side of the handshake: accepts the raw public key Udom0
+/// presents (checking its handshake signature) and remembers it; the
+/// attestation, not the handshake, is what makes that key trusted.
+#[derive(Debug, Default)]
+pub struct RawKeyVerifier(spin::Mutex<Option<Vec<u8>>>);
+
+impl RawKeyVerifier {
+    /// The key the handshake presented (SubjectPublicKeyInfo DER).
+    pub fn key(&self) -> Option<Vec<u8>> {
+        self.0.lock().clone()
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for RawKeyVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.0.lock() = Some(end_entity.to_vec());
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("Udom0 speaks TLS 1.3 only".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature_with_raw_key(
+            message,
+            &rustls::pki_types::SubjectPublicKeyInfoDer::from(cert.as_ref()),
+            dss,
+            &provider::default_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider::default_provider().signature_verification_algorithms.supported_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        true
+    }
+}
