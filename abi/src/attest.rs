@@ -96,9 +96,15 @@ pub struct Binding {
 pub enum TenantMsg {
     /// Quote this session: a fresh nonce.
     Attest { nonce: [u8; NONCE_LEN] },
-    /// After a verified attestation: the secrets and policy Udom0 holds
-    /// for the chain (keys for SDs, by domain name).
+    /// After a verified attestation: keys for SDs, by domain name. Udom0
+    /// keys each SD over the link the builder wired between them, and
+    /// answers once every SD has taken (or refused) its key.
     Provision { keys: Vec<ProvisionKey> },
+    /// The chain policy: which SD may do what to which client. Udom0 asks
+    /// the builder for each grant and answers once all are decided.
+    Grant { grants: Vec<GrantRequest> },
+    /// Start the client VMs now, with the grants given.
+    Launch,
     /// What Udom0 holds now (no secrets).
     Status,
 }
@@ -109,6 +115,65 @@ pub struct ProvisionKey {
     pub domain: String,
     pub purpose: String,
     pub key: Vec<u8>,
+    /// For purpose `volume`: the volume's layout, as the tenant's chain
+    /// file and volume records give it (the key goes in beside it).
+    pub volume: Option<VolumeParams>,
+}
+
+/// An encrypted volume's parameters, without the key (see
+/// [`crate::VolumeConfig`], which Udom0 builds from these and the key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeParams {
+    pub export: String,
+    pub cipher: String,
+    pub sector_size: u32,
+    pub data_offset: u64,
+    pub iv_offset: u64,
+    pub large_iv: bool,
+    pub read_only: bool,
+    pub native_header: bool,
+    pub min_generation: u64,
+}
+
+impl VolumeParams {
+    /// Everything of `cfg` but its key.
+    pub fn of(cfg: &crate::VolumeConfig<'_>) -> Self {
+        VolumeParams {
+            export: cfg.export.into(),
+            cipher: cfg.cipher.into(),
+            sector_size: cfg.sector_size,
+            data_offset: cfg.data_offset,
+            iv_offset: cfg.iv_offset,
+            large_iv: cfg.large_iv,
+            read_only: cfg.read_only,
+            native_header: cfg.native_header,
+            min_generation: cfg.min_generation,
+        }
+    }
+
+    /// The `ConfigureVolume` of these parameters with `key`.
+    pub fn config<'a>(&'a self, key: &'a [u8]) -> crate::VolumeConfig<'a> {
+        crate::VolumeConfig {
+            export: &self.export,
+            cipher: &self.cipher,
+            key,
+            sector_size: self.sector_size,
+            data_offset: self.data_offset,
+            iv_offset: self.iv_offset,
+            large_iv: self.large_iv,
+            read_only: self.read_only,
+            native_header: self.native_header,
+            min_generation: self.min_generation,
+        }
+    }
+}
+
+/// One grant of the tenant's chain policy (see `Body::Grant`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRequest {
+    pub sd: String,
+    pub client: String,
+    pub permission: String,
 }
 
 impl core::fmt::Debug for ProvisionKey {
@@ -116,10 +181,11 @@ impl core::fmt::Debug for ProvisionKey {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
-            "ProvisionKey {{ domain: {:?}, purpose: {:?}, key: <{} bytes> }}",
+            "ProvisionKey {{ domain: {:?}, purpose: {:?}, key: <{} bytes>, volume: {:?} }}",
             self.domain,
             self.purpose,
-            self.key.len()
+            self.key.len(),
+            self.volume
         )
     }
 }
@@ -129,8 +195,12 @@ impl core::fmt::Debug for ProvisionKey {
 pub enum Udom0Msg {
     /// The builder's evidence for the tenant's nonce.
     Evidence { binding: Binding, evidence: Box<Evidence> },
-    /// Keys taken: how many, and for which domains.
+    /// Keys taken: how many (each SD acknowledged its key).
     Provisioned { keys: u32 },
+    /// Grants given by the builder: how many.
+    Granted { grants: u32 },
+    /// The builder is starting the client VMs.
+    Launched,
     /// State, no secrets: attestations served, keys held per domain.
     Status { attestations: u64, keys: Vec<(String, String)> },
     /// The request failed; the message names why.

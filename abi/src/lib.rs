@@ -34,7 +34,7 @@ pub mod memory;
 pub mod pairs;
 
 /// The ABI version this crate speaks.
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 /// Largest payload accepted or produced, in bytes.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Bytes of the length prefix.
@@ -162,6 +162,19 @@ pub enum Body<'a> {
     /// Builder → Udom0: a tenant connection begins on the `tls` link; drop
     /// any previous session. Reply: `Ack`.
     TenantConnected,
+    /// Udom0 → builder: the tenant grants service domain `sd` the
+    /// `permission` (`blk-interpose`, `mem-read`, `mem-write`, `hsm`) over
+    /// client `client` of this meta-domain. The builder checks that it is
+    /// Udom0 asking, that both domains are this meta-domain's and that the
+    /// SD's signed manifest declares the permission. Reply: `Ack` or an
+    /// `Error` (`Denied`) naming the check that failed.
+    Grant { sd: &'a str, client: &'a str, permission: &'a str },
+    /// Udom0 → builder: keys are provisioned and grants given; start the
+    /// client VMs with the granted wiring. Reply: `Ack`.
+    LaunchClients,
+    /// SD → builder: Udom0 keyed this SD over their link (the key went
+    /// from Udom0 to the SD; the builder saw none of it).
+    Keyed { by: &'a str },
 }
 
 /// Parameters of an encrypted volume (dm-crypt/LUKS data-segment terms).

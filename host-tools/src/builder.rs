@@ -470,6 +470,21 @@ pub enum ControlEvent {
         request_id: u64,
         qualifying_data: Vec<u8>,
     },
+    /// Udom0 asks for a grant (checked by `crate::grants`).
+    Grant {
+        request_id: u64,
+        sd: String,
+        client: String,
+        permission: String,
+    },
+    /// Udom0 asks the builder to start the client VMs.
+    LaunchClients {
+        request_id: u64,
+    },
+    /// An SD took its key from Udom0 (the builder saw none of it).
+    Keyed {
+        by: String,
+    },
     Other(String),
     /// The link failed (bad frame, closed): the reason.
     Broken(String),
@@ -518,6 +533,14 @@ fn owned(env: Envelope<'_>) -> ControlEvent {
         Body::QuoteRequest { qualifying_data } => {
             ControlEvent::QuoteRequest { request_id: env.request_id, qualifying_data: qualifying_data.into() }
         }
+        Body::Grant { sd, client, permission } => ControlEvent::Grant {
+            request_id: env.request_id,
+            sd: sd.into(),
+            client: client.into(),
+            permission: permission.into(),
+        },
+        Body::LaunchClients => ControlEvent::LaunchClients { request_id: env.request_id },
+        Body::Keyed { by } => ControlEvent::Keyed { by: by.into() },
         other => ControlEvent::Other(format!("{other:?}")),
     }
 }
@@ -552,6 +575,8 @@ struct ControlState {
     generation: Option<u64>,
     /// Sectors reported in `IntegrityFailure` events.
     integrity_failures: Vec<u64>,
+    /// Who keyed the SD, from its `Keyed` event.
+    keyed_by: Option<String>,
     /// Called with each new generation (the tenant records it).
     on_commit: Option<Box<dyn FnMut(u64) + Send>>,
 }
@@ -649,6 +674,7 @@ impl ControlLink {
                             }
                         }
                         ControlEvent::IntegrityFailure { sector } => s.integrity_failures.push(*sector),
+                        ControlEvent::Keyed { by } => s.keyed_by = Some(by.clone()),
                         _ => {}
                     }
                     let stop = s.broken.is_some();
@@ -711,7 +737,12 @@ impl ControlLink {
         s.on_commit = Some(Box::new(f));
     }
 
-    /// Sectors the SD reported as failing authentication.
+    /// Who keyed the SD over a link of their own (`Keyed`), if anyone.
+    pub fn keyed_by(&self) -> Option<String> {
+        self.state.lock().unwrap().keyed_by.clone()
+    }
+
+    /// Sectors that failed authentication so far.
     pub fn integrity_failures(&self) -> Vec<u64> {
         self.state.lock().unwrap().integrity_failures.clone()
     }
@@ -1171,6 +1202,11 @@ impl MetaDomain {
     /// The domains, in start order.
     pub fn domains(&self) -> &[Domain] {
         &self.domains
+    }
+
+    /// The domains, mutably (to poll them).
+    pub fn domains_mut(&mut self) -> &mut [Domain] {
+        &mut self.domains
     }
 
     /// The run directory holding the domains' sockets.

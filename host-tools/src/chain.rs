@@ -103,11 +103,14 @@ struct ChainFile {
     udom0: Option<Spanned<crate::chain_udom0::Udom0Section>>,
 }
 
-/// The tenant-side secret of one disk.
+/// The tenant-side secret of one disk: where it is, read only when the
+/// SD is keyed (with `[udom0]`, only by `ssc attest --provision`: the
+/// builder never reads it).
 enum Secret {
-    /// A raw key, its file, and whether the volume has a native header.
-    Key(Vec<u8>, PathBuf, bool),
-    LuksPassphrase(Vec<u8>),
+    /// A raw key's file, and whether the volume has a native header.
+    Key(PathBuf, bool),
+    /// A LUKS passphrase's file.
+    LuksPassphrase(PathBuf),
 }
 
 /// One disk of the plan.
@@ -158,12 +161,40 @@ impl Plan {
 
     /// Every SD image the chain launches (not Udom0), once per launch.
     pub fn service_images(&self) -> Vec<&VerifiedImage> {
-        let mut v: Vec<&VerifiedImage> = self.disks.iter().flat_map(|d| d.sds.iter()).collect();
-        v.extend(self.hsm.as_ref().map(|h| &h.image));
+        let mut v = self.images_before_clients();
         v.extend(self.checkpoint.as_ref().map(|c| &c.image));
         v.extend(self.dedup.as_ref().map(|d| &d.image));
         v.extend(self.introspect.as_ref().map(|i| &i.image));
         v
+    }
+
+    /// The SD images launched before the clients (each disk's SDs, DomC);
+    /// the memory SDs follow the clients.
+    pub fn images_before_clients(&self) -> Vec<&VerifiedImage> {
+        let mut v: Vec<&VerifiedImage> = self.disks.iter().flat_map(|d| d.sds.iter()).collect();
+        v.extend(self.hsm.as_ref().map(|h| &h.image));
+        v
+    }
+
+    /// The meta-domain's name: the chain file's stem.
+    pub fn meta_name(&self) -> String {
+        self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "chain".into())
+    }
+
+    /// The client VMs' domain names: `client`, or `client-0`, `client-1`….
+    pub fn client_names(&self) -> Vec<String> {
+        match self.clients {
+            1 => vec!["client".into()],
+            n => (0..n).map(|i| format!("client-{i}")).collect(),
+        }
+    }
+}
+
+impl PlannedDisk {
+    /// The domain name of SD `k` (client side first) of disk `i`.
+    pub fn sd_name(&self, i: &str, k: usize) -> String {
+        let m = &self.sds[k].manifest.image;
+        if self.sds.len() == 1 { format!("{}-{i}", m.name) } else { format!("{}-{i}-{k}", m.name) }
     }
 }
 
@@ -235,6 +266,9 @@ pub fn plan(path: &Path) -> Result<Plan> {
             "{name}: no [[disk]], [checkpoint], [dedup], [introspect] or [hsm]: a chain needs at least one service domain"
         );
     }
+    // With [udom0] the tenant's secrets go to the SDs through Udom0:
+    // `ssc up` does not read them (`ssc attest --provision` does).
+    let attested = file.udom0.is_some();
     let mut disks = vec![];
     for d in file.disk {
         let line = |off: usize| format!("{name}:{}", line_of(&text, off));
@@ -278,6 +312,11 @@ pub fn plan(path: &Path) -> Result<Plan> {
         let (volume_key, outer_keys) = match d.key.map(|k| (k.span().start, k.into_inner())) {
             None => (None, vec![]),
             Some((_, Keys::One(k))) if sds.len() == 1 => (Some(k), vec![]),
+            Some((off, Keys::PerSd(_))) if attested && sds.len() > 1 => bail!(
+                "{}: with [udom0], a disk has one storage SD (Udom0 keys SDs that sit on a volume; \
+                 chains of SDs are not keyed through Udom0 yet)",
+                line(off)
+            ),
             Some((_, Keys::PerSd(mut ks))) if ks.len() == sds.len() => {
                 let last = ks.pop();
                 (last, ks.iter().map(|k| read_key(&at(k))).collect::<Result<Vec<_>>>()?)
@@ -298,9 +337,17 @@ pub fn plan(path: &Path) -> Result<Plan> {
                     Some(("raw", _)) => false,
                     Some((other, at)) => bail!("{}: format `{other}` is not `native` or `raw`", line(at)),
                 };
-                ("key", Secret::Key(read_key(&at(&k))?, at(&k), native))
+                if !attested {
+                    read_key(&at(&k))?;
+                }
+                ("key", Secret::Key(at(&k), native))
             }
-            (None, Some(p)) => ("luks", Secret::LuksPassphrase(crate::luks::read_passphrase(&at(&p))?)),
+            (None, Some(p)) => {
+                if !attested {
+                    crate::luks::read_passphrase(&at(&p))?;
+                }
+                ("luks", Secret::LuksPassphrase(at(&p)))
+            }
             _ => bail!("{}: give exactly one of `key` or `luks_passphrase`", line(d.volume.span().start)),
         };
         disks.push(PlannedDisk { volume, sds, secret_kind, secret, outer_keys });
@@ -326,13 +373,18 @@ pub fn plan(path: &Path) -> Result<Plan> {
                             disk.display()
                         );
                     }
+                    if attested {
+                        bail!(
+                            "{line}: `volume_key` with [udom0]: the checkpoint volume is not keyed through Udom0 yet"
+                        );
+                    }
                     let k = at(k);
-                    let key = read_key(&k).map_err(|e| anyhow!("{line}: volume_key: {e:#}"))?;
+                    read_key(&k).map_err(|e| anyhow!("{line}: volume_key: {e:#}"))?;
                     Some(PlannedDisk {
                         volume: disk.clone(),
                         sds: vec![sd],
                         secret_kind: "key",
-                        secret: Secret::Key(key, k, true),
+                        secret: Secret::Key(k, true),
                         outer_keys: vec![],
                     })
                 }
@@ -455,21 +507,20 @@ pub struct Running {
 
 /// Starts disk `i`'s SDs from the volume up, each keyed before the one
 /// above it connects to its export; returns the NBD socket of the topmost
-/// (client side) SD.
+/// (client side) SD. With `attested` (a `[udom0]` chain, one SD per disk)
+/// the SD gets a key link to Udom0 instead, and waits for Udom0 to key it.
 pub(crate) fn start_disk_sds(
     d: &PlannedDisk,
     i: &str,
     sds: &mut MetaDomain,
-    accel: Accel,
-    echo: bool,
+    (accel, echo, attested): (Accel, bool, bool),
     scratch: &Path,
 ) -> Result<PathBuf> {
     let n = d.sds.len();
     // The listening socket of the SD below (toward the volume).
     let mut below: Option<PathBuf> = None;
     for k in (0..n).rev() {
-        let m = &d.sds[k].manifest.image;
-        let name = if n == 1 { format!("{}-{i}", m.name) } else { format!("{}-{i}-{k}", m.name) };
+        let name = d.sd_name(i, k);
         let mut spec = DomainSpec::new(&name, &d.sds[k].path);
         match &below {
             None => spec.disks.push(d.volume.clone()),
@@ -477,9 +528,18 @@ pub(crate) fn start_disk_sds(
         }
         let socket = scratch.join(format!("disk{i}-{k}.nbd"));
         spec.links.push(LinkSpec::listen("nbd", &socket));
+        if attested {
+            spec.links.push(LinkSpec::connect("udom0", &crate::chain_udom0::key_socket(scratch, &name)));
+            spec.append = "ssc.keyed_by=udom0".into();
+        }
         let dom = sds.start(&spec, accel, echo, Duration::from_secs(60))?;
         let ctl = dom.control().ok_or_else(|| anyhow!("{name} has no control link"))?;
-        if below.is_none() {
+        if attested {
+            if let Some(key_path) = d.generation_record()? {
+                record_generations(ctl, key_path);
+            }
+            eprintln!("ssc up: disk {i}: {name} waits for its key from Udom0");
+        } else if below.is_none() {
             key_volume_sd(ctl, &name, d, i)?;
         } else {
             let cfg = VolumeConfig::xts_plain64("vol", &d.outer_keys[k]);
@@ -492,49 +552,86 @@ pub(crate) fn start_disk_sds(
     below.ok_or_else(|| anyhow!("disk {i} has no service domain"))
 }
 
+/// The key and layout of the SD on a disk's volume, from the tenant's
+/// secret (read here), and the generation record of an authenticated
+/// volume.
+pub struct VolumeSecret {
+    pub key: Vec<u8>,
+    pub params: ssc_abi::attest::VolumeParams,
+    /// The tenant's generation record (beside the key) and its value.
+    pub generation_of: Option<(PathBuf, u64)>,
+}
+
+impl PlannedDisk {
+    /// Reads the tenant's secret of disk `i` (the LUKS unlock happens here,
+    /// on the tenant's side).
+    pub fn secret(&self, i: &str) -> Result<VolumeSecret> {
+        // Authenticated volumes: the tenant's generation record guards
+        // against a rolled-back volume, and follows every commit.
+        let mut generation_of = None;
+        let (key, base) = match &self.secret {
+            Secret::Key(path, native) => {
+                if *native && volume_header_version(&self.volume)? == Some(sd_storage_crypt::auth::VERSION) {
+                    generation_of = Some((path.clone(), read_generation(path)?));
+                }
+                (read_key(path)?, VolumeConfig { native_header: *native, ..VolumeConfig::xts_plain64("vol", &[]) })
+            }
+            Secret::LuksPassphrase(p) => {
+                let u = crate::luks::unlock(&self.volume, &crate::luks::read_passphrase(p)?)?;
+                eprintln!(
+                    "disk {i}: LUKS{} keyslot {} unlocked on the tenant side ({}-byte sectors, data at {} KiB)",
+                    u.version,
+                    u.slot,
+                    u.sector_size,
+                    u.data_offset >> 10
+                );
+                let base = VolumeConfig {
+                    data_offset: u.data_offset,
+                    sector_size: u.sector_size,
+                    iv_offset: u.iv_offset,
+                    ..VolumeConfig::xts_plain64("vol", &[])
+                };
+                (u.key, base)
+            }
+        };
+        let params = match &generation_of {
+            Some((_, g)) => ssc_abi::attest::VolumeParams::of(&VolumeConfig::authenticated("vol", &[], *g)),
+            None => ssc_abi::attest::VolumeParams::of(&base),
+        };
+        Ok(VolumeSecret { key, params, generation_of })
+    }
+
+    /// The tenant's generation record, for an authenticated volume keyed
+    /// by Udom0 (no key is read).
+    fn generation_record(&self) -> Result<Option<PathBuf>> {
+        match &self.secret {
+            Secret::Key(path, true)
+                if volume_header_version(&self.volume)? == Some(sd_storage_crypt::auth::VERSION) =>
+            {
+                Ok(Some(path.clone()))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Follows an authenticated volume's commits into the tenant's record.
+fn record_generations(ctl: &ControlLink, key_path: PathBuf) {
+    ctl.on_commit(move |generation| {
+        if let Err(e) = write_generation(&key_path, generation) {
+            eprintln!("ssc up: cannot record generation {generation}: {e:#}");
+        }
+    });
+}
+
 /// Keys the SD that sits on disk `i`'s volume from the tenant's secret.
 fn key_volume_sd(ctl: &ControlLink, name: &str, d: &PlannedDisk, i: &str) -> Result<()> {
-    // Authenticated volumes: the tenant's generation record guards against
-    // a rolled-back volume, and follows every commit.
-    let mut generation_of = None;
-    let (key, base) = match &d.secret {
-        Secret::Key(k, path, native) => {
-            if *native && volume_header_version(&d.volume)? == Some(sd_storage_crypt::auth::VERSION) {
-                generation_of = Some((path.clone(), read_generation(path)?));
-            }
-            (k.clone(), VolumeConfig { native_header: *native, ..VolumeConfig::xts_plain64("vol", &[]) })
-        }
-        Secret::LuksPassphrase(p) => {
-            let u = crate::luks::unlock(&d.volume, p)?;
-            eprintln!(
-                "ssc up: disk {i}: LUKS{} keyslot {} unlocked on the tenant side ({}-byte sectors, data at {} KiB)",
-                u.version,
-                u.slot,
-                u.sector_size,
-                u.data_offset >> 10
-            );
-            let base = VolumeConfig {
-                data_offset: u.data_offset,
-                sector_size: u.sector_size,
-                iv_offset: u.iv_offset,
-                ..VolumeConfig::xts_plain64("vol", &[])
-            };
-            (u.key, base)
-        }
-    };
-    let cfg = match &generation_of {
-        Some((_, g)) => VolumeConfig::authenticated("vol", &key, *g),
-        None => VolumeConfig { key: &key, ..base },
-    };
-    ctl.request(Body::ConfigureVolume(cfg), Duration::from_secs(30))
+    let secret = d.secret(i)?;
+    ctl.request(Body::ConfigureVolume(secret.params.config(&secret.key)), Duration::from_secs(30))
         .with_context(|| format!("provisioning the key of disk {i} ({} from {})", d.secret_kind, d.volume.display()))?;
-    if let Some((key_path, g)) = generation_of {
+    if let Some((key_path, g)) = secret.generation_of {
         eprintln!("ssc up: disk {i}: authenticated volume opened at generation ≥ {g} (tenant record)");
-        ctl.on_commit(move |generation| {
-            if let Err(e) = write_generation(&key_path, generation) {
-                eprintln!("ssc up: cannot record generation {generation}: {e:#}");
-            }
-        });
+        record_generations(ctl, key_path);
     }
     eprintln!("ssc up: disk {i}: {name} keyed, volume {}", d.volume.display());
     Ok(())
@@ -557,13 +654,14 @@ pub fn up(
     }
     let mut sds = MetaDomain::new()?;
     // Udom0 first: from then on every launch is measured into the vTPM.
-    let udom0 = match &plan.udom0 {
-        Some(u) => Some(crate::chain_udom0::start(u, &mut sds, (accel, echo), scratch.path())?),
+    let mut udom0 = match &plan.udom0 {
+        Some(u) => Some(crate::chain_udom0::start(u, plan, &mut sds, (accel, echo), scratch.path())?),
         None => None,
     };
+    let attested = udom0.is_some();
     let mut sockets = vec![];
     for (i, d) in plan.disks.iter().enumerate() {
-        sockets.push(start_disk_sds(d, &i.to_string(), &mut sds, accel, echo, scratch.path())?);
+        sockets.push(start_disk_sds(d, &i.to_string(), &mut sds, (accel, echo, attested), scratch.path())?);
     }
     // DomC listens before the client's QEMU connects its ssc-hsm port; the
     // client gets the PKCS#11 module in its initramfs.
@@ -575,24 +673,46 @@ pub fn up(
         None => (None, None),
     };
     let initrd = client_initrd(plan, initrd_override, scratch.path())?;
-    // Clients: `client`, or `client-0`, `client-1`… when there are several.
-    let names: Vec<String> = if plan.clients == 1 {
-        vec!["client".into()]
-    } else {
-        (0..plan.clients).map(|i| format!("client-{i}")).collect()
+    let names = plan.client_names();
+    // In an attested meta-domain every client is measured before the
+    // tenant is asked to attest; the clients start once Udom0 has keyed
+    // the SDs and the builder has checked the tenant's grants.
+    // The command socket answers `ssc attest` meanwhile.
+    let mut commands = match attested {
+        true => Some(crate::chain_checkpoint::CommandSocket::bind(&plan.path)?),
+        false => None,
+    };
+    let granted = match udom0.as_mut() {
+        Some(u) => {
+            for name in &names {
+                u.measure_client(name, &plan.kernel, &initrd, &plan.append)?;
+            }
+            Some(u.wait_for_launch(plan, &mut sds, commands.as_mut())?)
+        }
+        None => None,
     };
     let shared_ram = plan.checkpoint.is_some() || plan.dedup.is_some() || plan.introspect.is_some();
     let mut clients = vec![];
     for name in &names {
         let mut spec = DomainSpec::new(name, &plan.kernel);
         spec.initrd = Some(initrd.clone());
-        if let Some(u) = &udom0 {
-            u.measure_client(name, &plan.kernel, &initrd, &plan.append)?;
-        }
-        spec.links.extend(hsm_link.clone());
         spec.mem_mib = plan.memory;
         spec.append = plan.append.clone();
-        spec.nbd_disks = sockets.iter().map(|s| NbdDisk { socket: s.clone(), export: "vol".into() }).collect();
+        for (i, (s, d)) in sockets.iter().zip(&plan.disks).enumerate() {
+            let sd = d.sd_name(&i.to_string(), 0);
+            match &granted {
+                Some(g) if !g.has(&sd, name, "blk-interpose") => {
+                    eprintln!("ssc up: {name}: disk {i} left out: `{sd}` has no blk-interpose grant over `{name}`")
+                }
+                _ => spec.nbd_disks.push(NbdDisk { socket: s.clone(), export: "vol".into() }),
+            }
+        }
+        match &granted {
+            Some(g) if hsm_link.is_some() && !g.has("domc", name, "hsm") => {
+                eprintln!("ssc up: {name}: DomC left out: no hsm grant over `{name}`")
+            }
+            _ => spec.links.extend(hsm_link.clone()),
+        }
         if shared_ram {
             // Shared RAM: the SDs' windows (and skipped by migration).
             spec.memory_file = Some(scratch.path().join(format!("{name}.mem")));
@@ -602,6 +722,21 @@ pub fn up(
         }
         let log = if echo { LogEcho::Stdout(format!("[{name}] ")) } else { LogEcho::Quiet };
         clients.push((Domain::launch(&spec, accel, &scratch, log)?, spec.memory_file));
+    }
+    // Memory windows only with their grants (attested meta-domains).
+    if let Some(g) = &granted {
+        for name in &names {
+            if plan.checkpoint.is_some() {
+                g.require("checkpoint", name, "mem-read")?;
+                g.require("checkpoint", name, "mem-write")?;
+            }
+            if plan.dedup.is_some() {
+                g.require("dedup", name, "mem-read")?;
+            }
+            if plan.introspect.is_some() {
+                g.require("introspect", name, "mem-read")?;
+            }
+        }
     }
     let mut session = match (&plan.checkpoint, &clients[0].1) {
         // One client (plan() refuses [checkpoint] with several), shared RAM.
@@ -627,15 +762,12 @@ pub fn up(
         _ => None,
     };
     let mut clients: Vec<Domain> = clients.into_iter().map(|(d, _)| d).collect();
-    let commands =
-        match session.is_some() || dedup.is_some() || introspect.is_some() || hsm.is_some() || udom0.is_some() {
-            true => {
-                let mut c = crate::chain_checkpoint::CommandSocket::bind(&plan.path)?;
-                c.monitor = introspect.is_some();
-                Some(c)
-            }
-            false => None,
-        };
+    if commands.is_none() && (session.is_some() || dedup.is_some() || introspect.is_some() || hsm.is_some()) {
+        commands = Some(crate::chain_checkpoint::CommandSocket::bind(&plan.path)?);
+    }
+    if let Some(c) = commands.as_mut() {
+        c.monitor = introspect.is_some();
+    }
     match (restore, session.as_mut()) {
         (Some(g), Some(s)) => s.restore(&clients[0], &mut sds, scratch.path(), g)?,
         (Some(_), None) => bail!("--restore needs a [checkpoint] section in the chain file"),
@@ -663,7 +795,7 @@ pub fn up(
         eprintln!("ssc up: hsm: `ssc hsm list|import|audit {}`", plan.path.display());
     }
     if udom0.is_some() {
-        eprintln!("ssc up: attestation: `ssc attest {} --host-profile FILE`", plan.path.display());
+        eprintln!("ssc up: attestation at any time: `ssc attest {} --host-profile FILE`", plan.path.display());
     }
     Ok(Running { sds, clients, checkpoint: session, dedup, introspect, hsm, udom0, commands, _scratch: scratch })
 }

@@ -169,7 +169,7 @@ pub fn start_sd(
 ) -> Result<Session> {
     let mut spec = DomainSpec::new("checkpoint", &plan.image.path);
     if let Some(d) = &plan.through {
-        let socket = crate::chain::start_disk_sds(d, "checkpoint", sds, accel, echo, scratch)?;
+        let socket = crate::chain::start_disk_sds(d, "checkpoint", sds, (accel, echo, false), scratch)?;
         spec.links.push(LinkSpec::connect("down", &socket));
     } else if !plan.disk.exists() {
         std::fs::File::create(&plan.disk)

@@ -32,12 +32,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use ssc_abi::Body;
-use ssc_abi::attest::{ALG_SHA256, EXPORTER_LABEL, NONCE_LEN, PcrValue, TenantMsg, Udom0Msg, encode_frame, take_frame};
+use ssc_abi::attest::{
+    ALG_SHA256, EXPORTER_LABEL, GrantRequest, NONCE_LEN, PcrValue, ProvisionKey, TenantMsg, Udom0Msg, encode_frame,
+    take_frame,
+};
 use udom0::eventlog::Launch;
 use udom0::verify::{Expectations, ExpectedLaunch, HostProfile, Verified};
 
 use crate::builder::{ControlEvent, ControlSender, DomainSpec, LinkSpec, MetaDomain};
 use crate::catalog::{self, VerifiedImage};
+use crate::grants::{Authority, Granted};
 use crate::qemu::Accel;
 use crate::vtpm::{HostTpm, Vtpm};
 
@@ -117,12 +121,32 @@ pub struct Session {
     connects: Receiver<Sender<Result<(), String>>>,
     waiting: Vec<(u64, Sender<Result<(), String>>)>,
     sender: ControlSender,
+    /// Checks Udom0's grant requests.
+    authority: Authority,
+    /// What the builder granted.
+    pub granted: Granted,
+    /// The SDs Udom0 keys (one per disk).
+    keyed_sds: Vec<String>,
+    /// Udom0 asked to launch the clients, and the builder did.
+    launched: bool,
     pub quotes: u64,
 }
 
+/// The socket of Udom0's key link to SD `domain` (Udom0 listens).
+pub fn key_socket(scratch: &Path, domain: &str) -> PathBuf {
+    scratch.join(format!("udom0-key-{domain}.sock"))
+}
+
 /// Starts the TPMs and Udom0 (measured first), and the relay; from then
-/// on, every domain `sds` starts is measured.
-pub fn start(plan: &Udom0Plan, sds: &mut MetaDomain, (accel, echo): (Accel, bool), scratch: &Path) -> Result<Session> {
+/// on, every domain `sds` starts is measured. Udom0 gets a key link to
+/// each disk's SD of `chain`.
+pub fn start(
+    plan: &Udom0Plan,
+    chain: &crate::chain::Plan,
+    sds: &mut MetaDomain,
+    (accel, echo): (Accel, bool),
+    scratch: &Path,
+) -> Result<Session> {
     let t = Instant::now();
     let base = crate::vtpm::host_state_dir();
     let host = HostTpm::boot(&base, scratch, &plan.trusted).context("booting the host TPM")?;
@@ -152,8 +176,12 @@ pub fn start(plan: &Udom0Plan, sds: &mut MetaDomain, (accel, echo): (Accel, bool
     let tls = scratch.join("udom0-tls.sock");
     let mut spec = DomainSpec::new(DOMAIN, &plan.image.path);
     spec.links.push(LinkSpec::listen("tls", &tls));
+    let keyed_sds: Vec<String> = chain.disks.iter().enumerate().map(|(i, d)| d.sd_name(&i.to_string(), 0)).collect();
+    for sd in &keyed_sds {
+        spec.links.push(LinkSpec::listen(&format!("key.{sd}"), &key_socket(scratch, sd)));
+    }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-    spec.append = format!("ssc.time={now}");
+    spec.append = format!("ssc.time={now} ssc.keys={}", keyed_sds.join(","));
     let dom = sds.start(&spec, accel, echo, Duration::from_secs(60))?;
     let ctl = dom.control().ok_or_else(|| anyhow!("udom0 has no control link"))?;
     let sender = ctl.sender();
@@ -164,7 +192,19 @@ pub fn start(plan: &Udom0Plan, sds: &mut MetaDomain, (accel, echo): (Accel, bool
     let (tx, connects) = channel();
     std::thread::spawn(move || relay_loop(listener, link, tx));
     eprintln!("ssc up: udom0: ready; the tenant's TLS relay listens on {relay} (`ssc attest`)");
-    Ok(Session { vtpm, host, relay, connects, waiting: vec![], sender, quotes: 0 })
+    Ok(Session {
+        vtpm,
+        host,
+        relay,
+        connects,
+        waiting: vec![],
+        sender,
+        authority: Authority::of(chain),
+        granted: Granted::default(),
+        keyed_sds,
+        launched: false,
+        quotes: 0,
+    })
 }
 
 /// Relays one tenant connection at a time to Udom0's `tls` link. Before
@@ -267,6 +307,59 @@ impl Session {
                         (Err(e), _) | (_, Err(e)) => eprintln!("ssc up: udom0: quote failed: {e:#}"),
                     }
                 }
+                ControlEvent::Grant { request_id, sd, client, permission } => {
+                    let asked = GrantRequest { sd, client, permission };
+                    let verdict = match self.launched {
+                        true => Err("the clients are running: grants are fixed at launch".to_string()),
+                        false => self.authority.check(DOMAIN, &asked).map_err(|e| e.to_string()),
+                    };
+                    let sent = match verdict {
+                        Ok(g) => {
+                            eprintln!("ssc up: udom0: granted `{}` {} over `{}`", g.sd, g.permission, g.client);
+                            if !self.granted.has(&g.sd, &g.client, &g.permission) {
+                                self.granted.0.push(g);
+                            }
+                            ctl.reply(request_id, Body::Ack)
+                        }
+                        Err(message) => {
+                            eprintln!("ssc up: udom0: grant refused: {message}");
+                            let code = ssc_abi::ErrorCode::Denied;
+                            ctl.reply(request_id, Body::Error { code, message: &message })
+                        }
+                    };
+                    if let Err(e) = sent {
+                        eprintln!("ssc up: udom0: {e:#}");
+                    }
+                }
+                ControlEvent::LaunchClients { request_id } => {
+                    let unkeyed: Vec<&String> = self
+                        .keyed_sds
+                        .iter()
+                        .filter(|n| {
+                            let d = sds.domains().iter().find(|d| &&d.name == n);
+                            d.and_then(|d| d.control_ref()).and_then(|c| c.keyed_by()).is_none()
+                        })
+                        .collect();
+                    let verdict = match (self.launched, unkeyed.is_empty()) {
+                        (true, _) => Err("the clients are already running".to_string()),
+                        (false, false) => {
+                            Err(format!("not launched: {unkeyed:?} have no key yet (provision through Udom0 first)"))
+                        }
+                        (false, true) => Ok(()),
+                    };
+                    let sent = match verdict {
+                        Ok(()) => {
+                            self.launched = true;
+                            ctl.reply(request_id, Body::Ack)
+                        }
+                        Err(message) => {
+                            ctl.reply(request_id, Body::Error { code: ssc_abi::ErrorCode::Denied, message: &message })
+                        }
+                    };
+                    if let Err(e) = sent {
+                        eprintln!("ssc up: udom0: {e:#}");
+                    }
+                }
                 ControlEvent::Broken(why) => {
                     eprintln!("ssc up: udom0: control link broken: {why}");
                     return;
@@ -274,6 +367,58 @@ impl Session {
                 _ => {}
             }
         }
+    }
+
+    /// Serves Udom0 (quotes, grants) and `ssc attest`'s relay question
+    /// until Udom0 asks to launch the clients; returns the grants given.
+    /// Gives up after `$SSC_UDOM0_WAIT` seconds (default 900).
+    pub fn wait_for_launch(
+        &mut self,
+        plan: &crate::chain::Plan,
+        sds: &mut MetaDomain,
+        mut commands: Option<&mut crate::chain_checkpoint::CommandSocket>,
+    ) -> Result<Granted> {
+        let limit = std::env::var("SSC_UDOM0_WAIT").ok().and_then(|s| s.parse().ok()).unwrap_or(900u64);
+        eprintln!(
+            "ssc up: udom0: waiting for the tenant to attest, provision and launch: \
+             `ssc attest {} --host-profile FILE --provision`",
+            plan.path.display()
+        );
+        let start = Instant::now();
+        let mut keyed = vec![];
+        while !self.launched {
+            self.tick(sds);
+            for d in sds.domains() {
+                if let Some(by) = d.control_ref().and_then(|c| c.keyed_by())
+                    && !keyed.contains(&d.name)
+                {
+                    eprintln!("ssc up: {}: keyed by {by} (the builder saw no key)", d.name);
+                    keyed.push(d.name.clone());
+                }
+            }
+            if let Some(c) = commands.as_mut() {
+                let relay = self.relay;
+                c.poll(|cmd, _| match cmd {
+                    "udom0 relay" => Ok(relay.to_string()),
+                    other => bail!("`{other}`: the clients have not launched yet (waiting for the tenant)"),
+                });
+            }
+            for d in sds.domains_mut() {
+                if !d.running() {
+                    bail!("{} stopped while waiting for the tenant: {:?}", d.name, d.log().last());
+                }
+            }
+            if start.elapsed() > Duration::from_secs(limit) {
+                bail!(
+                    "the tenant did not launch the clients within {limit} s ($SSC_UDOM0_WAIT): run \
+                     `ssc attest {} --host-profile FILE --provision` while `ssc up` waits",
+                    plan.path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("ssc up: udom0: the tenant launched the clients with {} grant(s)", self.granted.0.len());
+        Ok(self.granted.clone())
     }
 
     fn evidence(&mut self, qualifying_data: &[u8]) -> Result<Vec<u8>> {
@@ -399,7 +544,19 @@ pub struct Report {
     pub host: Vec<ReportPcr>,
     pub launches: Vec<ReportLaunch>,
     pub error: Option<String>,
+    /// With `--provision`: what the tenant sent after verifying.
+    pub provisioned: Option<Provisioned>,
     pub timings_ms: Timings,
+}
+
+/// What `ssc attest --provision` handed Udom0.
+#[derive(Debug, Default, Serialize)]
+pub struct Provisioned {
+    /// `domain: purpose` of each key an SD took from Udom0.
+    pub keys: Vec<String>,
+    /// `sd permission client` of each grant the builder gave.
+    pub grants: Vec<String>,
+    pub launched: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -423,17 +580,26 @@ pub struct Timings {
     pub tls_handshake: f64,
     pub quote: f64,
     pub verification: f64,
+    /// Keys to the SDs through Udom0, then grants and the launch request.
+    pub provisioning: f64,
 }
 
-/// The launches the tenant's chain implies, from its plan.
-pub fn expected_launches(plan: &crate::chain::Plan, client_initrd: &Path) -> Result<Vec<ExpectedLaunch>> {
+/// The launches the tenant's chain implies, from its plan: before the
+/// tenant launches the clients (`launched` false), the memory SDs, which
+/// start after the clients, are not there yet.
+pub fn expected_launches(
+    plan: &crate::chain::Plan,
+    client_initrd: &Path,
+    launched: bool,
+) -> Result<Vec<ExpectedLaunch>> {
     let u =
         plan.udom0.as_ref().ok_or_else(|| anyhow!("{}: no [udom0] section: nothing to attest", plan.path.display()))?;
     let mut out = vec![ExpectedLaunch {
         launch: launch_of(DOMAIN, "udom0", &u.image.manifest.image),
         sha384: sha384_file(&u.image.path)?,
     }];
-    for img in plan.service_images() {
+    let images = if launched { plan.service_images() } else { plan.images_before_clients() };
+    for img in images {
         out.push(ExpectedLaunch { launch: launch_of("", "sd", &img.manifest.image), sha384: sha384_file(&img.path)? });
     }
     for c in 0..plan.clients {
@@ -446,13 +612,22 @@ pub fn expected_launches(plan: &crate::chain::Plan, client_initrd: &Path) -> Res
 
 /// `ssc attest`: attests the chain `ssc up` runs; `Ok(report)` whether or
 /// not it verified (the report says), `Err` when it could not even ask.
-pub fn attest(chain: &Path, host_profile: &Path, job: Option<&Path>) -> Result<Report> {
+/// With `provision`, and only once the evidence verified, it then sends
+/// Udom0 the volume keys (read here, on the tenant's side), the chain's
+/// grants and the request to launch the clients.
+pub fn attest(chain: &Path, host_profile: &Path, job: Option<&Path>, provision: bool) -> Result<Report> {
     let plan = crate::chain::plan(chain)?;
     let profile = ProfileFile::read(host_profile)?;
     let scratch = crate::builder::RunDir::create()?;
     let job = crate::chain::job_initrd(&plan, job, scratch.path())?;
     let initrd = crate::chain::client_initrd(&plan, job.as_deref(), scratch.path())?;
-    let expected = expected_launches(&plan, &initrd)?;
+    let expected = expected_launches(&plan, &initrd, !provision)?;
+    // The secrets are read before anything goes out, so a missing key
+    // file fails here, not half-way through provisioning.
+    let keys = match provision {
+        true => provision_keys(&plan)?,
+        false => vec![],
+    };
     let relay: SocketAddr = crate::chain_checkpoint::request(chain, "udom0 relay", &mut |_, _| {})?
         .parse()
         .map_err(|e| anyhow!("`ssc up` gave no relay address: {e}"))?;
@@ -475,7 +650,65 @@ pub fn attest(chain: &Path, host_profile: &Path, job: Option<&Path>) -> Result<R
     let ex = Expectations { nonce, exporter: s.exporter()?, udom0_spki: &spki, host: &profile, launches: &expected };
     let result = udom0::verify::verify(&evidence, &binding, &ex);
     let verification = t.elapsed().as_secs_f64() * 1e3;
-    Ok(report(relay, &spki, &evidence, result, Timings { tls_handshake, quote, verification }))
+    let verified = result.is_ok();
+    let mut timings = Timings { tls_handshake, quote, verification, provisioning: 0.0 };
+    let mut r = report(relay, &spki, &evidence, result, Timings::default());
+    if provision && verified {
+        let t = Instant::now();
+        r.provisioned = Some(provision_and_launch(&mut s, keys, crate::grants::policy(&plan))?);
+        timings.provisioning = t.elapsed().as_secs_f64() * 1e3;
+    }
+    r.timings_ms = timings;
+    Ok(r)
+}
+
+/// The volume key of each disk's SD, read from the tenant's files.
+pub fn provision_keys(plan: &crate::chain::Plan) -> Result<Vec<ProvisionKey>> {
+    let mut keys = vec![];
+    for (i, d) in plan.disks.iter().enumerate() {
+        let i = i.to_string();
+        let secret = d.secret(&i).with_context(|| format!("the tenant's secret of disk {i}"))?;
+        keys.push(ProvisionKey {
+            domain: d.sd_name(&i, 0),
+            purpose: "volume".into(),
+            key: secret.key,
+            volume: Some(secret.params),
+        });
+    }
+    Ok(keys)
+}
+
+/// After a verified attestation: keys, grants, launch, each answered by
+/// Udom0 before the next goes; the first refusal stops it, named.
+pub fn provision_and_launch(
+    s: &mut TenantSession,
+    keys: Vec<ProvisionKey>,
+    grants: Vec<GrantRequest>,
+) -> Result<Provisioned> {
+    let mut out = Provisioned {
+        keys: keys.iter().map(|k| format!("{}: {}", k.domain, k.purpose)).collect(),
+        grants: grants.iter().map(|g| format!("{} {} {}", g.sd, g.permission, g.client)).collect(),
+        launched: false,
+    };
+    s.send(&TenantMsg::Provision { keys })?;
+    match s.recv()? {
+        Udom0Msg::Provisioned { .. } => {}
+        Udom0Msg::Error { message } => bail!("provisioning through Udom0 failed: {message}"),
+        other => bail!("Udom0 answered {other:?} to the keys"),
+    }
+    s.send(&TenantMsg::Grant { grants })?;
+    match s.recv()? {
+        Udom0Msg::Granted { .. } => {}
+        Udom0Msg::Error { message } => bail!("grants refused: {message}"),
+        other => bail!("Udom0 answered {other:?} to the grants"),
+    }
+    s.send(&TenantMsg::Launch)?;
+    match s.recv()? {
+        Udom0Msg::Launched => out.launched = true,
+        Udom0Msg::Error { message } => bail!("launch refused: {message}"),
+        other => bail!("Udom0 answered {other:?} to the launch"),
+    }
+    Ok(out)
 }
 
 fn report(
@@ -512,6 +745,7 @@ fn report(
         host,
         launches,
         error,
+        provisioned: None,
         timings_ms,
     }
 }
@@ -544,8 +778,20 @@ pub fn print_report(r: &Report) {
             );
         }
     }
+    if let Some(p) = &r.provisioned {
+        println!("  provisioned through Udom0 (the builder saw no key):");
+        for k in &p.keys {
+            println!("    key    {k}");
+        }
+        for g in &p.grants {
+            println!("    grant  {g}");
+        }
+        if p.launched {
+            println!("  launched: the builder is starting the client VMs");
+        }
+    }
     println!(
-        "  took: TLS handshake {:.1} ms, quote {:.1} ms, verification {:.1} ms",
-        r.timings_ms.tls_handshake, r.timings_ms.quote, r.timings_ms.verification
+        "  took: TLS handshake {:.1} ms, quote {:.1} ms, verification {:.1} ms, provisioning {:.1} ms",
+        r.timings_ms.tls_handshake, r.timings_ms.quote, r.timings_ms.verification, r.timings_ms.provisioning
     );
 }

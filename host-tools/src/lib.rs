@@ -32,6 +32,7 @@ pub mod chain_udom0;
 pub mod checkpoint;
 pub mod dedup;
 pub mod doctor;
+pub mod grants;
 pub mod luks;
 pub mod profile;
 pub mod qemu;

@@ -153,6 +153,14 @@ enum Cmd {
     /// tenant's own client kernel, initramfs and command line. Prints what
     /// it verified, or the attack it caught (replay, diversion, VM or host
     /// substitution). Exit status 0 only when everything verified.
+    ///
+    /// `ssc up` with `[udom0]` waits for the tenant before it starts the
+    /// client VMs: run `ssc attest --provision` once. Only after the
+    /// evidence verified does it send Udom0 the volume keys (read from the
+    /// chain's key files here; Udom0 passes each to its storage SD over a
+    /// link the builder does not read), the chain's grants (which SD may
+    /// interpose on which disk or read which client's memory; the builder
+    /// checks each against the SD's signed manifest) and the launch.
     Attest {
         chain: PathBuf,
         /// The provider's host profile (JSON from `ssc provider profile`).
@@ -162,6 +170,9 @@ enum Cmd {
         /// client's measured initramfs).
         #[arg(long)]
         job: Option<PathBuf>,
+        /// After verifying: provision keys, grant, launch the clients.
+        #[arg(long)]
+        provision: bool,
         #[arg(long)]
         json: bool,
     },
@@ -737,8 +748,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Hsm(cmd) => hsm_command(cmd),
-        Cmd::Attest { chain, host_profile, job, json } => {
-            let r = ssc::chain_udom0::attest(&chain, &host_profile, job.as_deref())?;
+        Cmd::Attest { chain, host_profile, job, provision, json } => {
+            let r = ssc::chain_udom0::attest(&chain, &host_profile, job.as_deref(), provision)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

@@ -3,15 +3,17 @@
 //! vTPM; `ssc attest` opens TLS 1.3 to Udom0 through the builder's relay
 //! and verifies the host and vTPM quotes, the binding to its own session
 //! and nonce, and the event log against its chain file, while a Linux
-//! client writes through the storage SD. Then the attacks a tenant can
-//! stage from its side: a host profile that does not match this host
-//! (host substitution) and a launch the tenant did not ask for (VM
-//! substitution) are refused by name.
+//! client writes through the storage SD, keyed by Udom0 (the builder never
+//! reads the key). Then the attacks: a host profile that does not match
+//! this host (host substitution), a launch the tenant did not ask for (VM
+//! substitution), a grant over another tenant's client (domain violation)
+//! and a grant beyond the SD's manifest are each refused by name.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use qemu_tests::*;
+use ssc_abi::attest::{GrantRequest, TenantMsg, Udom0Msg};
 
 fn chain(dir: &Path, extra: &str) -> PathBuf {
     let (catalog_dir, trust) = catalog();
@@ -47,8 +49,23 @@ fn wait_stderr(up: &Up, what: &str) {
     }
 }
 
+/// The tenant's session to Udom0, opened by hand (as a tenant that does
+/// not follow the rules would): attests (with no check), then sends `msg`.
+fn tenant_says(chain: &Path, msg: &TenantMsg) -> Udom0Msg {
+    let relay = ssc::chain_checkpoint::request(chain, "udom0 relay", &mut |_, _| {}).unwrap();
+    let mut s = ssc::chain_udom0::TenantSession::connect(relay.parse().unwrap()).unwrap();
+    s.send(msg).unwrap();
+    s.recv().unwrap()
+}
+
+fn grant(sd: &str, client: &str, permission: &str) -> TenantMsg {
+    TenantMsg::Grant {
+        grants: vec![GrantRequest { sd: sd.into(), client: client.into(), permission: permission.into() }],
+    }
+}
+
 #[test]
-fn attested_launch_verifies_and_attacks_from_the_tenant_side_are_named() {
+fn attested_launch_provisions_through_udom0_and_attacks_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let vol = d.join("vol.img");
@@ -70,12 +87,69 @@ fn attested_launch_verifies_and_attacks_from_the_tenant_side_are_named() {
     let js = job.to_str().unwrap();
     let prof = profile(d);
     let ps = prof.to_str().unwrap();
+    // The key file is not there while `ssc up` starts: the builder never
+    // reads it. Only the tenant's `ssc attest --provision` does.
+    let hidden = d.join("tenant-only.key");
+    std::fs::rename(&key, &hidden).unwrap();
     let up = Up::start(d, &["up", cs, "--job", js], "up");
-    wait_stderr(&up, "ssc up: attestation:");
+    wait_stderr(&up, "waiting for the tenant to attest");
+    std::fs::rename(&hidden, &key).unwrap();
+
+    // Host substitution: nothing is provisioned to a host that is not the
+    // published one, and the clients stay unlaunched.
+    let mut p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&prof).unwrap()).unwrap();
+    p["pcrs"][1]["sha256"] = serde_json::Value::String("00".repeat(32));
+    let bad = d.join("other-host.json");
+    std::fs::write(&bad, p.to_string()).unwrap();
+    let r = run_ssc(
+        &["attest", cs, "--host-profile", bad.to_str().unwrap(), "--job", js, "--provision"],
+        Duration::from_secs(120),
+    );
+    assert_eq!(r.code(), Some(1), "{}", r.all());
+    assert!(r.stdout().contains("host substitution") && r.stdout().contains("PCR 9"), "{}", r.all());
+    assert!(!r.stdout().contains("provisioned through Udom0"), "{}", r.all());
+
+    // The builder's least privilege, asked through the real Udom0: a
+    // window on another tenant's client (domain violation), a permission
+    // the SD's signed manifest does not declare, and a launch before the
+    // SD has its key.
+    let m = tenant_says(&c, &grant("storage-crypt-0", "tenant-b/client", "mem-read"));
+    assert!(
+        matches!(&m, Udom0Msg::Error { message } if message.contains("domain violation: `tenant-b/client`")),
+        "{m:?}"
+    );
+    let m = tenant_says(&c, &grant("storage-crypt-0", "client", "mem-read"));
+    assert!(
+        matches!(&m, Udom0Msg::Error { message } if message.contains("grant beyond manifest") && message.contains("[blk-interpose]")),
+        "{m:?}"
+    );
+    let m = tenant_says(&c, &TenantMsg::Launch);
+    assert!(matches!(&m, Udom0Msg::Error { message } if message.contains("no key yet")), "{m:?}");
+    assert!(!up.stderr().contains("ready with"), "the client started without the tenant:\n{}", up.stderr());
+
+    // The happy path: verify, then the key goes tenant → Udom0 → SD, the
+    // grant is checked, the client launches and writes through the SD.
+    let r =
+        run_ssc(&["attest", cs, "--host-profile", ps, "--job", js, "--provision", "--json"], Duration::from_secs(120));
+    assert!(
+        r.output.status.success(),
+        "ssc attest --provision: {}\n--- ssc up ---\n{}\n{}",
+        r.all(),
+        up.stderr(),
+        up.stdout()
+    );
+    let v: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["provisioned"]["keys"], serde_json::json!(["storage-crypt-0: volume"]), "{v}");
+    assert_eq!(v["provisioned"]["grants"], serde_json::json!(["storage-crypt-0 blk-interpose client"]), "{v}");
+    assert_eq!(v["provisioned"]["launched"], true, "{v}");
     up.wait_until("the client's write", |o| o.contains("ATTEST-JOB-WROTE"));
     assert!(up.stdout().contains("ATTESTED-WRITE"), "the client did not read its write back:\n{}", up.stdout());
+    let err = up.stderr();
+    assert!(err.contains("storage-crypt-0: keyed by udom0"), "{err}");
+    assert!(err.contains("granted `storage-crypt-0` blk-interpose over `client`"), "{err}");
 
-    // The happy path, twice (a fresh nonce and a fresh TLS session each time).
+    // Attestation at any time after: a fresh nonce and TLS session each.
     for _ in 0..2 {
         let r = run_ssc(&["attest", cs, "--host-profile", ps, "--job", js, "--json"], Duration::from_secs(120));
         assert!(r.output.status.success(), "ssc attest: {}", r.all());
@@ -110,15 +184,6 @@ fn attested_launch_verifies_and_attacks_from_the_tenant_side_are_named() {
     assert!(r.output.status.success() && r.stdout().contains("attestation VERIFIED"), "{}", r.all());
     assert!(r.stdout().contains("storage-crypt"), "{}", r.stdout());
 
-    // Host substitution: the quote is not what the provider published.
-    let mut p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&prof).unwrap()).unwrap();
-    p["pcrs"][1]["sha256"] = serde_json::Value::String("00".repeat(32));
-    let bad = d.join("other-host.json");
-    std::fs::write(&bad, p.to_string()).unwrap();
-    let r = run_ssc(&["attest", cs, "--host-profile", bad.to_str().unwrap(), "--job", js], Duration::from_secs(120));
-    assert_eq!(r.code(), Some(1), "{}", r.all());
-    assert!(r.stdout().contains("host substitution") && r.stdout().contains("PCR 9"), "{}", r.all());
-
     // VM substitution: the builder launched a client initramfs other than
     // the one this tenant asked for (here: another job).
     let other = d.join("other-job.sh");
@@ -126,10 +191,13 @@ fn attested_launch_verifies_and_attacks_from_the_tenant_side_are_named() {
     let r = run_ssc(&["attest", cs, "--host-profile", ps, "--job", other.to_str().unwrap()], Duration::from_secs(120));
     assert_eq!(r.code(), Some(1), "{}", r.all());
     assert!(r.stdout().contains("VM substitution") && r.stdout().contains("initrd"), "{}", r.all());
+    // Grants are fixed once the clients run.
+    let m = tenant_says(&c, &grant("storage-crypt-0", "client", "blk-interpose"));
+    assert!(matches!(&m, Udom0Msg::Error { message } if message.contains("fixed at launch")), "{m:?}");
 
     // The builder saw only ciphertext and served one quote per attestation.
     let err = up.stderr();
-    assert_eq!(err.matches("ssc up: udom0: quote").count(), 5, "{err}");
+    assert_eq!(err.matches("ssc up: udom0: quote").count(), 6, "{err}");
     up.stop();
     let vol_bytes = std::fs::read(&vol).unwrap();
     assert!(!vol_bytes.windows(14).any(|w| w == b"ATTESTED-WRITE"), "plaintext reached the provider's volume");

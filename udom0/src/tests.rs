@@ -10,8 +10,8 @@ use std::io::{Read, Write};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection};
 use ssc_abi::attest::{
-    ALG_SHA256, ALG_SHA384, Binding, EXPORTER_LABEL, Evidence, LAUNCH_PCR, PcrValue, Quote, TenantMsg, Udom0Msg,
-    encode_frame, take_frame,
+    ALG_SHA256, ALG_SHA384, Binding, EXPORTER_LABEL, Evidence, GrantRequest, LAUNCH_PCR, PcrValue, Quote, TenantMsg,
+    Udom0Msg, encode_frame, take_frame,
 };
 
 use super::*;
@@ -135,16 +135,17 @@ fn attest_request_binds_nonce_exporter_and_key() {
     let qd = acts
         .iter()
         .find_map(|a| match a {
-            Action::RequestQuote { qualifying_data } => Some(qualifying_data.clone()),
+            Action::RequestQuote { id, qualifying_data } => Some((*id, qualifying_data.clone())),
             _ => None,
         })
         .expect("a quote request");
+    let (id, qd) = qd;
     let binding = Binding { nonce, exporter: c.exporter(), udom0_spki: u.spki().to_vec() };
     assert_eq!(qd, verify::qualifying_data(&binding));
 
     let fake = FakeMetaDomain::new(&[launch("udom0", "udom0", "udom0")]);
     let evidence = fake.evidence(&qd);
-    let acts = u.quote_evidence(&postcard::to_allocvec(&evidence).unwrap());
+    let acts = u.reply(id, Reply::Evidence(&postcard::to_allocvec(&evidence).unwrap()));
     c.take(acts);
     let Udom0Msg::Evidence { binding: got, evidence: ev } = c.recv() else { panic!("no evidence") };
     assert_eq!(got, binding);
@@ -156,18 +157,118 @@ fn attest_request_binds_nonce_exporter_and_key() {
     assert_eq!(u.attestations, 1);
 }
 
+fn volume_key(domain: &str, byte: u8) -> ProvisionKey {
+    let volume = ssc_abi::attest::VolumeParams {
+        export: "vol".into(),
+        cipher: "aes-xts-plain64".into(),
+        sector_size: 512,
+        data_offset: 0,
+        iv_offset: 0,
+        large_iv: false,
+        read_only: false,
+        native_header: true,
+        min_generation: 0,
+    };
+    ProvisionKey { domain: domain.into(), purpose: "volume".into(), key: alloc::vec![byte; 64], volume: Some(volume) }
+}
+
+fn key_requests(acts: &[Action]) -> Vec<(u64, ProvisionKey)> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::KeySd { id, key } => Some((*id, key.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn provisioned_keys_are_held_and_listed_without_bytes() {
+fn keys_go_to_their_sds_and_the_tenant_hears_once_all_took_them() {
+    let mut u = Udom0::new(0).unwrap();
+    u.set_key_links(alloc::vec!["sd0".into(), "sd1".into()]);
+    let mut c = Client::new(None);
+    c.handshake(&mut u);
+    let acts = c.send(&mut u, &TenantMsg::Provision { keys: alloc::vec![volume_key("sd0", 9), volume_key("sd1", 8)] });
+    assert!(acts.iter().all(|a| !matches!(a, Action::Log(l) if l.contains("\u{9}"))));
+    let reqs = key_requests(&acts);
+    assert_eq!(reqs.iter().map(|(_, k)| k.domain.as_str()).collect::<Vec<_>>(), ["sd0", "sd1"]);
+    assert_eq!(reqs[0].1.key, [9u8; 64]);
+    // A second request while these are out is refused, not queued.
+    c.send(&mut u, &TenantMsg::Status);
+    assert!(matches!(c.recv(), Udom0Msg::Error { message } if message.contains("still being served")));
+    let acts = u.reply(reqs[0].0, Reply::Ack);
+    assert!(!acts.iter().any(|a| matches!(a, Action::ToTenant(_))), "no answer before every SD answered");
+    let acts = u.reply(reqs[1].0, Reply::Ack);
+    c.take(acts);
+    assert_eq!(c.recv(), Udom0Msg::Provisioned { keys: 2 });
+    c.send(&mut u, &TenantMsg::Status);
+    let Udom0Msg::Status { keys, .. } = c.recv() else { panic!() };
+    assert_eq!(keys, [("sd0".into(), "volume".into()), ("sd1".into(), "volume".into())]);
+    assert_eq!(u.key("sd0", "volume"), Some(&[9u8; 64][..]));
+}
+
+#[test]
+fn an_sd_refusing_its_key_is_named_and_unknown_sds_key_nothing() {
+    let mut u = Udom0::new(0).unwrap();
+    u.set_key_links(alloc::vec!["sd0".into()]);
+    let mut c = Client::new(None);
+    c.handshake(&mut u);
+    // One unknown domain: nothing is keyed at all.
+    let acts = c.send(&mut u, &TenantMsg::Provision { keys: alloc::vec![volume_key("sd0", 1), volume_key("sdX", 2)] });
+    assert!(key_requests(&acts).is_empty());
+    assert!(matches!(c.recv(), Udom0Msg::Error { message } if message.contains("no key link to `sdX`")));
+    // A key without a layout is refused by purpose.
+    let mut bare = volume_key("sd0", 1);
+    bare.volume = None;
+    c.send(&mut u, &TenantMsg::Provision { keys: alloc::vec![bare] });
+    assert!(matches!(c.recv(), Udom0Msg::Error { message } if message.contains("volume keys")));
+    // The SD refuses (wrong key): the tenant hears which SD and why.
+    let acts = c.send(&mut u, &TenantMsg::Provision { keys: alloc::vec![volume_key("sd0", 1)] });
+    let (id, _) = key_requests(&acts)[0].clone();
+    c.take(u.reply(id, Reply::Error("the key does not match the volume header")));
+    assert!(
+        matches!(c.recv(), Udom0Msg::Error { message } if message.contains("`sd0` refused its key: the key does not match"))
+    );
+    assert_eq!(u.key("sd0", "volume"), None, "a refused key is not held");
+    // Answers nobody asked for are dropped.
+    assert!(u.reply(id, Reply::Ack).iter().all(|a| matches!(a, Action::Log(_))));
+}
+
+#[test]
+fn grants_and_launch_go_to_the_builder_and_refusals_reach_the_tenant() {
     let mut u = Udom0::new(0).unwrap();
     let mut c = Client::new(None);
     c.handshake(&mut u);
-    let key = ProvisionKey { domain: "sd0".into(), purpose: "volume".into(), key: alloc::vec![9u8; 64] };
-    let acts = c.send(&mut u, &TenantMsg::Provision { keys: alloc::vec![key] });
-    assert!(acts.iter().all(|a| !matches!(a, Action::Log(l) if l.contains("\u{9}"))));
-    assert_eq!(c.recv(), Udom0Msg::Provisioned { keys: 1 });
-    c.send(&mut u, &TenantMsg::Status);
-    assert_eq!(c.recv(), Udom0Msg::Status { attestations: 0, keys: alloc::vec![("sd0".into(), "volume".into())] });
-    assert_eq!(u.key("sd0", "volume"), Some(&[9u8; 64][..]));
+    let g =
+        |sd: &str, client: &str, p: &str| GrantRequest { sd: sd.into(), client: client.into(), permission: p.into() };
+    let acts = c.send(
+        &mut u,
+        &TenantMsg::Grant {
+            grants: alloc::vec![g("sd0", "client", "blk-interpose"), g("sd0", "other/client", "mem-read")],
+        },
+    );
+    let ids: Vec<u64> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::RequestGrant { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 2);
+    u.reply(ids[0], Reply::Ack);
+    c.take(u.reply(ids[1], Reply::Error("domain violation: `other/client` is not in this meta-domain")));
+    assert!(matches!(c.recv(), Udom0Msg::Error { message } if message.contains("domain violation")));
+    let acts = c.send(&mut u, &TenantMsg::Grant { grants: alloc::vec![g("sd0", "client", "blk-interpose")] });
+    let Some(Action::RequestGrant { id, .. }) = acts.iter().find(|a| matches!(a, Action::RequestGrant { .. })) else {
+        panic!()
+    };
+    c.take(u.reply(*id, Reply::Ack));
+    assert_eq!(c.recv(), Udom0Msg::Granted { grants: 1 });
+    let acts = c.send(&mut u, &TenantMsg::Launch);
+    let Some(Action::RequestLaunch { id }) = acts.iter().find(|a| matches!(a, Action::RequestLaunch { .. })) else {
+        panic!()
+    };
+    c.take(u.reply(*id, Reply::Ack));
+    assert_eq!(c.recv(), Udom0Msg::Launched);
 }
 
 #[test]

@@ -63,6 +63,14 @@ impl ControlLink {
         Ok(link)
     }
 
+    /// Opens another port that carries ABI frames (a link between two
+    /// domains, such as Udom0's key link to an SD), without the Hello the
+    /// builder expects on `ctl`.
+    pub fn attach(serial: &mut VirtioSerial, port: &str, wait: Duration) -> Result<Self, ControlError> {
+        let port = serial.open(port, wait)?;
+        Ok(ControlLink { port, dec: FrameDecoder::new(), pending: Vec::new() })
+    }
+
     /// Sends one envelope.
     pub fn send(&self, serial: &mut VirtioSerial, env: &Envelope) -> Result<(), ControlError> {
         serial.write_all(self.port, &env.to_frame()?)?;

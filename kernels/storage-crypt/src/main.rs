@@ -15,7 +15,7 @@
 extern crate alloc;
 
 use alloc::rc::Rc;
-use alloc::string::ToString;
+use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
@@ -39,6 +39,8 @@ runtime::entry!(main);
 const IMAGE: &str = "storage-crypt";
 /// Name of the upstream link.
 const NBD_PORT: &str = "nbd";
+/// The key link from Udom0 (with `ssc.keyed_by=udom0`).
+const UDOM0_PORT: &str = "udom0";
 /// A served volume: either mode, plus what the authenticated mode reports.
 trait Served: Backend {
     /// The durable generation (authenticated mode).
@@ -149,6 +151,42 @@ fn open_volume(
     Ok((alloc::boxed::Box::new(volume), export))
 }
 
+/// Builds the service from a `ConfigureVolume`, whoever sent it.
+fn configure(
+    disk: &mut Option<Down>,
+    cfg: &VolumeConfig,
+    service: &mut Option<Service>,
+) -> Result<(), (ErrorCode, String)> {
+    match open_volume(disk, cfg) {
+        Ok((volume, export)) => {
+            info!(
+                target: IMAGE,
+                "volume configured: export `{}`, {}, {}-byte sectors, {} MiB{}",
+                export.name,
+                cfg.cipher,
+                cfg.sector_size,
+                volume.size() >> 20,
+                if cfg.read_only { ", read-only" } else { "" }
+            );
+            *service = Some(Service {
+                volume,
+                reported: None,
+                export,
+                session: None,
+                out: Vec::new(),
+                sent: 0,
+                serving: Duration::ZERO,
+                sending: Duration::ZERO,
+            });
+            Ok(())
+        }
+        Err((code, msg)) => {
+            warn!(target: IMAGE, "ConfigureVolume refused: {msg}");
+            Err((code, msg))
+        }
+    }
+}
+
 fn main(mut boot: Boot) -> ImageResult {
     let mut disks = boot.platform.block_devices()?;
     let Some(serial) = boot.platform.serial()? else {
@@ -170,8 +208,17 @@ fn main(mut boot: Boot) -> ImageResult {
     .map_err(runtime::ImageError)?;
     let what = down.describe();
     let mut disk = Some(down);
+    // In an attested meta-domain the key comes from Udom0 over this link.
+    let mut udom0 = match boot.arg("ssc.keyed_by") {
+        Some("udom0") => Some(
+            ControlLink::attach(&mut serial.borrow_mut(), UDOM0_PORT, Duration::from_secs(2))
+                .map_err(|e| runtime::ImageError(alloc::format!("key link `{UDOM0_PORT}`: {e}")))?,
+        ),
+        _ => None,
+    };
     ctl.ready(&mut serial.borrow_mut(), IMAGE)?;
-    info!(target: IMAGE, "downstream: {what}, {} MiB; waiting for ConfigureVolume on the control link", disk.as_ref().map_or(0, |d| d.size() >> 20));
+    let from = if udom0.is_some() { "from Udom0 on the key link" } else { "on the control link" };
+    info!(target: IMAGE, "downstream: {what}, {} MiB; waiting for ConfigureVolume {from}", disk.as_ref().map_or(0, |d| d.size() >> 20));
 
     let mut service: Option<Service> = None;
     let mut buf = vec![0u8; 256 * 1024];
@@ -191,40 +238,45 @@ fn main(mut boot: Boot) -> ImageResult {
                     info!(target: IMAGE, "Shutdown: volume flushed, stopping");
                     return Ok(());
                 }
-                Body::ConfigureVolume(cfg) => match open_volume(&mut disk, &cfg) {
-                    Ok((volume, export)) => {
-                        info!(
-                            target: IMAGE,
-                            "volume configured: export `{}`, {}, {}-byte sectors, {} MiB{}",
-                            export.name,
-                            cfg.cipher,
-                            cfg.sector_size,
-                            volume.size() >> 20,
-                            if cfg.read_only { ", read-only" } else { "" }
-                        );
-                        service = Some(Service {
-                            volume,
-                            reported: None,
-                            export,
-                            session: None,
-                            out: Vec::new(),
-                            sent: 0,
-                            serving: Duration::ZERO,
-                            sending: Duration::ZERO,
-                        });
-                        Ok(())
-                    }
-                    Err((code, msg)) => {
-                        warn!(target: IMAGE, "ConfigureVolume refused: {msg}");
-                        Err((code, msg))
-                    }
-                },
+                Body::ConfigureVolume(_) if udom0.is_some() => Err((
+                    ErrorCode::Denied,
+                    "this SD takes its key from Udom0 over its key link, not from the builder".to_string(),
+                )),
+                Body::ConfigureVolume(cfg) => configure(&mut disk, &cfg, &mut service),
                 other => Err((ErrorCode::Unsupported, alloc::format!("{IMAGE} does not serve {other:?}"))),
             };
             match reply {
                 Ok(()) => ctl.send(&mut serial.borrow_mut(), &Envelope::new(id, Body::Ack))?,
                 Err((code, message)) => {
                     ctl.send(&mut serial.borrow_mut(), &Envelope::new(id, Body::Error { code, message: &message }))?
+                }
+            }
+        }
+        // Udom0's key link (no serial borrow may be held across
+        // `configure`: a `down` link reads through the same serial).
+        let from_udom0 = match udom0.as_mut() {
+            Some(link) => link.poll(&mut serial.borrow_mut())?,
+            None => None,
+        };
+        if let (Some(link), Some(payload)) = (udom0.as_ref(), from_udom0) {
+            let env = link.triage(&mut serial.borrow_mut(), &payload)?;
+            if let Some(env) = env {
+                let reply = match env.body {
+                    Body::ConfigureVolume(cfg) => configure(&mut disk, &cfg, &mut service),
+                    other => Err((
+                        ErrorCode::Unsupported,
+                        alloc::format!("{IMAGE} takes only its key from Udom0, not {other:?}"),
+                    )),
+                };
+                let ok = reply.is_ok();
+                let answer = match &reply {
+                    Ok(()) => Envelope::new(env.request_id, Body::Ack),
+                    Err((code, message)) => Envelope::new(env.request_id, Body::Error { code: *code, message }),
+                };
+                link.send(&mut serial.borrow_mut(), &answer)?;
+                if ok {
+                    info!(target: IMAGE, "keyed by Udom0 over the key link");
+                    ctl.send(&mut serial.borrow_mut(), &Envelope::new(0, Body::Keyed { by: "udom0" }))?;
                 }
             }
         }
