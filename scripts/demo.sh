@@ -254,7 +254,7 @@ if ! grep -q "s_client: Verify return code: 0" "$work/up5.out"; then
     exit 1
 fi
 
-step "11. Attested launch: Udom0 and the vTPM; the tenant verifies before it trusts"
+step "11. Attested launch: Udom0 and the vTPM; the tenant verifies, then keys the SD through Udom0"
 $SSC provider profile --trust build/publisher.pub --out "$work/host.json"
 echo "-- the provider publishes this host's TPM key and PCRs (builder, QEMU, trusted catalog keys):"
 grep -E '"(index|holds)"' "$work/host.json" | paste - - | sed 's/[",]//g; s/^ */   /'
@@ -274,18 +274,23 @@ echo "job: DEMO-ATTEST-READY"; sleep 600
 JOB
 $SSC up "$work/att.toml" --job "$work/att.sh" > "$work/up6.out" 2> "$work/up6.err" &
 up=$!
-wait_job $up "$work/up6" DEMO-ATTEST-READY
-grep -E "^ssc up: udom0" "$work/up6.err"
-grep -E "\] job: " "$work/up6.out" | sed 's/^\[client\] //'
-echo "-- ssc attest (TLS 1.3 to Udom0 through the relay, a fresh nonce, quotes verified):"
-$SSC attest "$work/att.toml" --host-profile "$work/host.json" --job "$work/att.sh"
-echo "-- the same chain attested against another host's profile (host substitution):"
+until grep -q "waiting for the tenant" "$work/up6.err" 2>/dev/null; do
+    kill -0 $up 2>/dev/null || { cat "$work/up6.err" >&2; echo "demo: ERROR: ssc up stopped early" >&2; exit 1; }
+    sleep 0.5
+done
+grep -E "^ssc up: (udom0|disk)" "$work/up6.err"
+echo "-- the same chain attested against another host's profile (host substitution): nothing is sent"
 sed 's/"sha256": "[0-9a-f]\{8\}/"sha256": "00000000/' "$work/host.json" > "$work/other.json"
-if $SSC attest "$work/att.toml" --host-profile "$work/other.json" --job "$work/att.sh" > "$work/bad1.out"; then
+if $SSC attest "$work/att.toml" --host-profile "$work/other.json" --job "$work/att.sh" --provision > "$work/bad1.out"; then
     echo "demo: ERROR: a foreign host profile was accepted" >&2
     exit 1
 fi
 head -1 "$work/bad1.out"
+echo "-- ssc attest --provision: verify (TLS 1.3 to Udom0, a fresh nonce, quotes), then key, grant, launch:"
+$SSC attest "$work/att.toml" --host-profile "$work/host.json" --job "$work/att.sh" --provision
+wait_job $up "$work/up6" DEMO-ATTEST-READY
+grep -E "^ssc up: (storage-crypt-0: keyed|udom0: (granted|the tenant))" "$work/up6.err"
+grep -E "\] job: " "$work/up6.out" | sed 's/^\[client\] //'
 echo "-- and a launch the tenant did not ask for (another client initramfs: VM substitution):"
 echo "echo other" > "$work/other.sh"
 if $SSC attest "$work/att.toml" --host-profile "$work/host.json" --job "$work/other.sh" > "$work/bad2.out"; then
