@@ -780,6 +780,8 @@ pub struct Ready {
 /// A running domain: one QEMU process.
 pub struct Domain {
     pub name: String,
+    /// Guest memory, MiB.
+    pub mem_mib: u32,
     child: Option<Child>,
     lines: Receiver<(Instant, String)>,
     /// Every console line so far, filled by the reader thread.
@@ -884,6 +886,7 @@ impl Domain {
         let ctl_path = control_socket(run_dir.path(), &spec.name);
         owned_sockets.push(ctl_path.clone());
         let mut dom = Domain {
+            mem_mib: spec.mem_mib,
             name: spec.name.clone(),
             child: None,
             lines,

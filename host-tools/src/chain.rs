@@ -501,6 +501,8 @@ pub struct Running {
     hsm: Option<crate::chain_hsm::Session>,
     udom0: Option<crate::chain_udom0::Session>,
     commands: Option<crate::chain_checkpoint::CommandSocket>,
+    /// The provider's narrow API: status, stop, destroy.
+    provider: crate::provider::Socket,
     /// Holds the NBD sockets; dropped after the domains.
     _scratch: crate::builder::RunDir,
 }
@@ -652,6 +654,19 @@ pub fn up(
     if total > 0 {
         eprintln!("ssc up: starting {total} storage service domain(s)");
     }
+    // Everything the builder and its QEMUs create (sockets, memory files,
+    // run directories) is private to the builder's user (`ssc up` sets
+    // this before it writes anything; here for library callers).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let sd_count = plan.service_images().len() as u32 + u32::from(plan.udom0.is_some());
+    let quotas = crate::provider::Quotas::read(&crate::provider::quotas_file())?;
+    quotas.check(
+        if quotas.max_meta_domains.is_some() { crate::provider::running().len() } else { 0 },
+        sd_count + plan.clients,
+        sd_count * 128 + plan.memory * plan.clients,
+    )?;
+    let mut provider = crate::provider::Socket::bind(&plan.meta_name())?;
+    eprintln!("ssc up: meta-domain `{}` (provider verbs: `ssc provider list|stop|destroy`)", provider.id);
     let mut sds = MetaDomain::new()?;
     // Udom0 first: from then on every launch is measured into the vTPM.
     let mut udom0 = match &plan.udom0 {
@@ -687,7 +702,7 @@ pub fn up(
             for name in &names {
                 u.measure_client(name, &plan.kernel, &initrd, &plan.append)?;
             }
-            Some(u.wait_for_launch(plan, &mut sds, commands.as_mut())?)
+            Some(u.wait_for_launch(plan, &mut sds, commands.as_mut(), &mut provider)?)
         }
         None => None,
     };
@@ -797,7 +812,18 @@ pub fn up(
     if udom0.is_some() {
         eprintln!("ssc up: attestation at any time: `ssc attest {} --host-profile FILE`", plan.path.display());
     }
-    Ok(Running { sds, clients, checkpoint: session, dedup, introspect, hsm, udom0, commands, _scratch: scratch })
+    Ok(Running {
+        sds,
+        clients,
+        checkpoint: session,
+        dedup,
+        introspect,
+        hsm,
+        udom0,
+        commands,
+        provider,
+        _scratch: scratch,
+    })
 }
 
 impl Running {
@@ -838,6 +864,26 @@ impl Running {
                     "the client was still running after {} s; stopped it",
                     timeout.unwrap_or_default().as_secs()
                 ));
+            }
+            match self.provider.poll(self.sds.domains_mut().iter_mut().chain(&mut self.clients), self.udom0.is_some()) {
+                Some(crate::provider::Verb::Stop) => {
+                    eprintln!("ssc up: the provider stops this meta-domain (`ssc provider stop`)");
+                    for c in &mut self.clients {
+                        c.stop();
+                    }
+                    break Err(anyhow!("stopped by the provider (`ssc provider stop`)"));
+                }
+                Some(crate::provider::Verb::Destroy) => {
+                    eprintln!("ssc up: the provider destroys this meta-domain (`ssc provider destroy`)");
+                    for c in &mut self.clients {
+                        c.kill();
+                    }
+                    for d in self.sds.domains_mut() {
+                        d.kill();
+                    }
+                    bail!("destroyed by the provider (`ssc provider destroy`)");
+                }
+                _ => {}
             }
             if let Some(d) = self.dedup.as_mut() {
                 d.tick(&mut self.sds);

@@ -377,6 +377,7 @@ impl Session {
         plan: &crate::chain::Plan,
         sds: &mut MetaDomain,
         mut commands: Option<&mut crate::chain_checkpoint::CommandSocket>,
+        provider: &mut crate::provider::Socket,
     ) -> Result<Granted> {
         let limit = std::env::var("SSC_UDOM0_WAIT").ok().and_then(|s| s.parse().ok()).unwrap_or(900u64);
         eprintln!(
@@ -402,6 +403,9 @@ impl Session {
                     "udom0 relay" => Ok(relay.to_string()),
                     other => bail!("`{other}`: the clients have not launched yet (waiting for the tenant)"),
                 });
+            }
+            if let Some(verb) = provider.poll(sds.domains_mut().iter_mut(), true) {
+                bail!("the provider ended this meta-domain before its clients launched ({verb:?})");
             }
             for d in sds.domains_mut() {
                 if !d.running() {

@@ -35,6 +35,7 @@ pub mod doctor;
 pub mod grants;
 pub mod luks;
 pub mod profile;
+pub mod provider;
 pub mod qemu;
 pub mod qmp;
 pub mod vtpm;

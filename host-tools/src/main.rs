@@ -176,7 +176,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Provider verbs: what the provider publishes about its hosts.
+    /// Provider verbs: the host profile, and the narrow API to running
+    /// meta-domains (list, stop, destroy, quotas). No provider verb opens a
+    /// tenant's memory, data links or consoles.
     #[command(subcommand)]
     Provider(ProviderCmd),
     /// Report QEMU, KVM usability, swtpm and the rest, with install commands.
@@ -208,6 +210,35 @@ enum ProviderCmd {
         /// Write the profile here instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// The meta-domains running on this host: id, domains, memory, and
+    /// whether each has a Udom0. Nothing of the tenants' data.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a meta-domain: its clients stop, its SDs shut down cleanly.
+    Stop {
+        /// The id `ssc provider list` shows (`<chain>-<pid>`).
+        id: String,
+    },
+    /// Destroy a meta-domain: every domain is killed at once.
+    Destroy { id: String },
+    /// Show or set this host's quotas (file: $SSC_QUOTAS, default
+    /// /var/lib/ssc/quotas.json); `ssc up` refuses a meta-domain over them.
+    Quotas {
+        /// Meta-domains running at once.
+        #[arg(long)]
+        max_meta_domains: Option<u32>,
+        /// Memory of one meta-domain, MiB (all its domains).
+        #[arg(long)]
+        max_memory_mib: Option<u32>,
+        /// Domains in one meta-domain (Udom0, SDs, clients).
+        #[arg(long)]
+        max_domains: Option<u32>,
+        /// Remove every quota.
+        #[arg(long, conflicts_with_all = ["max_meta_domains", "max_memory_mib", "max_domains"])]
+        clear: bool,
     },
 }
 
@@ -769,6 +800,59 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Provider(ProviderCmd::List { json }) => {
+            let all = ssc::provider::list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!("no meta-domain runs on this host");
+            } else {
+                for m in &all {
+                    let names: Vec<String> = m
+                        .domains
+                        .iter()
+                        .map(|d| format!("{}{}", d.name, if d.running { "" } else { " (exited)" }))
+                        .collect();
+                    println!(
+                        "{:<24} {:>6} MiB  up {:>5} s  {}  {}",
+                        m.id,
+                        m.memory_mib,
+                        m.uptime_s,
+                        if m.attested { "attested" } else { "        " },
+                        names.join(", ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Provider(ProviderCmd::Stop { id }) => {
+            println!("{id}: {}", ssc::provider::request(&id, "stop")?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Provider(ProviderCmd::Destroy { id }) => {
+            println!("{id}: {}", ssc::provider::request(&id, "destroy")?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Provider(ProviderCmd::Quotas { max_meta_domains, max_memory_mib, max_domains, clear }) => {
+            let file = ssc::provider::quotas_file();
+            let mut q = ssc::provider::Quotas::read(&file)?;
+            let set = max_meta_domains.is_some() || max_memory_mib.is_some() || max_domains.is_some();
+            if clear {
+                q = ssc::provider::Quotas::default();
+            }
+            q.max_meta_domains = max_meta_domains.or(q.max_meta_domains);
+            q.max_memory_mib = max_memory_mib.or(q.max_memory_mib);
+            q.max_domains = max_domains.or(q.max_domains);
+            if set || clear {
+                q.write(&file)?;
+            }
+            let show = |v: Option<u32>| v.map_or("unlimited".to_string(), |n| n.to_string());
+            println!("quotas ({}):", file.display());
+            println!("  meta-domains at once:    {}", show(q.max_meta_domains));
+            println!("  memory per meta-domain:  {} MiB", show(q.max_memory_mib));
+            println!("  domains per meta-domain: {}", show(q.max_domains));
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Profile(ProfileCmd::Build { kernel, system_map, out }) => {
             let p = ssc::profile::build(&kernel, &system_map)?;
             let bytes = p.encode();
@@ -1044,6 +1128,9 @@ fn up_cmd(
     restore: Option<String>,
     allow_rollback: bool,
 ) -> Result<ExitCode> {
+    // The builder's files (run directory, sockets, memory files, the job's
+    // initramfs) are private to its user.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let plan = ssc::chain::plan(&chain)?;
     for (i, d) in plan.disks.iter().enumerate() {
         let sds: Vec<String> = d

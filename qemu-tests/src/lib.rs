@@ -269,8 +269,14 @@ impl CliResult {
 /// Runs `ssc ARGS` with `SSC_ACCEL` set to the harness's accelerator (unless
 /// ARGS choose one with `--accel`), killed after `timeout`.
 pub fn run_ssc(args: &[&str], timeout: Duration) -> CliResult {
+    run_ssc_env(args, &[], timeout)
+}
+
+/// [`run_ssc`] with environment variables set.
+pub fn run_ssc_env(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> CliResult {
     let mut cmd = Command::new(ssc_bin());
     cmd.args(args)
+        .envs(env.iter().copied())
         .current_dir(repo())
         .env("SSC_ACCEL", if args.contains(&"--accel") { "auto".to_string() } else { accel().to_string() });
     let (output, killed) = run_with_timeout(cmd, timeout, "spawning ssc");

@@ -1,0 +1,300 @@
+//! Provider verbs: the provider's narrow API to the meta-domains running
+//! on this host (SSC's de-privileged Sdom0).
+//!
+//! Every `ssc up` (the builder of one meta-domain) listens on a provider
+//! socket, `<run base>/provider/<id>.sock` (mode 0600), and answers
+//! exactly three verbs, one line each:
+//! * `status`: the meta-domain's id, its domains (name, memory, running)
+//!   and totals, as JSON: no tenant data, no keys, no console output;
+//! * `stop`: clients stop, SDs shut down gracefully (volumes flushed);
+//! * `destroy`: every domain is killed at once and the run directory goes.
+//!
+//! Nothing else is parsed: a verb that would open a memory window, a data
+//! link or a tenant console does not exist, and asking for one is refused
+//! by name. The tenant's own socket (beside the chain file) and Udom0's
+//! TLS relay are separate; the provider is not handed either.
+//!
+//! Quotas (`ssc provider quotas`) live in a file the provider owns
+//! (`$SSC_QUOTAS`, default `/var/lib/ssc/quotas.json`); `ssc up` refuses
+//! to start a meta-domain over them, naming the limit.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+/// Where provider sockets live.
+pub fn dir() -> PathBuf {
+    crate::builder::RunDir::base().join("provider")
+}
+
+/// What a provider may ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Status,
+    Stop,
+    Destroy,
+}
+
+/// Parses one request line; anything but the three verbs is refused, and
+/// what would reach into the meta-domain is refused by name.
+pub fn parse(line: &str) -> std::result::Result<Verb, String> {
+    let word = line.split_whitespace().next().unwrap_or_default();
+    match word {
+        "status" => Ok(Verb::Status),
+        "stop" => Ok(Verb::Stop),
+        "destroy" => Ok(Verb::Destroy),
+        "window" | "memory" | "map" | "mem-read" | "mem-write" => Err(format!(
+            "refused: `{word}`: provider verbs cannot open memory windows on a tenant's domains \
+             (only Udom0's grants do, checked by the builder)"
+        )),
+        "link" | "nbd" | "attach" | "relay" => {
+            Err(format!("refused: `{word}`: provider verbs cannot open or read a tenant's data links"))
+        }
+        "console" | "log" | "serial" | "monitor" => {
+            Err(format!("refused: `{word}`: provider verbs cannot open a tenant's consoles or monitors"))
+        }
+        other => Err(format!("refused: `{other}`: the provider verbs are status, stop and destroy")),
+    }
+}
+
+/// One domain as the provider sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DomainStatus {
+    pub name: String,
+    pub memory_mib: u32,
+    pub running: bool,
+}
+
+/// A meta-domain as the provider sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub id: String,
+    pub pid: u32,
+    /// Whether the meta-domain has a Udom0 (attested launch).
+    pub attested: bool,
+    pub uptime_s: u64,
+    pub memory_mib: u32,
+    pub domains: Vec<DomainStatus>,
+}
+
+/// The builder's end: the provider socket of one meta-domain.
+pub struct Socket {
+    listener: UnixListener,
+    path: PathBuf,
+    pub id: String,
+    started: Instant,
+}
+
+impl Socket {
+    /// Binds `<dir>/<meta>-<pid>.sock`, private to the builder's user.
+    pub fn bind(meta: &str) -> Result<Socket> {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir();
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+        let id = format!("{meta}-{}", std::process::id());
+        let path = d.join(format!("{id}.sock"));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        Ok(Socket { listener, path, id, started: Instant::now() })
+    }
+
+    /// Serves at most one pending request; returns `stop` or `destroy`
+    /// for the caller to carry out (after the reply went out).
+    pub fn poll<'d>(
+        &mut self,
+        domains: impl Iterator<Item = &'d mut crate::builder::Domain>,
+        attested: bool,
+    ) -> Option<Verb> {
+        let Ok((stream, _)) = self.listener.accept() else { return None };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut line = String::new();
+        // Nothing at all: someone counting the running meta-domains.
+        if BufReader::new(&stream).read_line(&mut line).is_err() || line.is_empty() {
+            return None;
+        }
+        let (reply, verb) = match parse(line.trim()) {
+            Ok(Verb::Status) => {
+                let domains: Vec<DomainStatus> = domains
+                    .map(|d| DomainStatus { name: d.name.clone(), memory_mib: d.mem_mib, running: d.running() })
+                    .collect();
+                let status = Status {
+                    id: self.id.clone(),
+                    pid: std::process::id(),
+                    attested,
+                    uptime_s: self.started.elapsed().as_secs(),
+                    memory_mib: domains.iter().map(|d| d.memory_mib).sum(),
+                    domains,
+                };
+                (format!("ok {}", serde_json::to_string(&status).unwrap_or_default()), None)
+            }
+            Ok(v @ Verb::Stop) => ("ok stopping: clients stop, SDs shut down".to_string(), Some(v)),
+            Ok(v @ Verb::Destroy) => ("ok destroying: every domain is killed".to_string(), Some(v)),
+            Err(e) => {
+                eprintln!("ssc up: provider request {e}");
+                (format!("error {e}"), None)
+            }
+        };
+        let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
+        verb
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The ids of the meta-domains whose builder is alive (their socket
+/// accepts a connection); sockets of dead builders are removed.
+pub fn running() -> Vec<String> {
+    let mut out = vec![];
+    let Ok(entries) = std::fs::read_dir(dir()) else { return out };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".sock") else { continue };
+        match UnixStream::connect(e.path()) {
+            Ok(_) => out.push(id.to_string()),
+            Err(_) => {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Sends one line to meta-domain `id`'s provider socket. A builder still
+/// starting its domains answers once they are up.
+pub fn request(id: &str, line: &str) -> Result<String> {
+    let path = dir().join(format!("{id}.sock"));
+    let stream = UnixStream::connect(&path)
+        .with_context(|| format!("no meta-domain `{id}` runs here (`ssc provider list` shows the ids)"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+    (&stream).write_all(format!("{line}\n").as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    match reply.trim_end().split_once(' ') {
+        Some(("ok", msg)) => Ok(msg.to_string()),
+        Some(("error", msg)) => bail!("{msg}"),
+        _ => bail!("meta-domain `{id}` answered nothing (it may have stopped)"),
+    }
+}
+
+/// Every meta-domain running here, with its status.
+pub fn list() -> Result<Vec<Status>> {
+    let mut out = vec![];
+    for id in running() {
+        let json = request(&id, "status")?;
+        out.push(serde_json::from_str(&json).with_context(|| format!("status of `{id}`"))?);
+    }
+    Ok(out)
+}
+
+/// The provider's limits on meta-domains.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    /// Meta-domains running at once on this host.
+    pub max_meta_domains: Option<u32>,
+    /// Memory of one meta-domain (all its domains), MiB.
+    pub max_memory_mib: Option<u32>,
+    /// Domains of one meta-domain (Udom0, SDs, clients).
+    pub max_domains: Option<u32>,
+}
+
+/// The quota file.
+pub fn quotas_file() -> PathBuf {
+    std::env::var_os("SSC_QUOTAS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/ssc/quotas.json"))
+}
+
+impl Quotas {
+    /// The quotas in `path`, or none if it does not exist.
+    pub fn read(path: &Path) -> Result<Quotas> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a quota file (`ssc provider quotas --help`)", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Quotas::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        crate::chain::write_atomic(path, (serde_json::to_string_pretty(self)? + "\n").as_bytes())
+    }
+
+    /// Refuses a meta-domain of `domains` domains and `memory_mib` MiB
+    /// when `running` meta-domains already run.
+    pub fn check(&self, running: usize, domains: u32, memory_mib: u32) -> Result<()> {
+        let file = quotas_file();
+        let over = |what: String| anyhow!("over the provider's quota: {what} (quotas: {})", file.display());
+        if let Some(m) = self.max_meta_domains
+            && running as u32 >= m
+        {
+            return Err(over(format!("{running} meta-domain(s) run already, the limit is {m}")));
+        }
+        if let Some(m) = self.max_domains
+            && domains > m
+        {
+            return Err(over(format!("this meta-domain has {domains} domains, the limit is {m}")));
+        }
+        if let Some(m) = self.max_memory_mib
+            && memory_mib > m
+        {
+            return Err(over(format!("this meta-domain needs {memory_mib} MiB, the limit is {m} MiB")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_three_verbs_and_reaching_in_is_refused_by_name() {
+        assert_eq!(parse("status"), Ok(Verb::Status));
+        assert_eq!(parse("stop"), Ok(Verb::Stop));
+        assert_eq!(parse("destroy"), Ok(Verb::Destroy));
+        for (line, want) in [
+            ("window client", "memory windows"),
+            ("mem-read client", "memory windows"),
+            ("link storage-crypt-0 nbd", "data links"),
+            ("relay", "data links"),
+            ("console client", "consoles"),
+            ("monitor", "consoles"),
+            ("grant introspect client mem-read", "status, stop and destroy"),
+            ("", "status, stop and destroy"),
+        ] {
+            let e = parse(line).unwrap_err();
+            assert!(e.contains(want), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn quotas_name_the_limit_and_a_missing_file_means_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("q.json");
+        assert_eq!(Quotas::read(&f).unwrap(), Quotas::default());
+        let q = Quotas { max_meta_domains: Some(2), max_memory_mib: Some(1024), max_domains: Some(4) };
+        q.write(&f).unwrap();
+        let q = Quotas::read(&f).unwrap();
+        q.check(1, 4, 1024).unwrap();
+        assert!(q.check(2, 1, 1).unwrap_err().to_string().contains("2 meta-domain(s) run already, the limit is 2"));
+        assert!(q.check(0, 5, 1).unwrap_err().to_string().contains("5 domains, the limit is 4"));
+        assert!(q.check(0, 1, 2048).unwrap_err().to_string().contains("2048 MiB, the limit is 1024 MiB"));
+        std::fs::write(&f, "{\"max_cpus\": 3}").unwrap();
+        assert!(format!("{:#}", Quotas::read(&f).unwrap_err()).contains("not a quota file"));
+    }
+}
