@@ -827,6 +827,11 @@ pub fn up(
 }
 
 impl Running {
+    /// With `[udom0]`: the TPM setup time and the builder's quote work.
+    pub fn udom0_timings(&self) -> Option<(Duration, Duration)> {
+        self.udom0.as_ref().map(|u| (u.tpm_setup, u.quote_work))
+    }
+
     /// Waits for every client to finish (or Ctrl-C), then stops the SDs;
     /// returns the first client's exit and log. Meanwhile it serves
     /// `ssc checkpoint save` and `ssc dedup …` on the command socket.

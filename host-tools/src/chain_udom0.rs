@@ -130,6 +130,10 @@ pub struct Session {
     /// Udom0 asked to launch the clients, and the builder did.
     launched: bool,
     pub quotes: u64,
+    /// Host TPM boot and vTPM manufacture.
+    pub tpm_setup: Duration,
+    /// The builder's TPM work for all quotes so far.
+    pub quote_work: Duration,
 }
 
 /// The socket of Udom0's key link to SD `domain` (Udom0 listens).
@@ -151,7 +155,8 @@ pub fn start(
     let base = crate::vtpm::host_state_dir();
     let host = HostTpm::boot(&base, scratch, &plan.trusted).context("booting the host TPM")?;
     let vtpm = Vtpm::create(&base, &scratch.join("vtpm")).context("creating the meta-domain's vTPM")?;
-    eprintln!("ssc up: udom0: host TPM booted, vTPM manufactured ({} ms)", t.elapsed().as_millis());
+    let tpm_setup = t.elapsed();
+    eprintln!("ssc up: udom0: host TPM booted, vTPM manufactured ({} ms)", tpm_setup.as_millis());
     let vtpm = Arc::new(Mutex::new(vtpm));
     // Every SD image is named by its catalog manifest; anything else is
     // measured under its file name (and so fails the tenant's check).
@@ -204,6 +209,8 @@ pub fn start(
         keyed_sds,
         launched: false,
         quotes: 0,
+        tpm_setup,
+        quote_work: Duration::ZERO,
     })
 }
 
@@ -302,6 +309,7 @@ impl Session {
                     match (reply, sent) {
                         (Ok(_), Ok(())) => {
                             self.quotes += 1;
+                            self.quote_work += t.elapsed();
                             eprintln!("ssc up: udom0: quote {} served ({} ms)", self.quotes, t.elapsed().as_millis());
                         }
                         (Err(e), _) | (_, Err(e)) => eprintln!("ssc up: udom0: quote failed: {e:#}"),

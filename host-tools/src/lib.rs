@@ -19,6 +19,7 @@ pub mod bench_dedup;
 pub mod bench_dedup_e2e;
 pub mod bench_hsm;
 pub mod bench_introspect;
+pub mod bench_launch;
 pub mod bench_storage;
 pub mod bench_storage_e2e;
 pub mod builder;

@@ -616,6 +616,22 @@ enum BenchCmd {
     },
     /// Boot time of every catalog image (median of --runs boots) per
     /// accelerator, machine type and firmware.
+    /// Time from `ssc up` to the client ready, with and without attested
+    /// launch ([udom0]: TPMs, measured launch, the tenant's attest, verify
+    /// and provisioning through Udom0), median of --runs, the attestation
+    /// steps broken down. The accelerator is named.
+    Launch {
+        #[arg(long)]
+        catalog: PathBuf,
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+        accel: AccelChoice,
+        #[arg(long)]
+        json: bool,
+    },
     Boot {
         #[arg(long)]
         catalog: PathBuf,
@@ -1090,6 +1106,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 print!("{}", ssc::bench_storage::render(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::Launch { catalog: dir, trust, runs, accel, json }) => {
+            let image = catalog::find(&dir, &catalog::load_trusted(&trust)?, "storage-crypt")?;
+            let (accel, why) = qemu::resolve_accel(accel, Some(&image.path))?;
+            eprintln!("ssc: accelerator {accel} ({why})");
+            let rows = ssc::bench_launch::run(&dir, &trust, accel, runs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", ssc::bench_launch::render(&rows));
             }
             Ok(ExitCode::SUCCESS)
         }
