@@ -12,14 +12,20 @@
 //! the vTPM (Udom0, each SD image, each client's kernel, initramfs and
 //! command line), with a TCG event log. It relays the tenant's TCP
 //! connection to Udom0's `tls` link, byte for byte, and answers Udom0's
-//! `QuoteRequest`s with vTPM and host quotes.
+//! `QuoteRequest`s with vTPM and host quotes. It wires a key link between
+//! Udom0 and each disk's SD and never reads the tenant's keys; it waits
+//! until Udom0 has keyed the SDs and asked for grants (checked by
+//! `crate::grants`) and the launch, then starts the clients with only the
+//! granted wiring.
 //!
 //! `ssc attest CHAIN --host-profile FILE` is the tenant: it asks `ssc up`
 //! for the relay's address, opens TLS 1.3 to Udom0 (rustls, Udom0's raw
 //! public key), sends a fresh nonce, and verifies the evidence with
 //! `udom0::verify` against the provider's published host profile and the
 //! launches its own chain file implies (catalog digests, its own kernel and
-//! initramfs), then prints what it verified or the attack it caught.
+//! initramfs), then prints what it verified or the attack it caught. With
+//! `--provision`, and only after verifying, it sends the keys, the grants
+//! and the launch through Udom0.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
