@@ -298,6 +298,11 @@ if $SSC attest "$work/att.toml" --host-profile "$work/host.json" --job "$work/ot
     exit 1
 fi
 head -1 "$work/bad2.out"
-kill -INT $up; wait $up || true
+echo "-- the provider's view (ssc provider list): ids, domains, memory; no provider verb opens windows, links or consoles:"
+$SSC provider list
+id=$($SSC provider list --json | python3 -c 'import json,sys; print([m["id"] for m in json.load(sys.stdin) if m["attested"]][0])')
+$SSC provider stop "$id"
+wait $up || true
+grep -E "stopped by the provider|stopped cleanly" "$work/up6.err" || true
 
 step "Done. Benchmarks: make bench. Tests: make test."
