@@ -361,3 +361,22 @@ impl Up {
         let _ = self.child.wait();
     }
 }
+
+impl Drop for Up {
+    /// A test that panics must not leave its `ssc up` (and its QEMUs)
+    /// running: Ctrl-C, a few seconds' grace, then kill.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = std::process::Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
