@@ -269,6 +269,15 @@ impl VirtioSerial {
             }
             PORT_NAME => port.name = name,
             PORT_OPEN => {
+                // Bytes the old peer sent before it went away are already
+                // in the receive queue (QEMU reads the socket to its end
+                // before it reports the close): take them now, tagged with
+                // the old connection, so a new session never sees them.
+                if (value == 1) != port.host_connected
+                    && let Some(data) = port.data.as_mut()
+                {
+                    data.reap_rx(port.connections)?;
+                }
                 if value == 1 && !port.host_connected {
                     port.connections += 1;
                 }
