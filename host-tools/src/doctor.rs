@@ -46,7 +46,21 @@ pub fn run(probe_image: Option<&Path>) -> Vec<Check> {
         tool("qemu-img", "qemu-img", "--version", "qemu-utils", false, "volumes and interop tests"),
         tool("setpriv", "setpriv", "--version", "util-linux", true, "kills QEMU if the builder dies"),
         tool("swtpm", "swtpm", "--version", "swtpm swtpm-tools", true, "per-tenant vTPMs (attestation)"),
+        tool("swtpm_setup", "swtpm_setup", "--version", "swtpm-tools", true, "manufactures the TPMs (EK certificates)"),
+        tool("tpm2-tools", "tpm2_checkquote", "--version", "tpm2-tools", true, "quote and event-log interop checks"),
     ];
+    let host_tpm = crate::vtpm::host_state_dir();
+    let made = host_tpm.join("tpm").join("tpm2-00.permall").exists();
+    checks.push(Check {
+        name: "host TPM",
+        ok: true,
+        optional: true,
+        detail: match made {
+            true => format!("{} (manufactured; `ssc provider profile` publishes it)", host_tpm.display()),
+            false => format!("{} not made yet: the first `ssc up` with [udom0] makes it", host_tpm.display()),
+        },
+        fix: None,
+    });
     let qboot = Path::new(qemu::QBOOT).exists();
     checks.push(Check {
         name: "qboot",

@@ -6,14 +6,19 @@
 //! client writes through the storage SD, keyed by Udom0 (the builder never
 //! reads the key). Then the attacks: a host profile that does not match
 //! this host (host substitution), a launch the tenant did not ask for (VM
-//! substitution), a grant over another tenant's client (domain violation)
-//! and a grant beyond the SD's manifest are each refused by name.
+//! substitution), a man in the middle relaying the real evidence into its
+//! own TLS session (diversion), a grant over another tenant's client
+//! (domain violation) and a grant beyond the SD's manifest are each
+//! refused by name.
 
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use qemu_tests::*;
-use ssc_abi::attest::{GrantRequest, TenantMsg, Udom0Msg};
+use ssc_abi::attest::{GrantRequest, TenantMsg, Udom0Msg, encode_frame, take_frame};
+use udom0::verify::Expectations;
 
 fn chain(dir: &Path, extra: &str) -> PathBuf {
     let (catalog_dir, trust) = catalog();
@@ -56,6 +61,55 @@ fn tenant_says(chain: &Path, msg: &TenantMsg) -> Udom0Msg {
     let mut s = ssc::chain_udom0::TenantSession::connect(relay.parse().unwrap()).unwrap();
     s.send(msg).unwrap();
     s.recv().unwrap()
+}
+
+/// Diversion: a man in the middle with Udom0's own TLS code and its own
+/// key faces the tenant, opens a session of its own to the real Udom0
+/// through the relay, and passes the tenant's nonce in and the real
+/// evidence back. The tenant cannot tell from the handshake (raw keys);
+/// the binding must give it away. Returns the tenant's verdict.
+fn diversion(chain: &Path, job: &Path, profile: &Path) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let real_chain = chain.to_path_buf();
+    let mitm = std::thread::spawn(move || {
+        let (mut tcp, _) = listener.accept().unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let mut tls = udom0::tls::TlsEndpoint::generate(now).unwrap().accept().unwrap();
+        let (mut inbox, mut buf) = (vec![], vec![0u8; 65536]);
+        loop {
+            let n = tcp.read(&mut buf).unwrap();
+            assert!(n > 0, "the tenant left before asking");
+            tls.feed(&buf[..n]).unwrap();
+            tcp.write_all(&tls.take_outgoing()).unwrap();
+            inbox.extend(tls.take_plaintext());
+            if let Some(frame) = take_frame(&mut inbox).unwrap() {
+                let TenantMsg::Attest { nonce } = postcard::from_bytes(&frame).unwrap() else { panic!("not Attest") };
+                let relay = ssc::chain_checkpoint::request(&real_chain, "udom0 relay", &mut |_, _| {}).unwrap();
+                let mut real = ssc::chain_udom0::TenantSession::connect(relay.parse().unwrap()).unwrap();
+                real.send(&TenantMsg::Attest { nonce }).unwrap();
+                let evidence = real.recv().unwrap();
+                tls.send(&encode_frame(&evidence).unwrap()).unwrap();
+                tcp.write_all(&tls.take_outgoing()).unwrap();
+                return;
+            }
+        }
+    });
+    let mut s = ssc::chain_udom0::TenantSession::connect(addr).unwrap();
+    let nonce = [0x42u8; 32];
+    s.send(&TenantMsg::Attest { nonce }).unwrap();
+    let Udom0Msg::Evidence { binding, evidence } = s.recv().unwrap() else { panic!("no evidence through the MITM") };
+    mitm.join().unwrap();
+    let plan = ssc::chain::plan(chain).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let with_job = ssc::chain::job_initrd(&plan, Some(job), scratch.path()).unwrap();
+    let initrd = ssc::chain::client_initrd(&plan, with_job.as_deref(), scratch.path()).unwrap();
+    let launches = ssc::chain_udom0::expected_launches(&plan, &initrd, true).unwrap();
+    let host = ssc::chain_udom0::ProfileFile::read(profile).unwrap();
+    let spki = s.udom0_spki();
+    let ex =
+        Expectations { nonce, exporter: s.exporter().unwrap(), udom0_spki: &spki, host: &host, launches: &launches };
+    udom0::verify::verify(&evidence, &binding, &ex).unwrap_err().to_string()
 }
 
 fn grant(sd: &str, client: &str, permission: &str) -> TenantMsg {
@@ -191,13 +245,16 @@ fn attested_launch_provisions_through_udom0_and_attacks_are_named() {
     let r = run_ssc(&["attest", cs, "--host-profile", ps, "--job", other.to_str().unwrap()], Duration::from_secs(120));
     assert_eq!(r.code(), Some(1), "{}", r.all());
     assert!(r.stdout().contains("VM substitution") && r.stdout().contains("initrd"), "{}", r.all());
+    // Diversion: the real Udom0's evidence, relayed into another session.
+    let verdict = diversion(&c, &job, &prof);
+    assert!(verdict.contains("diversion") && verdict.contains("exporter"), "{verdict}");
     // Grants are fixed once the clients run.
     let m = tenant_says(&c, &grant("storage-crypt-0", "client", "blk-interpose"));
     assert!(matches!(&m, Udom0Msg::Error { message } if message.contains("fixed at launch")), "{m:?}");
 
     // The builder saw only ciphertext and served one quote per attestation.
     let err = up.stderr();
-    assert_eq!(err.matches("ssc up: udom0: quote").count(), 6, "{err}");
+    assert_eq!(err.matches("ssc up: udom0: quote").count(), 7, "{err}");
     up.stop();
     let vol_bytes = std::fs::read(&vol).unwrap();
     assert!(!vol_bytes.windows(14).any(|w| w == b"ATTESTED-WRITE"), "plaintext reached the provider's volume");

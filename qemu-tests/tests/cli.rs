@@ -162,7 +162,7 @@ fn catalog_tampering_is_refused_naming_the_image_and_the_check() {
 fn ssc_doctor_names_the_accelerator_and_the_tools() {
     let r = run_ssc(&["doctor"], T);
     assert_eq!(r.code(), Some(0), "{}", r.all());
-    for want in ["qemu", "swtpm", "/dev/kvm", "accelerator"] {
+    for want in ["qemu", "swtpm", "swtpm_setup", "tpm2-tools", "host TPM", "/dev/kvm", "accelerator"] {
         assert!(r.stdout().contains(want), "missing `{want}`:\n{}", r.all());
     }
     let r = run_ssc(&["doctor", "--json"], T);
