@@ -22,13 +22,18 @@ use udom0::verify::Expectations;
 
 fn chain(dir: &Path, extra: &str) -> PathBuf {
     let (catalog_dir, trust) = catalog();
+    let (kernel, initrd) = client_kernel();
     let chain = dir.join("chain.toml");
+    // Absolute client paths: the tenant side of this test plans the chain
+    // in the test's own directory.
     std::fs::write(
         &chain,
         format!(
-            "[catalog]\npath = \"{}\"\ntrust = [\"{}\"]\n\n[udom0]\n{extra}\n[[disk]]\nvolume = \"vol.img\"\nkey = \"vol.key\"\nchain = [\"storage-crypt\"]\n",
+            "[catalog]\npath = \"{}\"\ntrust = [\"{}\"]\n\n[client]\nkernel = \"{}\"\ninitrd = \"{}\"\n\n[udom0]\n{extra}\n[[disk]]\nvolume = \"vol.img\"\nkey = \"vol.key\"\nchain = [\"storage-crypt\"]\n",
             catalog_dir.display(),
-            trust.display()
+            trust.display(),
+            kernel.display(),
+            initrd.display()
         ),
     )
     .unwrap();
