@@ -115,6 +115,10 @@ pub struct Swtpm {
 impl Swtpm {
     /// Starts swtpm on `state` (already manufactured), listening on two
     /// free loopback ports (TPM and control, as the swtpm TCTI expects).
+    ///
+    /// swtpm dies with the *thread* that started it (`setpriv --pdeathsig`
+    /// follows the parent thread): start TPMs from a thread that outlives
+    /// them, not from a short-lived worker.
     pub fn start(state: &Path) -> Result<Swtpm> {
         need_tool("swtpm", "swtpm")?;
         let log = state.join("swtpm.log");
@@ -148,7 +152,15 @@ impl Swtpm {
                     break;
                 }
                 if std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
-                    return Ok(Swtpm { child, port, log });
+                    if listens(child.id(), port) {
+                        return Ok(Swtpm { child, port, log });
+                    }
+                    // Another process took the port between our probe and
+                    // swtpm's bind: ours cannot have it. Try other ports.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last = format!("port {port} was taken by another process");
+                    break;
                 }
                 if Instant::now() > deadline {
                     let _ = child.kill();
@@ -174,6 +186,28 @@ impl Drop for Swtpm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether process `pid` holds the listening socket on 127.0.0.1:`port`
+/// (`/proc/net/tcp` names the socket's inode, `/proc/PID/fd` its owner).
+/// A free port found by probing can be taken by someone else before swtpm
+/// binds it; then a connection succeeds, to the wrong TPM.
+fn listens(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return true };
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Field 3 is the state: 0A is LISTEN; field 9 the inode.
+            (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A")).then(|| f.get(9).map(|i| i.to_string()))?
+        })
+        .map(|i| format!("socket:[{i}]"))
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str())))
 }
 
 fn free_port_pair() -> Result<u16> {
