@@ -706,6 +706,13 @@ pub fn up(
         }
         None => None,
     };
+    // Memory windows only with their grants (attested meta-domains): the
+    // memory SDs the chain names need what its policy asks for them.
+    if let Some(g) = &granted {
+        for want in crate::grants::policy(plan).iter().filter(|w| w.permission.starts_with("mem-")) {
+            g.require(&want.sd, &want.client, &want.permission)?;
+        }
+    }
     let shared_ram = plan.checkpoint.is_some() || plan.dedup.is_some() || plan.introspect.is_some();
     let mut clients = vec![];
     for name in &names {
@@ -737,21 +744,6 @@ pub fn up(
         }
         let log = if echo { LogEcho::Stdout(format!("[{name}] ")) } else { LogEcho::Quiet };
         clients.push((Domain::launch(&spec, accel, &scratch, log)?, spec.memory_file));
-    }
-    // Memory windows only with their grants (attested meta-domains).
-    if let Some(g) = &granted {
-        for name in &names {
-            if plan.checkpoint.is_some() {
-                g.require("checkpoint", name, "mem-read")?;
-                g.require("checkpoint", name, "mem-write")?;
-            }
-            if plan.dedup.is_some() {
-                g.require("dedup", name, "mem-read")?;
-            }
-            if plan.introspect.is_some() {
-                g.require("introspect", name, "mem-read")?;
-            }
-        }
     }
     let mut session = match (&plan.checkpoint, &clients[0].1) {
         // One client (plan() refuses [checkpoint] with several), shared RAM.
@@ -912,6 +904,7 @@ impl Running {
                 let hsm = &self.hsm;
                 let relay = self.udom0.as_ref().map(|u| u.relay());
                 cmds.poll(|cmd, progress| match (cmd, checkpoint.as_mut(), dedup.as_mut()) {
+                    ("monitor", _, _) => bail!("this chain has no [introspect] section"),
                     ("udom0 relay", _, _) => match relay {
                         Some(r) => Ok(r.to_string()),
                         None => bail!("this chain has no [udom0] section"),

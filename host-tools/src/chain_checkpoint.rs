@@ -287,12 +287,17 @@ pub struct CommandSocket {
 
 impl CommandSocket {
     pub fn bind(chain: &Path) -> Result<CommandSocket> {
-        use std::os::unix::fs::PermissionsExt;
         let path = socket_path(chain);
+        if path.exists() && UnixStream::connect(&path).is_ok() {
+            bail!("{} is in use: another `ssc up` runs this chain", path.display());
+        }
+        Self::bind_at(path)
+    }
+
+    /// Binds `path` (replacing a stale socket), mode 0600, non-blocking.
+    pub fn bind_at(path: PathBuf) -> Result<CommandSocket> {
+        use std::os::unix::fs::PermissionsExt;
         if path.exists() {
-            if UnixStream::connect(&path).is_ok() {
-                bail!("{} is in use: another `ssc up` runs this chain", path.display());
-            }
             std::fs::remove_file(&path)?;
         }
         let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
@@ -310,15 +315,12 @@ impl CommandSocket {
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let mut line = String::new();
         let mut reader = BufReader::new(&stream);
-        if reader.read_line(&mut line).is_err() {
+        // Nothing at all (a peer checking that someone listens): no reply.
+        if reader.read_line(&mut line).is_err() || line.is_empty() {
             return;
         }
-        if line.trim() == "monitor" {
-            let reply = match self.monitor {
-                true => "ok monitoring\n",
-                false => "error this chain has no [introspect] section\n",
-            };
-            if (&stream).write_all(reply.as_bytes()).is_ok() && self.monitor {
+        if self.monitor && line.trim() == "monitor" {
+            if (&stream).write_all(b"ok monitoring\n").is_ok() {
                 // A monitor that stops reading is dropped, not waited for.
                 let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
                 self.subscribers.push(stream);
@@ -358,9 +360,20 @@ pub fn request(chain: &Path, command: &str, progress: checkpoint::ProgressFn<'_>
     let stream = UnixStream::connect(&path).with_context(|| {
         format!("no `ssc up {}` is running (nothing listens on {})", chain.display(), path.display())
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(900)))?;
-    (&stream).write_all(format!("{command}\n").as_bytes())?;
-    let mut reader = BufReader::new(&stream);
+    exchange(&stream, command, Duration::from_secs(900), progress)
+}
+
+/// One command on a connected command socket: its progress lines, then
+/// its `ok …` (the answer) or `error …`.
+pub fn exchange(
+    stream: &UnixStream,
+    command: &str,
+    timeout: Duration,
+    progress: checkpoint::ProgressFn<'_>,
+) -> Result<String> {
+    stream.set_read_timeout(Some(timeout))?;
+    (&*stream).write_all(format!("{command}\n").as_bytes())?;
+    let mut reader = BufReader::new(stream);
     loop {
         let mut reply = String::new();
         reader.read_line(&mut reply)?;

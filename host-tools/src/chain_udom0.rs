@@ -415,6 +415,7 @@ impl Session {
                 let relay = self.relay;
                 c.poll(|cmd, _| match cmd {
                     "udom0 relay" => Ok(relay.to_string()),
+                    "monitor" => bail!("this chain has no [introspect] section"),
                     other => bail!("`{other}`: the clients have not launched yet (waiting for the tenant)"),
                 });
             }

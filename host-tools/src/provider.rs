@@ -18,12 +18,13 @@
 //! (`$SSC_QUOTAS`, default `/var/lib/ssc/quotas.json`); `ssc up` refuses
 //! to start a meta-domain over them, naming the limit.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
+
+use crate::chain_checkpoint::CommandSocket;
 use serde::{Deserialize, Serialize};
 
 /// Where provider sockets live.
@@ -81,10 +82,10 @@ pub struct Status {
     pub domains: Vec<DomainStatus>,
 }
 
-/// The builder's end: the provider socket of one meta-domain.
+/// The builder's end: the provider socket of one meta-domain (a command
+/// socket like the tenant's, with its own narrow dispatcher).
 pub struct Socket {
-    listener: UnixListener,
-    path: PathBuf,
+    commands: CommandSocket,
     pub id: String,
     started: Instant,
 }
@@ -97,12 +98,8 @@ impl Socket {
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
         let id = format!("{meta}-{}", std::process::id());
-        let path = d.join(format!("{id}.sock"));
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        listener.set_nonblocking(true)?;
-        Ok(Socket { listener, path, id, started: Instant::now() })
+        let commands = CommandSocket::bind_at(d.join(format!("{id}.sock")))?;
+        Ok(Socket { commands, id, started: Instant::now() })
     }
 
     /// Serves at most one pending request; returns `stop` or `destroy`
@@ -112,44 +109,41 @@ impl Socket {
         domains: impl Iterator<Item = &'d mut crate::builder::Domain>,
         attested: bool,
     ) -> Option<Verb> {
-        let Ok((stream, _)) = self.listener.accept() else { return None };
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut line = String::new();
-        // Nothing at all: someone counting the running meta-domains.
-        if BufReader::new(&stream).read_line(&mut line).is_err() || line.is_empty() {
-            return None;
-        }
-        let (reply, verb) = match parse(line.trim()) {
+        let (id, uptime_s) = (self.id.clone(), self.started.elapsed().as_secs());
+        let mut domains = Some(domains);
+        let mut verb = None;
+        self.commands.poll(|line, _| match parse(line) {
             Ok(Verb::Status) => {
                 let domains: Vec<DomainStatus> = domains
+                    .take()
+                    .into_iter()
+                    .flatten()
                     .map(|d| DomainStatus { name: d.name.clone(), memory_mib: d.mem_mib, running: d.running() })
                     .collect();
                 let status = Status {
-                    id: self.id.clone(),
+                    id: id.clone(),
                     pid: std::process::id(),
                     attested,
-                    uptime_s: self.started.elapsed().as_secs(),
+                    uptime_s,
                     memory_mib: domains.iter().map(|d| d.memory_mib).sum(),
                     domains,
                 };
-                (format!("ok {}", serde_json::to_string(&status).unwrap_or_default()), None)
+                Ok(serde_json::to_string(&status)?)
             }
-            Ok(v @ Verb::Stop) => ("ok stopping: clients stop, SDs shut down".to_string(), Some(v)),
-            Ok(v @ Verb::Destroy) => ("ok destroying: every domain is killed".to_string(), Some(v)),
+            Ok(v @ Verb::Stop) => {
+                verb = Some(v);
+                Ok("stopping: clients stop, SDs shut down".into())
+            }
+            Ok(v @ Verb::Destroy) => {
+                verb = Some(v);
+                Ok("destroying: every domain is killed".into())
+            }
             Err(e) => {
                 eprintln!("ssc up: provider request {e}");
-                (format!("error {e}"), None)
+                Err(anyhow!(e))
             }
-        };
-        let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
+        });
         verb
-    }
-}
-
-impl Drop for Socket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -178,15 +172,7 @@ pub fn request(id: &str, line: &str) -> Result<String> {
     let path = dir().join(format!("{id}.sock"));
     let stream = UnixStream::connect(&path)
         .with_context(|| format!("no meta-domain `{id}` runs here (`ssc provider list` shows the ids)"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
-    (&stream).write_all(format!("{line}\n").as_bytes())?;
-    let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply)?;
-    match reply.trim_end().split_once(' ') {
-        Some(("ok", msg)) => Ok(msg.to_string()),
-        Some(("error", msg)) => bail!("{msg}"),
-        _ => bail!("meta-domain `{id}` answered nothing (it may have stopped)"),
-    }
+    crate::chain_checkpoint::exchange(&stream, line, Duration::from_secs(300), &mut |_, _| {})
 }
 
 /// Every meta-domain running here, with its status.

@@ -71,8 +71,8 @@ enum Pending {
         id: u64,
         binding: Binding,
     },
-    /// Requests out to SDs (keys) or the builder (grants), each with what
-    /// it names, and what came back.
+    /// Requests out to SDs (keys: each names its SD) or the builder
+    /// (grants: each describes the grant), and what came back.
     Batch {
         kind: Batch,
         waiting: Vec<(u64, String)>,
@@ -292,7 +292,7 @@ impl Udom0 {
                 k.key.len(),
                 k.purpose
             )));
-            waiting.push((id, alloc::format!("`{}`", k.domain)));
+            waiting.push((id, k.domain.clone()));
             self.keys.retain(|old| !(old.domain == k.domain && old.purpose == k.purpose));
             self.keys.push(k.clone());
             actions.push(Action::KeySd { id, key: k });
@@ -326,7 +326,7 @@ impl Udom0 {
                 let (_, what) = waiting.remove(i);
                 match (reply, kind) {
                     (Reply::Ack, Batch::Keys) => {
-                        actions.push(Action::Log(alloc::format!("{what} took its key")));
+                        actions.push(Action::Log(alloc::format!("`{what}` took its key")));
                         done += 1;
                     }
                     (Reply::Ack, Batch::Grants) => done += 1,
@@ -336,9 +336,10 @@ impl Udom0 {
                             _ => String::from("an unexpected answer"),
                         };
                         if kind == Batch::Keys {
-                            actions.push(Action::Log(alloc::format!("{what} refused its key: {m}")));
-                            self.keys.retain(|k| alloc::format!("`{}`", k.domain) != what);
-                            refused.push(alloc::format!("{what} refused its key: {m}"));
+                            let refusal = alloc::format!("`{what}` refused its key: {m}");
+                            actions.push(Action::Log(refusal.clone()));
+                            self.keys.retain(|k| k.domain != what);
+                            refused.push(refusal);
                         } else {
                             refused.push(m);
                         }
