@@ -5,255 +5,51 @@
 
 use cryptoki_sys::*;
 
-pub(crate) unsafe extern "C" fn C_InitToken(
-    _a1: CK_SLOT_ID,
-    _a2: *mut CK_UTF8CHAR,
-    _a3: CK_ULONG,
-    _a4: *mut CK_UTF8CHAR,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
+/// `name(types…);` becomes an entry point that ignores its arguments and
+/// returns `CKR_FUNCTION_NOT_SUPPORTED`; `CK_FUNCTION_LIST` checks each
+/// signature where `lib.rs` fills it in.
+macro_rules! not_supported {
+    ($($name:ident($($t:ty),* $(,)?);)*) => {
+        $(pub(crate) unsafe extern "C" fn $name($(_: $t),*) -> CK_RV {
+            CKR_FUNCTION_NOT_SUPPORTED
+        })*
+    };
 }
 
-pub(crate) unsafe extern "C" fn C_InitPIN(_a1: CK_SESSION_HANDLE, _a2: *mut CK_UTF8CHAR, _a3: CK_ULONG) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
+not_supported! {
+    C_InitToken(CK_SLOT_ID, *mut CK_UTF8CHAR, CK_ULONG, *mut CK_UTF8CHAR);
+    C_InitPIN(CK_SESSION_HANDLE, *mut CK_UTF8CHAR, CK_ULONG);
+    C_SetPIN(CK_SESSION_HANDLE, *mut CK_UTF8CHAR, CK_ULONG, *mut CK_UTF8CHAR, CK_ULONG);
+    C_GetOperationState(CK_SESSION_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
+    C_SetOperationState(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE);
+    C_CreateObject(CK_SESSION_HANDLE, *mut CK_ATTRIBUTE, CK_ULONG, *mut CK_OBJECT_HANDLE);
+    C_CopyObject(CK_SESSION_HANDLE, CK_OBJECT_HANDLE, *mut CK_ATTRIBUTE, CK_ULONG, *mut CK_OBJECT_HANDLE);
+    C_GetObjectSize(CK_SESSION_HANDLE, CK_OBJECT_HANDLE, *mut CK_ULONG);
+    C_SetAttributeValue(CK_SESSION_HANDLE, CK_OBJECT_HANDLE, *mut CK_ATTRIBUTE, CK_ULONG);
+    C_EncryptUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_EncryptFinal(CK_SESSION_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
+    C_DecryptUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DecryptFinal(CK_SESSION_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
+    C_DigestInit(CK_SESSION_HANDLE, *mut CK_MECHANISM);
+    C_Digest(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DigestUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG);
+    C_DigestKey(CK_SESSION_HANDLE, CK_OBJECT_HANDLE);
+    C_DigestFinal(CK_SESSION_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
+    C_SignRecoverInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_SignRecover(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_VerifyRecoverInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_VerifyRecover(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DigestEncryptUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DecryptDigestUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_SignEncryptUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DecryptVerifyUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DeriveKey(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE, *mut CK_ATTRIBUTE, CK_ULONG, *mut CK_OBJECT_HANDLE);
+    C_WaitForSlotEvent(CK_FLAGS, *mut CK_SLOT_ID, *mut ::std::os::raw::c_void);
+    C_WrapKey(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
+    C_UnwrapKey(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_ATTRIBUTE, CK_ULONG, *mut CK_OBJECT_HANDLE);
 }
 
-pub(crate) unsafe extern "C" fn C_SetPIN(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_UTF8CHAR,
-    _a3: CK_ULONG,
-    _a4: *mut CK_UTF8CHAR,
-    _a5: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_GetOperationState(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_BYTE,
-    _a3: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_SetOperationState(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_BYTE,
-    _a3: CK_ULONG,
-    _a4: CK_OBJECT_HANDLE,
-    _a5: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_CreateObject(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_ATTRIBUTE,
-    _a3: CK_ULONG,
-    _a4: *mut CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_CopyObject(
-    _a1: CK_SESSION_HANDLE,
-    _a2: CK_OBJECT_HANDLE,
-    _a3: *mut CK_ATTRIBUTE,
-    _a4: CK_ULONG,
-    _a5: *mut CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_GetObjectSize(
-    _a1: CK_SESSION_HANDLE,
-    _a2: CK_OBJECT_HANDLE,
-    _a3: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_SetAttributeValue(
-    _a1: CK_SESSION_HANDLE,
-    _a2: CK_OBJECT_HANDLE,
-    _a3: *mut CK_ATTRIBUTE,
-    _a4: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_EncryptUpdate(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_BYTE,
-    _a3: CK_ULONG,
-    _a4: *mut CK_BYTE,
-    _a5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_EncryptFinal(_a1: CK_SESSION_HANDLE, _a2: *mut CK_BYTE, _a3: *mut CK_ULONG) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_DecryptUpdate(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_BYTE,
-    _a3: CK_ULONG,
-    _a4: *mut CK_BYTE,
-    _a5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_DecryptFinal(_a1: CK_SESSION_HANDLE, _a2: *mut CK_BYTE, _a3: *mut CK_ULONG) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_DigestInit(_a1: CK_SESSION_HANDLE, _a2: *mut CK_MECHANISM) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_Digest(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_BYTE,
-    _a3: CK_ULONG,
-    _a4: *mut CK_BYTE,
-    _a5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_DigestUpdate(_a1: CK_SESSION_HANDLE, _a2: *mut CK_BYTE, _a3: CK_ULONG) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_DigestKey(_a1: CK_SESSION_HANDLE, _a2: CK_OBJECT_HANDLE) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_DigestFinal(_a1: CK_SESSION_HANDLE, _a2: *mut CK_BYTE, _a3: *mut CK_ULONG) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_SignRecoverInit(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_MECHANISM,
-    _a3: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_SignRecover(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_BYTE,
-    _a3: CK_ULONG,
-    _a4: *mut CK_BYTE,
-    _a5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_VerifyRecoverInit(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_MECHANISM,
-    _a3: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_VerifyRecover(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_BYTE,
-    _a3: CK_ULONG,
-    _a4: *mut CK_BYTE,
-    _a5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_DigestEncryptUpdate(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_BYTE,
-    _a3: CK_ULONG,
-    _a4: *mut CK_BYTE,
-    _a5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_DecryptDigestUpdate(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_BYTE,
-    _a3: CK_ULONG,
-    _a4: *mut CK_BYTE,
-    _a5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_SignEncryptUpdate(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_BYTE,
-    _a3: CK_ULONG,
-    _a4: *mut CK_BYTE,
-    _a5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_DecryptVerifyUpdate(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_BYTE,
-    _a3: CK_ULONG,
-    _a4: *mut CK_BYTE,
-    _a5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_DeriveKey(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_MECHANISM,
-    _a3: CK_OBJECT_HANDLE,
-    _a4: *mut CK_ATTRIBUTE,
-    _a5: CK_ULONG,
-    _a6: *mut CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_WaitForSlotEvent(
-    _a1: CK_FLAGS,
-    _a2: *mut CK_SLOT_ID,
-    _a3: *mut ::std::os::raw::c_void,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_WrapKey(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_MECHANISM,
-    _a3: CK_OBJECT_HANDLE,
-    _a4: CK_OBJECT_HANDLE,
-    _a5: *mut CK_BYTE,
-    _a6: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(crate) unsafe extern "C" fn C_UnwrapKey(
-    _a1: CK_SESSION_HANDLE,
-    _a2: *mut CK_MECHANISM,
-    _a3: CK_OBJECT_HANDLE,
-    _a4: *mut CK_BYTE,
-    _a5: CK_ULONG,
-    _a6: *mut CK_ATTRIBUTE,
-    _a7: CK_ULONG,
-    _a8: *mut CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
+/// Legacy parallel-function calls: the code PKCS#11 prescribes.
 pub(crate) unsafe extern "C" fn C_GetFunctionStatus(_a1: CK_SESSION_HANDLE) -> CK_RV {
     CKR_FUNCTION_NOT_PARALLEL
 }
