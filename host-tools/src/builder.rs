@@ -792,6 +792,8 @@ pub struct Domain {
     owned_sockets: Vec<PathBuf>,
     started: Instant,
     first_line: Option<Duration>,
+    /// How QEMU ended, once [`Domain::exited`] saw it end on its own.
+    ended: Option<ImageExit>,
 }
 
 fn spawn_line_reader(
@@ -897,6 +899,7 @@ impl Domain {
             owned_sockets,
             started,
             first_line: None,
+            ended: None,
         };
         let control = ControlLink::connect(&ctl_path, &mut child, Duration::from_secs(10));
         dom.child = Some(child);
@@ -976,6 +979,20 @@ impl Domain {
     /// Whether QEMU is still running.
     pub fn running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Without waiting: how QEMU ended, if it ended on its own (a panic, a
+    /// failure verdict, a kill from outside). Its last console lines are
+    /// collected first; [`Domain::shutdown`] later reports the same verdict.
+    pub fn exited(&mut self) -> Option<ImageExit> {
+        if self.ended.is_none()
+            && let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        {
+            self.child = None;
+            self.drain_lines();
+            self.ended = Some(ImageExit::from_status(status));
+        }
+        self.ended.clone()
     }
 
     /// Waits for the image's `ssc: ready` line.
@@ -1071,6 +1088,9 @@ impl Domain {
     /// to `grace` for its verdict; falls back to [`Domain::stop`] (then the
     /// verdict is [`ImageExit::Signal`] or whatever QEMU reported).
     pub fn shutdown(&mut self, grace: Duration) -> Result<ImageExit> {
+        if let Some(exit) = &self.ended {
+            return Ok(exit.clone());
+        }
         if self.running()
             && let Some(ctl) = self.control.as_ref()
         {

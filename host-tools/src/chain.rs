@@ -831,6 +831,22 @@ impl Running {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut exits: Vec<Option<ImageExit>> = vec![None; self.clients.len()];
         let exit = loop {
+            // An SD (or Udom0) that ends on its own leaves its clients
+            // without the service they were promised: a disk that returns
+            // EIO, a monitor that no longer watches. Stop them and fail.
+            if let Some((name, died)) =
+                self.sds.domains_mut().iter_mut().find_map(|d| d.exited().map(|e| (d.name.clone(), e)))
+            {
+                let clients: Vec<String> = self.clients.iter().map(|c| c.name.clone()).collect();
+                eprintln!("ssc up: {name} died ({died}); stopping the client(s) it serves: {}", clients.join(", "));
+                for c in &mut self.clients {
+                    c.stop();
+                }
+                break Err(anyhow!(
+                    "service domain `{name}` died ({died}) while the meta-domain ran; its clients were stopped \
+                     (its console's last lines are above)"
+                ));
+            }
             let mut failed = None;
             let several = self.clients.len() > 1;
             for (c, e) in self.clients.iter_mut().zip(exits.iter_mut()) {
@@ -942,14 +958,27 @@ impl Running {
             }
         }
         let verdicts = self.sds.shutdown(Duration::from_secs(30));
+        let mut unclean = vec![];
         for (name, v) in verdicts {
             match v {
                 Ok(ImageExit::Success) => eprintln!("ssc up: {name} stopped cleanly"),
-                Ok(other) => eprintln!("ssc up: {name}: {other}"),
-                Err(e) => eprintln!("ssc up: {name}: {e:#}"),
+                Ok(other) => {
+                    eprintln!("ssc up: {name}: {other}");
+                    unclean.push(format!("{name} ({other})"));
+                }
+                Err(e) => {
+                    eprintln!("ssc up: {name}: {e:#}");
+                    unclean.push(format!("{name} ({e})"));
+                }
             }
         }
-        Ok((exit?, log))
+        let exit = exit?;
+        if !unclean.is_empty() {
+            // The client may have finished, but a service that failed (a
+            // volume not flushed, a panic) is not a clean run.
+            bail!("service domain(s) did not stop cleanly: {}", unclean.join(", "));
+        }
+        Ok((exit, log))
     }
 }
 

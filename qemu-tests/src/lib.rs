@@ -295,6 +295,21 @@ pub fn process_with_arg_exists(needle: &str) -> bool {
     })
 }
 
+/// The ids of processes whose command line contains every one of `needles`.
+pub fn pids_with_args(needles: &[&str]) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            needles.iter().all(|n| cmdline.contains(n)).then_some(pid)
+        })
+        .collect()
+}
+
 /// `ssc ARGS` in the background (e.g. `ssc up`), its stdout and stderr in
 /// files `NAME.out` / `NAME.err` in `dir`.
 pub struct Up {

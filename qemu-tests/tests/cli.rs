@@ -315,6 +315,56 @@ fn ssc_up_composes_a_chain_from_the_catalog_and_runs_a_client_job() {
 }
 
 #[test]
+fn a_sequential_1_mib_read_at_depth_16_through_ssc_up_does_not_kill_the_sd() {
+    // As a tenant first tried it: a 128 MiB volume, fio reading it whole.
+    // The SD used to run out of memory at 24 MiB; the client got EIO.
+    let tmp = tempfile::tempdir().unwrap();
+    create_volume(tmp.path(), "128M", &[]);
+    let chain = write_chain(tmp.path(), "\"vol.key\"", "\"storage-crypt\"");
+    let job = tmp.path().join("job.sh");
+    std::fs::write(
+        &job,
+        "fio --name=seqread --filename=/dev/vda --rw=read --bs=1M --iodepth=16 --direct=1 --ioengine=libaio \
+         --output-format=terse > /tmp/fio.out\n\
+         size=$(blockdev --getsize64 /dev/vda); kb=$(cut -d';' -f6 /tmp/fio.out)\n\
+         echo \"fio read $kb KiB of $((size / 1024))\"\n[ \"$kb\" -eq $((size / 1024)) ]\n",
+    )
+    .unwrap();
+    let r = run_ssc(&["up", chain.to_str().unwrap(), "--job", job.to_str().unwrap()], T);
+    assert_eq!(r.code(), Some(0), "{}", r.all());
+    for want in ["job passed", "storage-crypt-0 stopped cleanly", "fio read 130048 KiB of 130048"] {
+        assert!(r.all().contains(want), "missing `{want}`:\n{}", r.all());
+    }
+    assert!(!r.all().contains("memory allocation") && !r.all().contains("panic"), "{}", r.all());
+}
+
+#[test]
+fn an_sd_that_dies_fails_ssc_up_by_name_and_stops_its_client() {
+    // The SD is killed from outside while the client uses its disk (as an
+    // out-of-memory panic ended it): `ssc up` must not report success.
+    let tmp = tempfile::tempdir().unwrap();
+    create_volume(tmp.path(), "32M", &[]);
+    let chain = write_chain(tmp.path(), "\"vol.key\"", "\"storage-crypt\"");
+    let job = tmp.path().join("job.sh");
+    std::fs::write(&job, "echo JOB-WAITING\nwhile true; do dd if=/dev/vda of=/dev/null bs=64k count=16 iflag=direct 2>/dev/null || true; sleep 1; done\n").unwrap();
+    let up = Up::start(tmp.path(), &["up", chain.to_str().unwrap(), "--job", job.to_str().unwrap()], "up");
+    up.wait_until("the client's job", |out| out.contains("JOB-WAITING"));
+    let run = format!("/{}-", up.pid());
+    let sd = pids_with_args(&[&run, "storage-crypt-0.qmp"]);
+    assert_eq!(sd.len(), 1, "the SD's QEMU: {sd:?}");
+    std::process::Command::new("kill").args(["-KILL", &sd[0].to_string()]).status().unwrap();
+    let stderr_before = up.stderr();
+    let code = up.wait_exit(Duration::from_secs(60));
+    assert!(code.is_some_and(|c| c != 0), "ssc up exited {code:?} after its SD died:\n{stderr_before}");
+    let stderr = std::fs::read_to_string(tmp.path().join("up.err")).unwrap();
+    assert!(
+        stderr.contains("storage-crypt-0 died") && stderr.contains("stopping the client"),
+        "the death is not named:\n{stderr}"
+    );
+    assert!(pids_with_args(&[&run]).is_empty(), "QEMUs left running after the SD died");
+}
+
+#[test]
 fn bench_storage_measures_all_five_paths_in_one_invocation() {
     let (dir, key) = catalog_args();
     let r = run_ssc(&["bench", "storage", "--catalog", &dir, "--trust", &key, "--size-mib", "64", "--runtime", "1"], T);

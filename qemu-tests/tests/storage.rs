@@ -149,6 +149,99 @@ fn a_garbage_speaking_client_does_not_stop_the_next_one() {
     assert!(sd.domain.log().iter().any(|l| l.contains("NBD session closed: client sent unknown handshake flags")));
 }
 
+/// A raw NBD connection to the SD, past the handshake (fixed newstyle, GO
+/// for `vol`): for clients no real peer plays.
+fn raw_nbd(sd: &Sd) -> std::os::unix::net::UnixStream {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&sd.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    let mut hello = 3u32.to_be_bytes().to_vec(); // fixed newstyle, no zeroes
+    hello.extend_from_slice(b"IHAVEOPT");
+    hello.extend_from_slice(&7u32.to_be_bytes()); // GO
+    hello.extend_from_slice(&9u32.to_be_bytes());
+    hello.extend_from_slice(&3u32.to_be_bytes());
+    hello.extend_from_slice(b"vol");
+    hello.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&hello).unwrap();
+    loop {
+        let mut head = [0u8; 20];
+        s.read_exact(&mut head).unwrap();
+        let kind = u32::from_be_bytes(head[12..16].try_into().unwrap());
+        let mut data = vec![0u8; u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize];
+        s.read_exact(&mut data).unwrap();
+        match kind {
+            1 => return s, // ACK: transmission starts
+            3 => continue, // INFO
+            other => panic!("GO refused with reply type {other:#x}"),
+        }
+    }
+}
+
+/// The SD's log shows no allocation failure and no panic.
+fn assert_sd_healthy(sd: &Sd) {
+    let log = sd.domain.log();
+    assert!(
+        !log.iter().any(|l| l.contains("memory allocation") || l.contains("panic")),
+        "the SD ran out of memory or panicked:\n{}",
+        log.join("\n")
+    );
+}
+
+#[test]
+fn pipelined_32_mib_reads_cannot_exhaust_the_sd() {
+    use std::io::{Read, Write};
+    // The attack: four 32 MiB reads in 112 bytes, sent before reading any
+    // reply; served at once they needed 128 MiB of replies in a 128 MiB SD
+    // ("memory allocation of … bytes failed", panic). The null cipher keeps
+    // this about memory, not emulated AES: the volume is the plaintext, so
+    // markers written into the file must come back where they were put.
+    let tmp = tempfile::tempdir().unwrap();
+    let volume = tmp.path().join("volume.img");
+    let size = 160 * MIB as u64;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&volume).unwrap();
+        f.set_len(size).unwrap();
+        for h in 0..4u64 {
+            f.write_all_at(format!("MARK-{h}").as_bytes(), h * 32 * MIB as u64 + 12345).unwrap();
+        }
+    }
+    let mut sd = boot_on(tmp.path(), &volume);
+    configure(&mut sd, VolumeConfig { cipher: "null", key: &[], ..xts_config(&[]) }).unwrap();
+    let mut s = raw_nbd(&sd);
+    let mut batch = vec![];
+    for h in 0..4u64 {
+        batch.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        batch.extend_from_slice(&[0, 0, 0, 0]); // flags, READ
+        batch.extend_from_slice(&h.to_be_bytes());
+        batch.extend_from_slice(&(h * 32 * MIB as u64).to_be_bytes());
+        batch.extend_from_slice(&(32 * MIB as u32).to_be_bytes());
+    }
+    assert_eq!(batch.len(), 112);
+    s.write_all(&batch).unwrap();
+    let mut data = vec![0u8; 32 * MIB];
+    for h in 0..4u64 {
+        let mut head = [0u8; 16];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(u32::from_be_bytes(head[4..8].try_into().unwrap()), 0, "read {h} failed");
+        assert_eq!(u64::from_be_bytes(head[8..16].try_into().unwrap()), h, "replies out of order");
+        s.read_exact(&mut data).unwrap();
+        assert_eq!(&data[12345..12351], format!("MARK-{h}").as_bytes(), "read {h} returned the wrong bytes");
+    }
+    drop(s);
+    // nbdcopy of the whole export, the other way the SD died, then qemu-io.
+    let uri = format!("nbd+unix:///vol?socket={}", sd.socket.display());
+    let out = tmp.path().join("copy.img");
+    let (ok, text) = peer("nbdcopy", &[&uri, out.to_str().unwrap()], T);
+    assert!(ok, "nbdcopy of the 160 MiB export: {text}");
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&volume).unwrap(), "nbdcopy brought back other bytes");
+    qemu_io(&sd, &["read -P 0 1M 1M"]);
+    assert_sd_healthy(&sd);
+}
+
 /// Boots the Linux client with `job` and the SD's export as its disk
 /// (/dev/vda); returns the client's console.
 fn run_client(sd: &Sd, dir: &Path, job: &str) -> Vec<String> {

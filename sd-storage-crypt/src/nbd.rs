@@ -1,11 +1,22 @@
 //! A sans-IO NBD server (protocol as in the NBD project's `proto.md`).
 //!
 //! Feed it the client's bytes with [`Server::receive`]; it runs complete
-//! options and requests against a [`Backend`] and queues the replies, which
-//! [`Server::take_output`] hands back for sending. Pipelined requests are
+//! options and requests against a [`Backend`] and queues the replies;
+//! [`Server::output`] shows the next bytes to send and
+//! [`Server::consume_output`] drops what was sent. Pipelined requests are
 //! served in order. Only the fixed-newstyle handshake is spoken, with simple
 //! replies (a client asking for structured replies or metadata contexts is
 //! told `ERR_UNSUP` and carries on without them).
+//!
+//! Memory is bounded whatever the client sends (the server runs in a
+//! 128 MiB unikernel): the reply queue never holds more than
+//! [`MAX_QUEUED_OUTPUT`] bytes. A request (or option) starts only when its
+//! reply fits beside what is queued, or the queue is empty; otherwise the
+//! server stops serving, leaves the rest of the input buffered and says so
+//! through [`Server::wants_input`] (false), and its driver sends replies
+//! and calls [`Server::serve`] to go on. A driver that reads input only
+//! while `wants_input()` holds also bounds the input buffer to one
+//! request's payload ([`MAX_REQUEST`]) plus what it reads at once.
 //!
 //! What gets which error (the spec's choices):
 //! * read beyond the end, or longer than [`MAX_REQUEST`] → `EINVAL`;
@@ -17,6 +28,7 @@
 //!   [`MAX_OPTION`] bytes, or an unknown export name in `EXPORT_NAME` →
 //!   the connection closes ([`ProtocolError`]), as the spec allows.
 
+use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -76,6 +88,12 @@ pub const ENOSPC: u32 = 28;
 pub const MAX_REQUEST: u32 = 32 << 20;
 /// Largest option payload accepted during the handshake.
 pub const MAX_OPTION: u32 = 64 << 10;
+/// Most reply bytes ever queued: one largest read reply. Further requests
+/// wait, unread, until the queue has room for their replies.
+pub const MAX_QUEUED_OUTPUT: usize = 16 + MAX_REQUEST as usize;
+/// Replies smaller than this share one buffer; a larger read reply gets its
+/// own, which is freed as soon as it has been sent.
+const SHARED_CHUNK: usize = 64 << 10;
 /// Preferred block size advertised to clients.
 pub const PREFERRED_BLOCK: u32 = 4096;
 
@@ -205,6 +223,63 @@ pub struct Stats {
     pub bytes_written: u64,
 }
 
+/// Replies waiting to be sent, in order. What was sent is dropped at once
+/// (a large read reply is a buffer of its own), so the queue holds only
+/// what is still unsent.
+#[derive(Debug, Default)]
+struct ReplyQueue {
+    chunks: VecDeque<Vec<u8>>,
+    /// How much of the front chunk was sent.
+    sent: usize,
+    /// Unsent bytes in all chunks.
+    len: usize,
+}
+
+impl ReplyQueue {
+    /// A buffer at the back with room for `n` more bytes, shared with the
+    /// replies before it when they are small.
+    fn back(&mut self, n: usize) -> &mut Vec<u8> {
+        if self.chunks.back().is_none_or(|c| c.len() + n > SHARED_CHUNK) {
+            self.chunks.push_back(Vec::with_capacity(if n < SHARED_CHUNK { n.max(4096) } else { n }));
+        }
+        self.chunks.back_mut().expect("pushed")
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.back(bytes.len()).extend_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    fn front(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], |c| &c[self.sent..])
+    }
+
+    fn consume(&mut self, mut n: usize) {
+        n = n.min(self.len);
+        self.len -= n;
+        while n > 0 {
+            let front = self.chunks.front().expect("len counts queued bytes");
+            let take = n.min(front.len() - self.sent);
+            self.sent += take;
+            n -= take;
+            if self.sent == front.len() {
+                self.chunks.pop_front();
+                self.sent = 0;
+            }
+        }
+    }
+
+    fn take_all(&mut self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        for c in self.chunks.drain(..) {
+            out.extend_from_slice(&c[self.sent..]);
+            self.sent = 0;
+        }
+        self.len = 0;
+        out
+    }
+}
+
 /// One connection's server.
 #[derive(Debug)]
 pub struct Server {
@@ -212,7 +287,9 @@ pub struct Server {
     state: State,
     input: Vec<u8>,
     pos: usize,
-    output: Vec<u8>,
+    output: ReplyQueue,
+    /// Serving stopped because the next reply does not fit in the queue.
+    waiting_for_room: bool,
     no_zeroes: bool,
     stats: Stats,
 }
@@ -230,24 +307,53 @@ fn be64(b: &[u8]) -> u64 {
 impl Server {
     /// A server for one connection; the greeting is queued at once.
     pub fn new(export: Export) -> Self {
-        let mut output = Vec::new();
-        output.extend_from_slice(&NBDMAGIC.to_be_bytes());
-        output.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        output.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        let mut output = ReplyQueue::default();
+        output.push(&NBDMAGIC.to_be_bytes());
+        output.push(&IHAVEOPT.to_be_bytes());
+        output.push(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
         Server {
             export,
             state: State::ClientFlags,
             input: Vec::new(),
             pos: 0,
             output,
+            waiting_for_room: false,
             no_zeroes: false,
             stats: Stats::default(),
         }
     }
 
-    /// Bytes to send to the client (drains the queue).
+    /// The next bytes to send to the client (empty when nothing is queued;
+    /// more may follow once these are consumed).
+    pub fn output(&self) -> &[u8] {
+        self.output.front()
+    }
+
+    /// `n` bytes of [`Server::output`] were sent: they are dropped.
+    pub fn consume_output(&mut self, n: usize) {
+        self.output.consume(n);
+    }
+
+    /// Reply bytes queued and not yet sent (never over [`MAX_QUEUED_OUTPUT`]).
+    pub fn queued_output(&self) -> usize {
+        self.output.len
+    }
+
+    /// Everything queued for the client, in one buffer (drains the queue;
+    /// tests and benchmarks: a driver sends [`Server::output`] instead).
     pub fn take_output(&mut self) -> Vec<u8> {
-        core::mem::take(&mut self.output)
+        self.output.take_all()
+    }
+
+    /// Whether more client bytes should be read: false while a buffered
+    /// request waits for room in the reply queue. Send, then [`Server::serve`].
+    pub fn wants_input(&self) -> bool {
+        !self.waiting_for_room && self.closed().is_none()
+    }
+
+    /// Client bytes buffered and not yet served.
+    pub fn buffered_input(&self) -> usize {
+        self.input.len() - self.pos
     }
 
     /// Whether the handshake is done and commands are being served.
@@ -267,12 +373,23 @@ impl Server {
         self.stats
     }
 
-    /// Takes the client's bytes and serves everything complete.
+    /// Takes the client's bytes and serves everything complete that has room
+    /// for its reply (see [`Server::wants_input`]).
     pub fn receive<B: Backend + ?Sized>(&mut self, bytes: &[u8], backend: &mut B) -> Result<(), ProtocolError> {
         if let State::Closed(e) = &self.state {
             return Err(e.clone());
         }
         self.input.extend_from_slice(bytes);
+        self.serve(backend)
+    }
+
+    /// Serves buffered input as far as the reply queue has room: call it
+    /// after output was consumed while [`Server::wants_input`] was false.
+    pub fn serve<B: Backend + ?Sized>(&mut self, backend: &mut B) -> Result<(), ProtocolError> {
+        if let State::Closed(e) = &self.state {
+            return Err(e.clone());
+        }
+        self.waiting_for_room = false;
         let r = loop {
             match self.step(backend) {
                 Ok(true) => continue,
@@ -288,7 +405,35 @@ impl Server {
             self.input.drain(..self.pos);
             self.pos = 0;
         }
+        // A write's payload is still arriving: make room for exactly that,
+        // not for the doubling a growing Vec would do (32 MiB → 64 MiB).
+        if let Some(missing) = self.missing_payload() {
+            self.input.reserve_exact(missing);
+        }
         r
+    }
+
+    /// Bytes still to arrive for a buffered write request.
+    fn missing_payload(&self) -> Option<usize> {
+        let h = self.available().get(..28)?;
+        let (kind, len) = (be16(&h[6..]), be32(&h[24..]));
+        let whole = 28 + len as usize;
+        (self.state == State::Transmission && kind == CMD_WRITE && len <= MAX_REQUEST && self.available().len() < whole)
+            .then(|| whole - self.available().len())
+    }
+
+    /// Whether a reply of `n` bytes may be queued now; if not, serving stops
+    /// until the driver has sent some of the queue.
+    fn room_for(&mut self, n: usize) -> bool {
+        let room = self.output.len == 0 || self.output.len + n <= MAX_QUEUED_OUTPUT;
+        self.waiting_for_room = !room;
+        room
+    }
+
+    /// The most bytes one option's replies take (info requests are answered
+    /// once each, however often they are asked for).
+    fn option_reply_bound(&self) -> usize {
+        6 * 20 + 12 + 14 + 4 + 2 * self.export.name.len() + self.export.description.len() + 64
     }
 
     fn available(&self) -> &[u8] {
@@ -326,10 +471,13 @@ impl Server {
                 if len > MAX_OPTION {
                     return Err(ProtocolError::OptionTooLarge(len));
                 }
-                let Some(data) = self.available().get(16..16 + len as usize) else {
+                if self.available().len() < 16 + len as usize {
                     return Ok(false);
-                };
-                let data = data.to_vec();
+                }
+                if !self.room_for(self.option_reply_bound()) {
+                    return Ok(false);
+                }
+                let data = self.available()[16..16 + len as usize].to_vec();
                 self.pos += 16 + len as usize;
                 self.option(option, &data, backend)?;
                 Ok(true)
@@ -344,14 +492,24 @@ impl Server {
                 }
                 let (flags, kind, handle, offset, len) =
                     (be16(&h[4..]), be16(&h[6..]), be64(&h[8..]), be64(&h[16..]), be32(&h[24..]));
+                let reply = if kind == CMD_READ && len <= MAX_REQUEST { 16 + len as usize } else { 16 };
                 if kind == CMD_WRITE && len <= MAX_REQUEST {
-                    let Some(data) = self.available().get(28..28 + len as usize) else {
+                    let end = self.pos + 28 + len as usize;
+                    if self.input.len() < end {
                         return Ok(false);
-                    };
-                    let data = data.to_vec();
-                    self.pos += 28 + len as usize;
-                    self.write(flags, handle, offset, &data, backend);
+                    }
+                    if !self.room_for(reply) {
+                        return Ok(false);
+                    }
+                    // The payload is served from the input buffer, not copied.
+                    let input = core::mem::take(&mut self.input);
+                    self.write(flags, handle, offset, &input[self.pos + 28..end], backend);
+                    self.input = input;
+                    self.pos = end;
                     return Ok(true);
+                }
+                if !self.room_for(reply) {
+                    return Ok(false);
                 }
                 self.pos += 28;
                 self.command(flags, kind, handle, offset, len, backend)
@@ -369,11 +527,13 @@ impl Server {
     }
 
     fn option_reply(&mut self, option: u32, kind: u32, data: &[u8]) {
-        self.output.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
-        self.output.extend_from_slice(&option.to_be_bytes());
-        self.output.extend_from_slice(&kind.to_be_bytes());
-        self.output.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        self.output.extend_from_slice(data);
+        let out = self.output.back(20 + data.len());
+        out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        self.output.len += 20 + data.len();
     }
 
     fn name_matches(&self, name: &[u8]) -> bool {
@@ -394,10 +554,10 @@ impl Server {
                 if !self.name_matches(data) {
                     return Err(ProtocolError::UnknownExport(String::from_utf8_lossy(data).into_owned()));
                 }
-                self.output.extend_from_slice(&backend.size().to_be_bytes());
-                self.output.extend_from_slice(&Self::transmission_flags(backend).to_be_bytes());
+                self.output.push(&backend.size().to_be_bytes());
+                self.output.push(&Self::transmission_flags(backend).to_be_bytes());
                 if !self.no_zeroes {
-                    self.output.extend_from_slice(&[0; 124]);
+                    self.output.push(&[0; 124]);
                 }
                 self.state = State::Transmission;
             }
@@ -441,7 +601,12 @@ impl Server {
         info.extend_from_slice(&backend.size().to_be_bytes());
         info.extend_from_slice(&Self::transmission_flags(backend).to_be_bytes());
         self.option_reply(option, REP_INFO, &info);
+        let mut answered = Vec::new();
         for r in requests {
+            if answered.contains(&r) {
+                continue;
+            }
+            answered.push(r);
             let mut d = r.to_be_bytes().to_vec();
             match r {
                 INFO_NAME => d.extend_from_slice(self.export.name.as_bytes()),
@@ -461,15 +626,19 @@ impl Server {
         }
     }
 
-    fn reply(&mut self, handle: u64, error: u32, data: Option<&[u8]>) {
-        self.output.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        self.output.extend_from_slice(&error.to_be_bytes());
-        self.output.extend_from_slice(&handle.to_be_bytes());
+    fn reply(&mut self, handle: u64, error: u32) {
+        self.output.push(&Self::reply_header(handle, error));
         if error != 0 {
             self.stats.errors += 1;
-        } else if let Some(d) = data {
-            self.output.extend_from_slice(d);
         }
+    }
+
+    fn reply_header(handle: u64, error: u32) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        h[4..8].copy_from_slice(&error.to_be_bytes());
+        h[8..].copy_from_slice(&handle.to_be_bytes());
+        h
     }
 
     fn result(&mut self, handle: u64, r: Result<(), IoError>, out_of_range: u32) {
@@ -479,12 +648,12 @@ impl Server {
             Err(IoError::OutOfRange) => out_of_range,
             Err(IoError::ReadOnly) => EPERM,
         };
-        self.reply(handle, e, None);
+        self.reply(handle, e);
     }
 
     fn write<B: Backend + ?Sized>(&mut self, flags: u16, handle: u64, offset: u64, data: &[u8], backend: &mut B) {
         if backend.read_only() {
-            return self.reply(handle, EPERM, None);
+            return self.reply(handle, EPERM);
         }
         let mut r = backend.write(offset, data);
         if r.is_ok() && flags & CMD_FLAG_FUA != 0 {
@@ -509,27 +678,33 @@ impl Server {
         match kind {
             CMD_READ => {
                 if len > MAX_REQUEST {
-                    self.reply(handle, EINVAL, None);
+                    self.reply(handle, EINVAL);
                     return Ok(true);
                 }
                 // The data is read straight into the reply, after its header.
-                let at = self.output.len();
-                self.reply(handle, 0, None);
-                self.output.resize(at + 16 + len as usize, 0);
-                match backend.read(offset, &mut self.output[at + 16..]) {
+                let n = 16 + len as usize;
+                let out = self.output.back(n);
+                let at = out.len();
+                out.extend_from_slice(&Self::reply_header(handle, 0));
+                out.resize(at + n, 0);
+                match backend.read(offset, &mut out[at + 16..]) {
                     Ok(()) => {
+                        self.output.len += n;
                         self.stats.reads += 1;
                         self.stats.bytes_read += u64::from(len);
                     }
                     Err(e) => {
-                        self.output.truncate(at);
+                        out.truncate(at);
+                        if out.is_empty() {
+                            self.output.chunks.pop_back();
+                        }
                         self.result(handle, Err(e), EINVAL);
                     }
                 }
             }
             CMD_WRITE => {
                 // Only oversized writes get here: refuse, drop the payload.
-                self.reply(handle, EINVAL, None);
+                self.reply(handle, EINVAL);
                 self.state = State::Discard(u64::from(len));
             }
             CMD_DISC => return Err(ProtocolError::ClientClosed),
@@ -540,7 +715,7 @@ impl Server {
             }
             CMD_TRIM | CMD_WRITE_ZEROES => {
                 if backend.read_only() {
-                    self.reply(handle, EPERM, None);
+                    self.reply(handle, EPERM);
                     return Ok(true);
                 }
                 let mut r = if kind == CMD_TRIM {
@@ -553,7 +728,7 @@ impl Server {
                 }
                 self.result(handle, r, if kind == CMD_TRIM { EINVAL } else { ENOSPC });
             }
-            _ => self.reply(handle, EINVAL, None),
+            _ => self.reply(handle, EINVAL),
         }
         Ok(true)
     }

@@ -71,17 +71,11 @@ struct Service {
     reported: Option<u64>,
     export: Export,
     session: Option<(u64, Server)>,
-    /// Replies not yet taken by the link, and how much of them was sent.
-    out: Vec<u8>,
-    sent: usize,
     /// Time this session spent serving requests (disk and crypto included)
     /// and handing replies to the link, for the log.
     serving: Duration,
     sending: Duration,
 }
-
-/// While more replies than this wait to be sent, no new requests are read.
-const MAX_PENDING_OUT: usize = 64 << 20;
 
 /// Builds the volume from a `ConfigureVolume`; the disk is only taken when
 /// everything checks out, so a refused configuration can be retried.
@@ -173,8 +167,6 @@ fn configure(
                 reported: None,
                 export,
                 session: None,
-                out: Vec::new(),
-                sent: 0,
                 serving: Duration::ZERO,
                 sending: Duration::ZERO,
             });
@@ -303,21 +295,13 @@ fn report(serial: &mut VirtioSerial, ctl: &mut ControlLink, s: &mut Service) -> 
     Ok(())
 }
 
-/// Queues replies; takes the buffer over instead of copying it when nothing
-/// is pending (a read reply can be megabytes).
-fn append_output(pending: &mut Vec<u8>, sent: &mut usize, out: Vec<u8>) {
-    if pending.is_empty() {
-        *pending = out;
-        *sent = 0;
-    } else {
-        pending.extend_from_slice(&out);
-    }
-}
-
 /// Moves bytes between the upstream link and the NBD session. Never blocks
 /// on a write: NBD clients pipeline requests and may not read replies while
-/// they are still sending, so replies queue in `out` and requests keep being
-/// read while that queue stays under [`MAX_PENDING_OUT`].
+/// they are still sending. The session's reply queue is bounded
+/// ([`sd_storage_crypt::nbd::MAX_QUEUED_OUTPUT`], one largest read reply)
+/// and drops what was sent; while a request waits for room in it, no more
+/// requests are read, so memory stays bounded however many reads a client
+/// pipelines.
 /// The serial device is borrowed only around link operations: serving a
 /// request may use it too (a chain's downstream).
 fn serve_nbd(serial: &Serial, port: PortId, s: &mut Service, buf: &mut [u8]) -> ImageResult {
@@ -328,8 +312,6 @@ fn serve_nbd(serial: &Serial, port: PortId, s: &mut Service, buf: &mut [u8]) -> 
         let (_, old) = s.session.take().expect("checked");
         let st = old.stats();
         let _ = s.volume.flush();
-        s.out.clear();
-        s.sent = 0;
         info!(
             target: IMAGE,
             "NBD client gone: {} reads ({} MiB), {} writes ({} MiB), {} errors; serving {} ms, sending {} ms",
@@ -345,35 +327,36 @@ fn serve_nbd(serial: &Serial, port: PortId, s: &mut Service, buf: &mut [u8]) -> 
         s.sending = Duration::ZERO;
     }
     if connected && s.session.is_none() {
-        let mut server = Server::new(s.export.clone());
-        append_output(&mut s.out, &mut s.sent, server.take_output());
-        s.session = Some((epoch, server));
+        s.session = Some((epoch, Server::new(s.export.clone())));
     }
     let Some((connection, server)) = s.session.as_mut() else { return Ok(()) };
-    if s.sent < s.out.len() {
-        let t = Instant::now();
-        s.sent += serial.borrow_mut().try_write(port, &s.out[s.sent..])?;
-        s.sending += t.elapsed();
-        if s.sent == s.out.len() {
-            s.out.clear();
-            s.sent = 0;
+    let t = Instant::now();
+    while !server.output().is_empty() {
+        let n = serial.borrow_mut().try_write(port, server.output())?;
+        server.consume_output(n);
+        if n == 0 {
+            break;
         }
     }
-    if s.out.len() - s.sent > MAX_PENDING_OUT {
-        return Ok(());
-    }
-    let n = serial.borrow_mut().read_connection(port, *connection, buf)?;
-    if n == 0 || server.closed().is_some() {
-        return Ok(());
-    }
+    s.sending += t.elapsed();
     let t = Instant::now();
-    let served = server.receive(&buf[..n], &mut *s.volume);
+    let served = if server.closed().is_some() {
+        return Ok(());
+    } else if !server.wants_input() {
+        // A request waits for reply room: serve it now if there is some.
+        server.serve(&mut *s.volume)
+    } else {
+        let n = serial.borrow_mut().read_connection(port, *connection, buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        server.receive(&buf[..n], &mut *s.volume)
+    };
     s.serving += t.elapsed();
     match served {
         Ok(()) => {}
         Err(ProtocolError::ClientClosed) => info!(target: IMAGE, "NBD client disconnected cleanly"),
         Err(e) => warn!(target: IMAGE, "NBD session closed: {e}"),
     }
-    append_output(&mut s.out, &mut s.sent, server.take_output());
     Ok(())
 }

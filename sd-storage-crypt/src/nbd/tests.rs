@@ -1,5 +1,5 @@
 use super::*;
-use crate::volume::{Cipher, Layout, MemDevice};
+use crate::volume::{Cipher, Layout, MemDevice, SparseDevice};
 use crate::xts::Xts;
 use proptest::prelude::*;
 use std::vec::Vec;
@@ -55,7 +55,7 @@ fn option_replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
 }
 
 /// A server past the handshake (GO), its output drained.
-fn connected(vol: &mut CryptVolume<MemDevice>) -> Server {
+fn connected<B: Backend>(vol: &mut B) -> Server {
     let mut s = server();
     let greeting = s.take_output();
     assert_eq!(be64(&greeting), NBDMAGIC);
@@ -241,7 +241,150 @@ fn bad_magic_and_bad_client_flags_close_the_connection() {
     assert_eq!(s.receive(&huge, &mut vol), Err(ProtocolError::OptionTooLarge(MAX_OPTION + 1)));
 }
 
+/// A large volume that costs only what is written to it (null cipher: the
+/// reads are about the queue, not the crypto).
+fn big_volume(size: u64) -> CryptVolume<SparseDevice> {
+    CryptVolume::new(SparseDevice::new(size), Cipher::Null, Layout::PLAIN_512, false).unwrap()
+}
+
+/// Plays the SD's link: sends at most `budget` bytes of the queue, then
+/// lets the server go on; returns what was sent.
+fn send_some<B: Backend>(s: &mut Server, vol: &mut B, budget: usize) -> Vec<u8> {
+    let mut sent = Vec::new();
+    while sent.len() < budget && !s.output().is_empty() {
+        let n = s.output().len().min(budget - sent.len());
+        sent.extend_from_slice(&s.output()[..n]);
+        s.consume_output(n);
+    }
+    if !s.wants_input() {
+        s.serve(vol).unwrap();
+    }
+    sent
+}
+
+#[test]
+fn pipelined_32_mib_reads_cannot_exhaust_the_sd() {
+    // The attack: four pipelined 32 MiB reads are 112 bytes on the wire;
+    // served at once they queued 128 MiB of replies in a 128 MiB SD.
+    let mut vol = big_volume(256 << 20);
+    let mut s = connected(&mut vol);
+    let mut batch = Vec::new();
+    for h in 0..4 {
+        batch.extend(req(CMD_READ, 0, h, h * u64::from(MAX_REQUEST), MAX_REQUEST));
+    }
+    assert_eq!(batch.len(), 112);
+    s.receive(&batch, &mut vol).unwrap();
+    assert!(s.queued_output() <= MAX_QUEUED_OUTPUT, "{} bytes queued", s.queued_output());
+    assert!(!s.wants_input(), "the server must stop reading while replies wait");
+    // Sent a MiB at a time, every reply still comes, in order, and the
+    // queue never holds more than one.
+    let mut wire = Vec::new();
+    while s.queued_output() > 0 {
+        wire.extend(send_some(&mut s, &mut vol, 1 << 20));
+        assert!(s.queued_output() <= MAX_QUEUED_OUTPUT, "{} bytes queued", s.queued_output());
+    }
+    let r = replies(
+        &wire,
+        &[(0, MAX_REQUEST as usize), (1, MAX_REQUEST as usize), (2, MAX_REQUEST as usize), (3, MAX_REQUEST as usize)],
+    );
+    assert_eq!(r.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(), [(0, 0), (0, 1), (0, 2), (0, 3)]);
+    assert!(s.wants_input() && s.buffered_input() == 0);
+}
+
+#[test]
+fn a_client_that_never_reads_replies_cannot_grow_the_queue() {
+    // 1 MiB sequential reads at depth 16 (fio --rw=read --bs=1M
+    // --iodepth=16), sent by a client that reads no reply: the server stops
+    // taking input once the queue is full, so neither buffer grows.
+    let mut vol = big_volume(128 << 20);
+    let mut s = connected(&mut vol);
+    let mut offered = 0u64;
+    while offered < 128 && s.wants_input() {
+        s.receive(&req(CMD_READ, 0, offered, offered << 20, 1 << 20), &mut vol).unwrap();
+        offered += 1;
+    }
+    assert!(offered < 128, "the server kept taking requests with {} bytes queued", s.queued_output());
+    assert!(s.queued_output() <= MAX_QUEUED_OUTPUT);
+    assert!(s.buffered_input() <= 28, "{} bytes of requests buffered", s.buffered_input());
+}
+
+#[test]
+fn a_write_waits_for_room_and_is_served_once_replies_drain() {
+    let mut vol = big_volume(64 << 20);
+    let mut s = connected(&mut vol);
+    s.receive(&req(CMD_READ, 0, 1, 0, MAX_REQUEST), &mut vol).unwrap();
+    let mut w = req(CMD_WRITE, 0, 2, 4096, 8);
+    w.extend_from_slice(b"12345678");
+    w.extend(req(CMD_READ, 0, 3, 4096, 8));
+    s.receive(&w, &mut vol).unwrap();
+    assert!(
+        !s.wants_input() && s.buffered_input() == w.len(),
+        "the write must wait while the read's reply fills the queue"
+    );
+    let mut wire = Vec::new();
+    while s.queued_output() > 0 {
+        wire.extend(send_some(&mut s, &mut vol, 4 << 20));
+    }
+    let r = replies(&wire, &[(1, MAX_REQUEST as usize), (3, 8)]);
+    assert_eq!(r.iter().map(|x| x.1).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(r[2].2, b"12345678");
+}
+
+#[test]
+fn repeated_info_requests_are_answered_once() {
+    // 32k INFO_NAME requests in one 64 KiB GO: one answer, not 32k.
+    let mut vol = volume(false);
+    let mut s = server();
+    s.take_output();
+    s.receive(&3u32.to_be_bytes(), &mut vol).unwrap();
+    let infos = std::vec![INFO_NAME; 32000];
+    s.receive(&go("vol", &infos), &mut vol).unwrap();
+    let r = option_replies(&s.take_output());
+    assert_eq!(r.len(), 3, "export info, one name, ack");
+}
+
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// Any mix of request sizes, however the link drains: the queue stays
+    /// bounded, the input buffer holds at most one request's payload beyond
+    /// what was read at once, and every reply comes back, in order.
+    #[test]
+    fn the_reply_queue_stays_bounded_and_every_reply_comes(
+        ops in proptest::collection::vec((any::<bool>(), 0u32..=MAX_REQUEST / 4096, 0u64..64), 1..12),
+        budgets in proptest::collection::vec(1usize..(40 << 20), 1..8),
+    ) {
+        let mut vol = big_volume(1 << 30);
+        let mut s = connected(&mut vol);
+        let mut input = Vec::new();
+        let mut reads = Vec::new();
+        for (h, (write, pages, at)) in ops.iter().enumerate() {
+            let (len, offset) = (pages * 4096, at << 20);
+            if *write {
+                input.extend(req(CMD_WRITE, 0, h as u64, offset, len));
+                input.extend(std::iter::repeat_n(h as u8, len as usize));
+            } else {
+                input.extend(req(CMD_READ, 0, h as u64, offset, len));
+                reads.push((h as u64, len as usize));
+            }
+        }
+        let (mut fed, mut wire, mut turn) = (0usize, Vec::new(), 0usize);
+        const CHUNK: usize = 256 << 10;
+        while fed < input.len() || s.queued_output() > 0 {
+            if s.wants_input() && fed < input.len() {
+                let n = CHUNK.min(input.len() - fed);
+                s.receive(&input[fed..fed + n], &mut vol).unwrap();
+                fed += n;
+            }
+            prop_assert!(s.queued_output() <= MAX_QUEUED_OUTPUT);
+            prop_assert!(s.buffered_input() <= 28 + MAX_REQUEST as usize + CHUNK);
+            wire.extend(send_some(&mut s, &mut vol, budgets[turn % budgets.len()]));
+            turn += 1;
+        }
+        let r = replies(&wire, &reads);
+        prop_assert_eq!(r.len(), ops.len());
+        prop_assert!(r.iter().enumerate().all(|(i, x)| x.0 == 0 && x.1 == i as u64));
+    }
+
     #[test]
     fn arbitrary_client_bytes_never_panic(handshake in any::<bool>(), junk in proptest::collection::vec(any::<u8>(), 0..4096)) {
         let mut vol = volume(false);
