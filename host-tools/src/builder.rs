@@ -318,6 +318,8 @@ pub fn check_image(path: &Path) -> Result<()> {
 }
 
 static RUN_DIRS: AtomicU64 = AtomicU64::new(0);
+/// The file that marks a directory as one [`RunDir::create_in`] made.
+const RUN_DIR_MARK: &str = ".ssc-run-dir";
 
 /// A private directory (mode 0700) for one builder run's sockets. Removed on
 /// drop; directories of dead builders are swept by the next `create`.
@@ -336,27 +338,74 @@ impl RunDir {
     }
 
     pub fn create() -> Result<RunDir> {
-        let base = Self::base();
-        std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
-        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))?;
-        Self::sweep(&base);
+        Self::create_in(&Self::base())
+    }
+
+    /// A run directory under `base`, which is created (0700) if missing and
+    /// must otherwise be a real directory of this user's, closed to others:
+    /// in a shared /tmp anyone can plant `/tmp/ssc-USER` first, as a symlink
+    /// to the user's files (which the sweep would then delete) or as a
+    /// directory they own (where they could swap our sockets).
+    pub fn create_in(base: &Path) -> Result<RunDir> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        match std::fs::DirBuilder::new().mode(0o700).create(base) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", base.display())),
+        }
+        let meta = std::fs::symlink_metadata(base).with_context(|| format!("checking {}", base.display()))?;
+        let uid = rustix::process::geteuid().as_raw();
+        let problem = if meta.file_type().is_symlink() {
+            Some("is a symbolic link".to_string())
+        } else if !meta.is_dir() {
+            Some("is not a directory".to_string())
+        } else if meta.uid() != uid {
+            Some(format!("belongs to uid {}, not to this user (uid {uid})", meta.uid()))
+        } else if meta.mode() & 0o077 != 0 {
+            Some(format!("is open to other users (mode {:o})", meta.mode() & 0o777))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            bail!(
+                "the run directory base {} {problem}: someone else may have planted it. Remove it (or set \
+                 XDG_RUNTIME_DIR to a private directory) and run again",
+                base.display()
+            );
+        }
+        Self::sweep(base);
         let path = base.join(format!("{}-{}", std::process::id(), RUN_DIRS.fetch_add(1, Ordering::SeqCst)));
-        std::fs::create_dir(&path).with_context(|| format!("creating run directory {}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating run directory {}", path.display()))?;
+        std::fs::write(path.join(RUN_DIR_MARK), b"")
+            .with_context(|| format!("marking run directory {}", path.display()))?;
         Ok(RunDir { path })
     }
 
+    /// Removes the run directories of builders that are gone: only real
+    /// directories named `PID-N`, owned by this user and holding the mark
+    /// [`RunDir::create_in`] leaves, never what a symlink points to.
     fn sweep(base: &Path) {
+        use std::os::unix::fs::MetadataExt;
         let Ok(entries) = std::fs::read_dir(base) else {
             return;
         };
+        let uid = rustix::process::geteuid().as_raw();
+        let ours = |p: &Path, dir: bool| {
+            std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == uid && if dir { m.is_dir() } else { m.is_file() })
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-                continue;
-            };
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_dir_all(e.path());
+            let Some((pid, n)) = name.split_once('-') else { continue };
+            let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), n.parse::<u64>()) else { continue };
+            let path = e.path();
+            if !Path::new(&format!("/proc/{pid}")).exists()
+                && ours(&path, true)
+                && ours(&path.join(RUN_DIR_MARK), false)
+            {
+                let _ = std::fs::remove_dir_all(&path);
             }
         }
     }
@@ -1270,6 +1319,63 @@ mod tests {
     }
 
     #[test]
+    fn a_planted_symlink_as_the_run_base_is_refused_and_its_target_is_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Looks like a dead builder's run directory to the old sweep.
+        std::fs::create_dir(victim.join("999999999-0")).unwrap();
+        let base = tmp.path().join("ssc-user");
+        std::os::unix::fs::symlink(&victim, &base).unwrap();
+        let e = RunDir::create_in(&base).unwrap_err().to_string();
+        assert!(e.contains("symbolic link") && e.contains("planted"), "{e}");
+        assert!(victim.join("999999999-0").is_dir(), "the sweep followed the symlink and deleted the victim's files");
+        assert_eq!(std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777, 0o755, "chmod followed the link");
+    }
+
+    #[test]
+    fn a_run_base_open_to_others_or_owned_by_someone_else_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("ssc-user");
+        std::fs::create_dir(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = RunDir::create_in(&base).unwrap_err().to_string();
+        assert!(e.contains("open to other users (mode 777)"), "{e}");
+        if rustix::process::geteuid().is_root() {
+            // Planted by another user (nobody), closed to others.
+            std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::chown(&base, Some(65534), Some(65534)).unwrap();
+            let e = RunDir::create_in(&base).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 65534"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_sweep_removes_only_run_directories_it_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("ssc-user");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"x").unwrap();
+        let first = RunDir::create_in(&base).unwrap();
+        // A dead builder's run directory, with the mark: swept.
+        let dead = base.join("999999999-0");
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(dead.join(RUN_DIR_MARK), b"").unwrap();
+        // Without the mark, or a symlink with a run directory's name: kept.
+        std::fs::create_dir(base.join("999999998-0")).unwrap();
+        std::os::unix::fs::symlink(&outside, base.join("999999997-0")).unwrap();
+        let second = RunDir::create_in(&base).unwrap();
+        assert!(!dead.exists(), "a dead builder's marked run directory was not swept");
+        assert!(base.join("999999998-0").is_dir(), "an unmarked directory was removed");
+        assert!(outside.join("keep").is_file(), "the sweep followed a symlink");
+        assert!(first.path().is_dir() && second.path().is_dir(), "a live run directory was swept");
+    }
+
+    #[test]
     fn every_domain_gets_console_qmp_exit_device_and_control_link() {
         let spec = DomainSpec { firmware: Firmware::Seabios, ..DomainSpec::new("sd1", Path::new("/img/selftest")) };
         let a = joined(&spec);
@@ -1367,6 +1473,7 @@ mod tests {
         // No process has pid 4294967295 (above any pid_max).
         let stale = base.join("4294967295-0");
         std::fs::create_dir_all(stale.join("leftover.ctl")).unwrap();
+        std::fs::write(stale.join(RUN_DIR_MARK), b"").unwrap();
         let live = base.join(format!("{}-999999", std::process::id()));
         std::fs::create_dir_all(&live).unwrap();
         let d2 = RunDir::create().unwrap();
