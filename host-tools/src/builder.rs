@@ -21,7 +21,6 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -1309,6 +1308,7 @@ impl Drop for MetaDomain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn joined(spec: &DomainSpec) -> String {
         qemu_args(spec, Accel::Tcg, Path::new("/run/x"))
@@ -1320,7 +1320,6 @@ mod tests {
 
     #[test]
     fn a_planted_symlink_as_the_run_base_is_refused_and_its_target_is_untouched() {
-        use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
         let victim = tmp.path().join("victim");
         std::fs::create_dir(&victim).unwrap();
@@ -1337,7 +1336,6 @@ mod tests {
 
     #[test]
     fn a_run_base_open_to_others_or_owned_by_someone_else_is_refused() {
-        use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
         let base = tmp.path().join("ssc-user");
         std::fs::create_dir(&base).unwrap();
