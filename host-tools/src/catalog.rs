@@ -342,14 +342,59 @@ pub fn verify(dir: &Path, trusted: &[String]) -> Result<Vec<VerifiedImage>> {
     Ok(out)
 }
 
-/// Finds and verifies the image called `name`.
-pub fn find(dir: &Path, trusted: &[String], name: &str) -> Result<VerifiedImage> {
-    for img in verify(dir, trusted)? {
-        if img.manifest.image.name == name {
-            return Ok(img);
+/// Orders image versions: dot- or dash-separated parts, numeric parts
+/// compared as numbers (`0.10` after `0.9`), others as text.
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    let parts = |v: &str| -> Vec<(u64, String)> {
+        v.split(['.', '-']).map(|p| (p.parse::<u64>().unwrap_or(u64::MAX), p.to_string())).collect()
+    };
+    parts(a).cmp(&parts(b))
+}
+
+/// Finds and verifies an image: `name` or `name@latest` is the highest
+/// signed version, `name@VERSION` exactly that one. An older manifest,
+/// however validly signed, never stands in for the newest (a provider
+/// dropping one into the catalog cannot downgrade a chain), and two signed
+/// manifests claiming one name and version with different images are
+/// refused.
+pub fn find(dir: &Path, trusted: &[String], spec: &str) -> Result<VerifiedImage> {
+    let (name, version) = match spec.split_once('@') {
+        Some((n, "latest")) => (n, None),
+        Some((n, v)) => (n, Some(v)),
+        None => (spec, None),
+    };
+    let mut matches: Vec<VerifiedImage> =
+        verify(dir, trusted)?.into_iter().filter(|img| img.manifest.image.name == name).collect();
+    if matches.is_empty() {
+        bail!("no image `{name}` in catalog {}", dir.display());
+    }
+    matches.sort_by(|a, b| compare_versions(&a.manifest.image.version, &b.manifest.image.version));
+    for pair in matches.windows(2) {
+        let (a, b) = (&pair[0].manifest.image, &pair[1].manifest.image);
+        if a.version == b.version && a.sha384 != b.sha384 {
+            bail!(
+                "catalog {} holds two signed manifests for `{name}` {} with different images ({}… and {}…): \
+                 refusing to choose",
+                dir.display(),
+                a.version,
+                &a.sha384[..16.min(a.sha384.len())],
+                &b.sha384[..16.min(b.sha384.len())]
+            );
         }
     }
-    bail!("no image `{name}` in catalog {}", dir.display())
+    match version {
+        None => Ok(matches.pop().expect("not empty")),
+        Some(v) => {
+            let found = matches.iter().position(|img| img.manifest.image.version == v);
+            match found {
+                Some(i) => Ok(matches.swap_remove(i)),
+                None => {
+                    let have: Vec<&str> = matches.iter().map(|m| m.manifest.image.version.as_str()).collect();
+                    bail!("no `{name}` version {v} in catalog {} (signed versions: {})", dir.display(), have.join(", "))
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -362,13 +407,23 @@ mod tests {
         std::fs::create_dir(&cat).unwrap();
         let key = dir.path().join("pub.pk8");
         let pubkey = keygen(&key, &dir.path().join("pub.hex")).unwrap();
-        let file = "img-1.0.elf";
-        std::fs::write(cat.join(file), b"\x7fELF pretend image bytes").unwrap();
+        publish(&dir, &cat, "1.0", "img.toml", b"\x7fELF pretend image bytes");
+        (dir, cat, pubkey)
+    }
+
+    /// Signs `img` `version` (its file: `bytes`) with the fixture's key into
+    /// `cat`, as manifest `manifest`.
+    fn publish(dir: &tempfile::TempDir, cat: &Path, version: &str, manifest: &str, bytes: &[u8]) {
+        let key = dir.path().join("pub.pk8");
+        let pubkey = std::fs::read_to_string(dir.path().join("pub.hex")).unwrap().trim().to_string();
+        // The fixture's image keeps the name the older tests expect.
+        let file = if manifest == "img.toml" { format!("img-{version}.elf") } else { format!("{manifest}.elf") };
+        std::fs::write(cat.join(&file), bytes).unwrap();
         let entry = ImageEntry {
             name: "img".into(),
-            version: "1.0".into(),
-            file: file.into(),
-            sha384: sha384_file(&cat.join(file)).unwrap(),
+            version: version.into(),
+            file: file.clone(),
+            sha384: sha384_file(&cat.join(&file)).unwrap(),
             permissions: vec!["mem-read".into()],
             offers: vec![],
             needs: vec![],
@@ -379,10 +434,33 @@ mod tests {
         };
         let pair = load_key(&key).unwrap();
         let sig = pair.sign(&signed_bytes(&entry));
-        let m =
-            Manifest { image: entry, signature: Signature { publisher: pubkey.clone(), ed25519: hex(sig.as_ref()) } };
-        std::fs::write(cat.join("img.toml"), toml::to_string_pretty(&m).unwrap()).unwrap();
-        (dir, cat, pubkey)
+        let m = Manifest { image: entry, signature: Signature { publisher: pubkey, ed25519: hex(sig.as_ref()) } };
+        std::fs::write(cat.join(manifest), toml::to_string_pretty(&m).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn an_old_signed_manifest_dropped_into_the_catalog_cannot_downgrade_the_image() {
+        let (dir, cat, key) = fixture();
+        // The provider drops last year's validly signed manifest in, named
+        // to sort first (the old `find` took the first sorted match).
+        publish(&dir, &cat, "0.9", "a-old-img.toml", b"\x7fELF old image with a known hole");
+        publish(&dir, &cat, "0.10", "b-img.toml", b"\x7fELF image 0.10");
+        let trusted = vec![key];
+        assert_eq!(find(&cat, &trusted, "img").unwrap().manifest.image.version, "1.0");
+        assert_eq!(find(&cat, &trusted, "img@latest").unwrap().manifest.image.version, "1.0");
+        // A chain may pin a version, and gets exactly that one.
+        assert_eq!(find(&cat, &trusted, "img@0.9").unwrap().manifest.image.version, "0.9");
+        let e = find(&cat, &trusted, "img@2.0").unwrap_err().to_string();
+        assert!(e.contains("no `img` version 2.0") && e.contains("0.9, 0.10, 1.0"), "{e}");
+        assert_eq!(compare_versions("0.10", "0.9"), std::cmp::Ordering::Greater);
+    }
+
+    #[test]
+    fn two_signed_manifests_for_one_version_with_different_images_are_refused() {
+        let (dir, cat, key) = fixture();
+        publish(&dir, &cat, "1.0", "img-again.toml", b"\x7fELF another image, same version");
+        let e = find(&cat, &[key], "img").unwrap_err().to_string();
+        assert!(e.contains("two signed manifests for `img` 1.0"), "{e}");
     }
 
     #[test]
