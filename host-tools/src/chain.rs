@@ -573,7 +573,7 @@ impl PlannedDisk {
         let mut generation_of = None;
         let (key, base) = match &self.secret {
             Secret::Key(path, native) => {
-                if *native && volume_header_version(&self.volume)? == Some(sd_storage_crypt::auth::VERSION) {
+                if *native && self.authenticated(path)? {
                     generation_of = Some((path.clone(), read_generation(path)?));
                 }
                 (read_key(path)?, VolumeConfig { native_header: *native, ..VolumeConfig::xts_plain64("vol", &[]) })
@@ -607,12 +607,35 @@ impl PlannedDisk {
     /// by Udom0 (no key is read).
     fn generation_record(&self) -> Result<Option<PathBuf>> {
         match &self.secret {
-            Secret::Key(path, true)
-                if volume_header_version(&self.volume)? == Some(sd_storage_crypt::auth::VERSION) =>
-            {
-                Ok(Some(path.clone()))
-            }
+            Secret::Key(path, true) if self.authenticated(path)? => Ok(Some(path.clone())),
             _ => Ok(None),
+        }
+    }
+
+    /// Whether the volume (keyed by the key file `key`) is authenticated.
+    /// The tenant's record decides, not the provider's header: a volume
+    /// with a generation record beside its key is authenticated, and a
+    /// header that says otherwise (a version-1 XTS header written over an
+    /// authenticated volume, which the shared key check would let open) is
+    /// a downgrade, refused by name.
+    fn authenticated(&self, key: &Path) -> Result<bool> {
+        let header = volume_header_version(&self.volume)?;
+        let auth = sd_storage_crypt::auth::VERSION;
+        let record = generation_file(key);
+        match (record.exists(), header) {
+            (_, Some(v)) if v == auth => Ok(true),
+            (true, other) => bail!(
+                "downgrade refused: the tenant's record {} says {} is an authenticated volume (format {auth}), but \
+                 its header now says {}; someone rewrote it to be served without integrity. Restore the volume \
+                 from a copy you trust (delete the record only if you re-created the volume yourself)",
+                record.display(),
+                self.volume.display(),
+                match other {
+                    Some(v) => format!("format {v}"),
+                    None => "no native header".into(),
+                }
+            ),
+            (false, _) => Ok(false),
         }
     }
 }

@@ -446,6 +446,25 @@ fn ssc_up_keeps_an_authenticated_volume_honest_across_restarts_tampering_and_rol
         assert!(r.stdout().contains(want), "missing `{want}`:\n{}", r.all());
     }
     assert!(r.stderr().contains("failed authentication") && r.stderr().contains("[100"), "{}", r.all());
+
+    // 5. The provider downgrades the volume to XTS: a version-1 header with
+    // the authenticated header's salt and key check (same offsets, same
+    // HMAC label, an unkeyed checksum it recomputes) opened with the
+    // tenant's key and served without integrity. The tenant's record says
+    // "authenticated": refused by name, nothing starts.
+    let mut downgraded = current.clone();
+    let v1 = sd_storage_crypt::header::VolumeHeader {
+        sector_size: 4096,
+        data_offset: geometry.data_offset,
+        salt: current[56..88].try_into().unwrap(),
+        key_check: current[88..120].try_into().unwrap(),
+        id: current[120..136].try_into().unwrap(),
+    };
+    downgraded[..512].copy_from_slice(&v1.encode());
+    std::fs::write(&vol, &downgraded).unwrap();
+    let r = up("true\n");
+    assert!(r.code() == Some(1) && r.stderr().contains("downgrade refused"), "{}", r.all());
+    assert!(!r.stdout().contains("client: ssc: ready"), "the client started on a downgraded volume:\n{}", r.all());
 }
 
 #[test]
