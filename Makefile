@@ -8,7 +8,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils swtpm swtpm-tools tpm2-tools libtss2-
 	fio kmod busybox-static cpio cryptsetup-bin make binutils opensc softhsm2 libengine-pkcs11-openssl openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps images ssc catalog client demo test test-host test-qemu lint fmt bench fuzz clean
+.PHONY: all deps images ssc catalog client demo test test-host test-qemu test-fuzz lint fmt bench fuzz clean
 
 all: catalog
 
@@ -55,7 +55,7 @@ demo: deps catalog client
 	bash scripts/demo.sh
 
 ## test: every test: host unit tests, runtime unit tests, QEMU boots, lint
-test: deps catalog client lint test-host test-qemu
+test: deps catalog client lint test-host test-fuzz test-qemu
 
 test-host:
 	cd kernels && $(CARGO) test -p ssc-runtime
@@ -63,6 +63,10 @@ test-host:
 
 test-qemu:
 	$(CARGO) test -p qemu-tests -- --test-threads=2
+
+## test-fuzz: every fuzz target for 20 s from its committed seeds; fails on any crash (FUZZING.md)
+test-fuzz:
+	bash scripts/fuzz.sh 20
 
 ## lint: rustfmt and clippy on both workspaces
 lint:
@@ -84,13 +88,9 @@ bench: deps catalog
 	$(CARGO) build --release -q -p ssc-pkcs11 --bin ssc-p11bench
 	$(CARGO) run --release -q -p host-tools --bin ssc -- bench hsm-core
 
-## fuzz: every fuzz target for 60 s each (cargo-fuzz; stable via RUSTC_BOOTSTRAP)
+## fuzz: every fuzz target for 60 s each (cargo-fuzz; stable via RUSTC_BOOTSTRAP); FUZZ_SECONDS=600 for longer
 fuzz:
-	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	cd abi && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode -- -max_total_time=60
-	cd sd-storage-crypt && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run nbd_server -- -max_total_time=60
-	cd sd-storage-crypt && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run volume_header -- -max_total_time=60
-	cd sd-storage-crypt && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run auth_volume -- -max_total_time=60
+	bash scripts/fuzz.sh $${FUZZ_SECONDS:-60}
 
 clean:
 	$(CARGO) clean
