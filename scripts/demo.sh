@@ -62,6 +62,9 @@ echo "job: fio randwrite + verify on /dev/vda, through the storage SD"
 fio --name=demo --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --size=16M \
     --rw=randwrite --verify=crc32c --verify_fatal=1 --do_verify=1 | grep -E "IOPS|err="
 printf 'TENANT-PLAINTEXT' > /tmp/m; dd if=/tmp/m of=/dev/vda bs=512 seek=40000 conv=sync 2>/dev/null; sync
+echo "job: the whole disk read sequentially, 1 MiB at depth 16 (the SD's reply queue stays bounded)"
+fio --name=seqread --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16 --bs=1M --rw=read \
+    | grep -E "READ:|err="
 JOB
 $SSC up "$work/chain.toml" --job "$work/job.sh" 2>&1 | grep -v '^\[storage-crypt-0\] \['
 if grep -q TENANT-PLAINTEXT "$work/vol.img"; then
@@ -108,6 +111,31 @@ dd if=/dev/vda of=/dev/null bs=4096 skip=10 count=1 iflag=direct || echo "job: s
 dd if=/dev/vda of=/dev/null bs=4096 skip=11 count=1 iflag=direct 2>/dev/null && echo "job: sector 11 still reads"
 JOB
 $SSC up "$work/auth.toml" --job "$work/read.sh" 2>&1 | grep -E "job:|integrity|authentication"
+echo "-- the provider rewrites the header as an XTS volume's (same salt and key check), to serve it without integrity:"
+cp "$work/auth.new" "$work/auth.img"
+python3 - "$work/auth.img" <<'PY'
+import hashlib, sys
+f = open(sys.argv[1], "r+b")
+auth = f.read(512)
+v1 = bytearray(512)
+v1[0:8] = b"SSCVOL01"
+v1[8:12] = (1).to_bytes(4, "big")
+v1[12:27] = b"aes-xts-plain64"
+v1[44:48] = (4096).to_bytes(4, "big")
+v1[48:56] = auth[48:56]    # data offset
+v1[56:136] = auth[56:136]  # salt, key check, volume id: same offsets in both formats
+v1[136:168] = hashlib.sha256(bytes(v1[:136])).digest()
+f.seek(0)
+f.write(bytes(v1))
+PY
+if out=$($SSC up "$work/auth.toml" --job "$work/read.sh" 2>&1) || ! grep -q "downgrade refused" <<<"$out"; then
+    echo "$out"
+    echo "demo: ERROR: an authenticated volume was served as XTS" >&2
+    exit 1
+fi
+grep "^ssc: error" <<<"$out" | cut -c1-220
+echo "(refused: the tenant's record says authenticated)"
+cp "$work/auth.new" "$work/auth.img"
 
 step "7. Checkpoints: save a running client, then start it again from the checkpoint"
 head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/ckpt.key"

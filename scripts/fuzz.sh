@@ -11,6 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-20}
+case "$seconds" in
+  ''|*[!0-9]*|0) echo "usage: scripts/fuzz.sh [SECONDS > 0] (got \`$seconds\`)" >&2; exit 2 ;;
+esac
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 # cargo-fuzz needs nightly flags; the one toolchain here is stable.
 export RUSTC_BOOTSTRAP=1

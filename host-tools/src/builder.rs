@@ -332,7 +332,8 @@ impl RunDir {
     pub fn base() -> PathBuf {
         match std::env::var_os("XDG_RUNTIME_DIR") {
             Some(d) if Path::new(&d).is_dir() => PathBuf::from(d).join("ssc"),
-            _ => std::env::temp_dir().join(format!("ssc-{}", std::env::var("USER").unwrap_or_else(|_| "user".into()))),
+            // By uid, not $USER: users without $USER would share one base.
+            _ => std::env::temp_dir().join(format!("ssc-{}", rustix::process::geteuid().as_raw())),
         }
     }
 
@@ -342,7 +343,7 @@ impl RunDir {
 
     /// A run directory under `base`, which is created (0700) if missing and
     /// must otherwise be a real directory of this user's, closed to others:
-    /// in a shared /tmp anyone can plant `/tmp/ssc-USER` first, as a symlink
+    /// in a shared /tmp anyone can plant `/tmp/ssc-UID` first, as a symlink
     /// to the user's files (which the sweep would then delete) or as a
     /// directory they own (where they could swap our sockets).
     pub fn create_in(base: &Path) -> Result<RunDir> {

@@ -342,13 +342,29 @@ pub fn verify(dir: &Path, trusted: &[String]) -> Result<Vec<VerifiedImage>> {
     Ok(out)
 }
 
-/// Orders image versions: dot- or dash-separated parts, numeric parts
-/// compared as numbers (`0.10` after `0.9`), others as text.
+/// Orders image versions like semver: `RELEASE[-PRE]`, release parts
+/// compared as numbers (`0.10` after `0.9`; `1.0` = `1.0.0`), a
+/// pre-release below its release (`2.0-rc1` < `2.0`). A release part that
+/// is not a number sorts below every number, so `1.x` never outranks `1.9`.
 pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
-    let parts = |v: &str| -> Vec<(u64, String)> {
-        v.split(['.', '-']).map(|p| (p.parse::<u64>().unwrap_or(u64::MAX), p.to_string())).collect()
-    };
-    parts(a).cmp(&parts(b))
+    fn key(v: &str) -> (Vec<(bool, u64, String)>, bool, String) {
+        let (release, pre) = match v.split_once('-') {
+            Some((r, p)) => (r, Some(p)),
+            None => (v, None),
+        };
+        let mut parts: Vec<(bool, u64, String)> = release
+            .split('.')
+            .map(|p| match p.parse::<u64>() {
+                Ok(n) => (true, n, String::new()),
+                Err(_) => (false, 0, p.to_string()),
+            })
+            .collect();
+        while parts.len() > 1 && parts.last() == Some(&(true, 0, String::new())) {
+            parts.pop();
+        }
+        (parts, pre.is_none(), pre.unwrap_or_default().to_string())
+    }
+    key(a).cmp(&key(b))
 }
 
 /// Finds and verifies an image: `name` or `name@latest` is the highest
@@ -371,7 +387,7 @@ pub fn find(dir: &Path, trusted: &[String], spec: &str) -> Result<VerifiedImage>
     matches.sort_by(|a, b| compare_versions(&a.manifest.image.version, &b.manifest.image.version));
     for pair in matches.windows(2) {
         let (a, b) = (&pair[0].manifest.image, &pair[1].manifest.image);
-        if a.version == b.version && a.sha384 != b.sha384 {
+        if compare_versions(&a.version, &b.version).is_eq() && a.sha384 != b.sha384 {
             bail!(
                 "catalog {} holds two signed manifests for `{name}` {} with different images ({}… and {}…): \
                  refusing to choose",
@@ -385,7 +401,7 @@ pub fn find(dir: &Path, trusted: &[String], spec: &str) -> Result<VerifiedImage>
     match version {
         None => Ok(matches.pop().expect("not empty")),
         Some(v) => {
-            let found = matches.iter().position(|img| img.manifest.image.version == v);
+            let found = matches.iter().rposition(|img| compare_versions(&img.manifest.image.version, v).is_eq());
             match found {
                 Some(i) => Ok(matches.swap_remove(i)),
                 None => {
@@ -452,15 +468,21 @@ mod tests {
         assert_eq!(find(&cat, &trusted, "img@0.9").unwrap().manifest.image.version, "0.9");
         let e = find(&cat, &trusted, "img@2.0").unwrap_err().to_string();
         assert!(e.contains("no `img` version 2.0") && e.contains("0.9, 0.10, 1.0"), "{e}");
-        assert_eq!(compare_versions("0.10", "0.9"), std::cmp::Ordering::Greater);
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        assert_eq!(compare_versions("0.10", "0.9"), Greater);
+        assert_eq!(compare_versions("2.0-rc1", "2.0"), Less, "a pre-release outranked its release");
+        assert_eq!(compare_versions("1.x", "1.99"), Less, "a non-numeric part outranked a number");
+        assert_eq!(compare_versions("1.0.0", "1.0"), Equal);
     }
 
     #[test]
     fn two_signed_manifests_for_one_version_with_different_images_are_refused() {
         let (dir, cat, key) = fixture();
-        publish(&dir, &cat, "1.0", "img-again.toml", b"\x7fELF another image, same version");
+        // Spelled differently, the same version: still two images for it.
+        publish(&dir, &cat, "1.0.0", "img-again.toml", b"\x7fELF another image, same version");
         let e = find(&cat, &[key], "img").unwrap_err().to_string();
         assert!(e.contains("two signed manifests for `img` 1.0"), "{e}");
+        assert!(e.contains("different images"), "{e}");
     }
 
     #[test]

@@ -857,8 +857,10 @@ impl Running {
             // An SD (or Udom0) that ends on its own leaves its clients
             // without the service they were promised: a disk that returns
             // EIO, a monitor that no longer watches. Stop them and fail.
-            if let Some((name, died)) =
-                self.sds.domains_mut().iter_mut().find_map(|d| d.exited().map(|e| (d.name.clone(), e)))
+            // (Ctrl-C reaches the SDs' QEMUs too: that is not a death.)
+            if let Some((name, died)) = (!crate::interrupted())
+                .then(|| self.sds.domains_mut().iter_mut().find_map(|d| d.exited().map(|e| (d.name.clone(), e))))
+                .flatten()
             {
                 let clients: Vec<String> = self.clients.iter().map(|c| c.name.clone()).collect();
                 eprintln!("ssc up: {name} died ({died}); stopping the client(s) it serves: {}", clients.join(", "));
@@ -1182,6 +1184,13 @@ pub fn create_volume(volume: &Path, size: u64, key_out: &Path, format: VolumeFor
     }
     if format == VolumeFormat::Auth {
         write_generation(key_out, 1)?;
+    } else if generation_file(key_out).exists() {
+        // The key is new (it did not exist), so a record beside it belongs
+        // to an earlier key of that name; left, it would make `ssc up` take
+        // this volume for a downgraded authenticated one.
+        let stale = generation_file(key_out);
+        std::fs::remove_file(&stale).with_context(|| format!("removing the stale record {}", stale.display()))?;
+        eprintln!("note: removed {}, a generation record left by an earlier key of that name", stale.display());
     }
     Ok(())
 }

@@ -14,9 +14,11 @@
 //! reply fits beside what is queued, or the queue is empty; otherwise the
 //! server stops serving, leaves the rest of the input buffered and says so
 //! through [`Server::wants_input`] (false), and its driver sends replies
-//! and calls [`Server::serve`] to go on. A driver that reads input only
-//! while `wants_input()` holds also bounds the input buffer to one
-//! request's payload ([`MAX_REQUEST`]) plus what it reads at once.
+//! and calls [`Server::serve`] to go on. The bound counts whole buffers,
+//! sent parts included: a reply buffer is freed once all of it was sent. A
+//! driver that reads at most [`Server::input_wanted`] bytes at a time also
+//! bounds the input buffer to one write's payload ([`MAX_REQUEST`], reserved
+//! exactly when its header arrives) or what it reads at once.
 //!
 //! What gets which error (the spec's choices):
 //! * read beyond the end, or longer than [`MAX_REQUEST`] → `EINVAL`;
@@ -223,9 +225,8 @@ pub struct Stats {
     pub bytes_written: u64,
 }
 
-/// Replies waiting to be sent, in order. What was sent is dropped at once
-/// (a large read reply is a buffer of its own), so the queue holds only
-/// what is still unsent.
+/// Replies waiting to be sent, in order. A buffer is dropped as soon as all
+/// of it was sent (a large read reply is a buffer of its own).
 #[derive(Debug, Default)]
 struct ReplyQueue {
     chunks: VecDeque<Vec<u8>>,
@@ -233,6 +234,14 @@ struct ReplyQueue {
     sent: usize,
     /// Unsent bytes in all chunks.
     len: usize,
+}
+
+impl ReplyQueue {
+    /// Bytes the queue's buffers hold, sent or not: what the memory bound
+    /// counts (a half-sent 32 MiB reply still holds 32 MiB).
+    fn held(&self) -> usize {
+        self.len + self.sent
+    }
 }
 
 impl ReplyQueue {
@@ -334,9 +343,10 @@ impl Server {
         self.output.consume(n);
     }
 
-    /// Reply bytes queued and not yet sent (never over [`MAX_QUEUED_OUTPUT`]).
+    /// Bytes the reply queue holds in memory, sent or not (never over
+    /// [`MAX_QUEUED_OUTPUT`]); 0 once everything was sent.
     pub fn queued_output(&self) -> usize {
-        self.output.len
+        self.output.held()
     }
 
     /// Everything queued for the client, in one buffer (drains the queue;
@@ -354,6 +364,19 @@ impl Server {
     /// Client bytes buffered and not yet served.
     pub fn buffered_input(&self) -> usize {
         self.input.len() - self.pos
+    }
+
+    /// Bytes the input buffer holds in memory (its capacity).
+    pub fn input_capacity(&self) -> usize {
+        self.input.capacity()
+    }
+
+    /// At most how many client bytes to read next: none while a request
+    /// waits for room; exactly the rest of a write's payload while one is
+    /// arriving (so its buffer, reserved for exactly that, never grows and
+    /// is never copied to a larger one); otherwise any amount.
+    pub fn input_wanted(&self) -> usize {
+        if !self.wants_input() { 0 } else { self.missing_payload().unwrap_or(usize::MAX) }
     }
 
     /// Whether the handshake is done and commands are being served.
@@ -417,15 +440,19 @@ impl Server {
     fn missing_payload(&self) -> Option<usize> {
         let h = self.available().get(..28)?;
         let (kind, len) = (be16(&h[6..]), be32(&h[24..]));
+        if self.state != State::Transmission || kind != CMD_WRITE || len > MAX_REQUEST {
+            return None;
+        }
         let whole = 28 + len as usize;
-        (self.state == State::Transmission && kind == CMD_WRITE && len <= MAX_REQUEST && self.available().len() < whole)
-            .then(|| whole - self.available().len())
+        (self.available().len() < whole).then(|| whole - self.available().len())
     }
 
     /// Whether a reply of `n` bytes may be queued now; if not, serving stops
-    /// until the driver has sent some of the queue.
+    /// until the driver has sent some of the queue. Counts what the queue
+    /// holds, sent or not, so memory and not only unsent bytes is bounded.
     fn room_for(&mut self, n: usize) -> bool {
-        let room = self.output.len == 0 || self.output.len + n <= MAX_QUEUED_OUTPUT;
+        let held = self.output.held();
+        let room = held == 0 || held + n <= MAX_QUEUED_OUTPUT;
         self.waiting_for_room = !room;
         room
     }
@@ -601,12 +628,13 @@ impl Server {
         info.extend_from_slice(&backend.size().to_be_bytes());
         info.extend_from_slice(&Self::transmission_flags(backend).to_be_bytes());
         self.option_reply(option, REP_INFO, &info);
-        let mut answered = Vec::new();
+        // Each known info once, however often (or in whatever mix) asked for.
+        let mut answered = [false; 4];
         for r in requests {
-            if answered.contains(&r) {
-                continue;
+            match answered.get_mut(usize::from(r)) {
+                Some(done) if !*done => *done = true,
+                _ => continue,
             }
-            answered.push(r);
             let mut d = r.to_be_bytes().to_vec();
             match r {
                 INFO_NAME => d.extend_from_slice(self.export.name.as_bytes()),

@@ -346,7 +346,9 @@ fn serve_nbd(serial: &Serial, port: PortId, s: &mut Service, buf: &mut [u8]) -> 
         // A request waits for reply room: serve it now if there is some.
         server.serve(&mut *s.volume)
     } else {
-        let n = serial.borrow_mut().read_connection(port, *connection, buf)?;
+        // A write's payload is read exactly, into the buffer reserved for it.
+        let want = server.input_wanted().min(buf.len());
+        let n = serial.borrow_mut().read_connection(port, *connection, &mut buf[..want])?;
         if n == 0 {
             return Ok(());
         }

@@ -2,7 +2,8 @@
 //! 1 GiB volume (sparse: it costs only what is written), drained the way
 //! the SD drains it: input only while the server wants it, replies sent a
 //! budget at a time. Nothing may panic, before or after the handshake, and
-//! the reply queue may never hold more than `MAX_QUEUED_OUTPUT` bytes
+//! the reply queue's buffers may never hold more than `MAX_QUEUED_OUTPUT`
+//! bytes, nor the input buffer more than one write's payload
 //! (pipelined 32 MiB reads once queued 128 MiB in a 128 MiB SD).
 #![no_main]
 
@@ -29,22 +30,27 @@ fuzz_target!(|data: &[u8]| {
     }
     // Bytes the "link" takes per turn: from 4 KiB to 64 MiB.
     let budget = 4096usize << (budget % 15);
+    // Reads of at most `split` bytes, and never more than the server wants.
     let split = rest.first().copied().unwrap_or(1).max(1) as usize;
-    let mut chunks = rest.chunks(split);
-    let mut next = chunks.next();
+    let mut fed = 0;
     let mut turns = 0;
-    while (next.is_some() || s.queued_output() > 0) && turns < 10_000 {
+    while (fed < rest.len() || s.queued_output() > 0) && turns < 100_000 {
         turns += 1;
+        let n = s.input_wanted().min(split).min(rest.len() - fed);
         let r = if !s.wants_input() {
             s.serve(&mut vol)
-        } else if let Some(c) = next.take() {
-            next = chunks.next();
-            s.receive(c, &mut vol)
+        } else if n > 0 {
+            fed += n;
+            s.receive(&rest[fed - n..fed], &mut vol)
+        } else if fed < rest.len() {
+            // Closed: the rest of the input is never read.
+            fed = rest.len();
+            Ok(())
         } else {
             Ok(())
         };
-        assert!(s.queued_output() <= MAX_QUEUED_OUTPUT, "{} bytes of replies queued", s.queued_output());
-        assert!(s.buffered_input() <= 28 + MAX_REQUEST as usize + split, "{} bytes of input buffered", s.buffered_input());
+        assert!(s.queued_output() <= MAX_QUEUED_OUTPUT, "{} bytes of replies held", s.queued_output());
+        assert!(s.input_capacity() <= 28 + MAX_REQUEST as usize + 2 * split.max(64 << 10), "input holds {} bytes", s.input_capacity());
         let mut sent = 0;
         while sent < budget && !s.output().is_empty() {
             let n = s.output().len().min(budget - sent);

@@ -331,6 +331,49 @@ fn a_write_waits_for_room_and_is_served_once_replies_drain() {
 }
 
 #[test]
+fn a_half_sent_reply_still_counts_against_the_bound() {
+    // A 32 MiB reply sent all but 64 KiB still holds its 32 MiB buffer: a
+    // second 32 MiB read must wait, or 64 MiB would be held.
+    let mut vol = big_volume(128 << 20);
+    let mut s = connected(&mut vol);
+    let mut batch = req(CMD_READ, 0, 1, 0, MAX_REQUEST);
+    batch.extend(req(CMD_READ, 0, 2, 0, MAX_REQUEST - (64 << 10)));
+    s.receive(&batch, &mut vol).unwrap();
+    let almost = s.queued_output() - (64 << 10);
+    send_some(&mut s, &mut vol, almost);
+    assert!(s.queued_output() <= MAX_QUEUED_OUTPUT, "{} bytes held", s.queued_output());
+    assert!(!s.wants_input() && s.buffered_input() == 28, "the second read must still wait");
+    send_some(&mut s, &mut vol, 64 << 10);
+    assert!(s.buffered_input() == 0, "the second read is served once the first buffer is gone");
+}
+
+#[test]
+fn a_write_payload_is_read_into_its_own_buffer_and_never_copied_to_a_larger_one() {
+    // READ 32 MiB, WRITE 32 MiB, READ: sent at once by the client, read by
+    // a driver that takes at most `input_wanted()` bytes at a time.
+    let mut vol = big_volume(128 << 20);
+    let mut s = connected(&mut vol);
+    let mut wire = req(CMD_READ, 0, 1, 0, MAX_REQUEST);
+    wire.extend(req(CMD_WRITE, 0, 2, 0, MAX_REQUEST));
+    wire.extend(std::iter::repeat_n(0x42, MAX_REQUEST as usize));
+    wire.extend(req(CMD_READ, 0, 3, 0, 4096));
+    let (mut fed, mut replies_seen) = (0, Vec::new());
+    while fed < wire.len() || s.queued_output() > 0 {
+        let n = s.input_wanted().min(256 << 10).min(wire.len() - fed);
+        if n > 0 {
+            s.receive(&wire[fed..fed + n], &mut vol).unwrap();
+            fed += n;
+        }
+        assert!(s.input_capacity() <= 28 + MAX_REQUEST as usize + (256 << 10), "input grew to {}", s.input_capacity());
+        assert!(s.queued_output() <= MAX_QUEUED_OUTPUT);
+        replies_seen.extend(send_some(&mut s, &mut vol, 8 << 20));
+    }
+    let r = replies(&replies_seen, &[(1, MAX_REQUEST as usize), (3, 4096)]);
+    assert_eq!(r.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(), [(0, 1), (0, 2), (0, 3)]);
+    assert!(r[2].2.iter().all(|&b| b == 0x42));
+}
+
+#[test]
 fn repeated_info_requests_are_answered_once() {
     // 32k INFO_NAME requests in one 64 KiB GO: one answer, not 32k.
     let mut vol = volume(false);
@@ -345,9 +388,10 @@ fn repeated_info_requests_are_answered_once() {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
-    /// Any mix of request sizes, however the link drains: the queue stays
-    /// bounded, the input buffer holds at most one request's payload beyond
-    /// what was read at once, and every reply comes back, in order.
+    /// Any mix of request sizes, however the link drains: the reply queue's
+    /// buffers stay bounded, the input buffer's memory holds at most one
+    /// write's payload or one read's worth, and every reply comes back, in
+    /// order.
     #[test]
     fn the_reply_queue_stays_bounded_and_every_reply_comes(
         ops in proptest::collection::vec((any::<bool>(), 0u32..=MAX_REQUEST / 4096, 0u64..64), 1..12),
@@ -370,13 +414,13 @@ proptest! {
         let (mut fed, mut wire, mut turn) = (0usize, Vec::new(), 0usize);
         const CHUNK: usize = 256 << 10;
         while fed < input.len() || s.queued_output() > 0 {
-            if s.wants_input() && fed < input.len() {
-                let n = CHUNK.min(input.len() - fed);
+            let n = s.input_wanted().min(CHUNK).min(input.len() - fed);
+            if n > 0 {
                 s.receive(&input[fed..fed + n], &mut vol).unwrap();
                 fed += n;
             }
             prop_assert!(s.queued_output() <= MAX_QUEUED_OUTPUT);
-            prop_assert!(s.buffered_input() <= 28 + MAX_REQUEST as usize + CHUNK);
+            prop_assert!(s.input_capacity() <= 28 + MAX_REQUEST as usize + CHUNK, "input holds {}", s.input_capacity());
             wire.extend(send_some(&mut s, &mut vol, budgets[turn % budgets.len()]));
             turn += 1;
         }
