@@ -48,13 +48,19 @@ impl KeyKind {
     }
 }
 
-/// What a key may be used for, and how often.
+/// What a key may be used for, how often, and whether it may leave DomC
+/// (wrapped). Every DomC key is sensitive (`CKA_SENSITIVE`): no operation
+/// returns a secret in the clear.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     /// [`Usage::SIGN`] | [`Usage::VERIFY`] | …
     pub ops: u8,
     /// Most operations per second (0: no limit).
     pub rate_per_sec: u32,
+    /// `CKA_EXTRACTABLE`: the key may be wrapped (only ever sealed under a
+    /// wrap-only key, with this policy authenticated alongside). Tenant
+    /// imports are not extractable unless the tenant says so.
+    pub extractable: bool,
 }
 
 impl Usage {
@@ -64,11 +70,33 @@ impl Usage {
     pub const DECRYPT: u8 = 8;
     pub const WRAP: u8 = 16;
     pub const UNWRAP: u8 = 32;
-    /// Everything, no limit.
-    pub const ALL: Usage = Usage { ops: 0x3f, rate_per_sec: 0 };
+    /// The operations of a wrapping key, which may do nothing else.
+    pub const WRAPPING_OPS: u8 = Self::WRAP | Self::UNWRAP;
+    /// Sign, verify, encrypt, decrypt; no limit; not extractable. (Wrapping
+    /// is separate: a key that wraps may do nothing else, see
+    /// [`Usage::check`].)
+    pub const GENERAL: Usage = Usage { ops: 0x0f, rate_per_sec: 0, extractable: false };
+    /// A wrapping key: wrap and unwrap only.
+    pub const WRAPPING: Usage = Usage { ops: Self::WRAPPING_OPS, rate_per_sec: 0, extractable: false };
 
     pub fn allows(self, op: u8) -> bool {
         self.ops & op == op
+    }
+
+    /// A key may wrap or unwrap only if it does nothing else (PKCS#11's
+    /// rule): a key that could both wrap and decrypt would hand out any
+    /// key it wraps. Unknown bits are refused too.
+    pub fn check(self) -> Result<(), String> {
+        if self.ops & !0x3f != 0 {
+            return Err(alloc::format!("unknown usage bits {:#x}", self.ops & !0x3f));
+        }
+        if self.ops & Self::WRAPPING_OPS != 0 && self.ops & !Self::WRAPPING_OPS != 0 {
+            return Err(alloc::format!(
+                "a key that wraps or unwraps may do nothing else (asked for {}): it could decrypt what it wraps",
+                self.names()
+            ));
+        }
+        Ok(())
     }
 
     /// The operations by name (`sign,verify`).
@@ -85,7 +113,7 @@ impl Usage {
         s
     }
 
-    /// Parses `sign,verify,…` (names of [`Usage::names`]).
+    /// Parses `sign,verify,…` (names of [`Usage::names`]); not extractable.
     pub fn parse(list: &str, rate_per_sec: u32) -> Result<Usage, String> {
         let mut ops = 0;
         for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
@@ -96,7 +124,9 @@ impl Usage {
             };
             ops |= bit;
         }
-        Ok(Usage { ops, rate_per_sec })
+        let usage = Usage { ops, rate_per_sec, extractable: false };
+        usage.check()?;
+        Ok(usage)
     }
 }
 
@@ -202,8 +232,10 @@ pub enum Op {
         aad: Vec<u8>,
         data: Vec<u8>,
     },
-    /// `key`'s secret sealed under the AES key `wrapping` (AES-256-GCM over
-    /// the key's kind, usage and secret); only DomC can unwrap it.
+    /// `key`'s secret sealed under the AES key `wrapping`, which must be a
+    /// wrap-only key; `key` must be extractable. The blob's kind and usage
+    /// are authenticated with it (AES-256-GCM AAD); only DomC can unwrap it,
+    /// and `Unwrap` gives the key exactly that policy, never a wider one.
     Wrap {
         wrapping: u64,
         key: u64,
@@ -271,6 +303,10 @@ pub enum HsmError {
     WrongMechanism {
         kind: KeyKind,
     },
+    /// The key may not leave DomC (`CKA_EXTRACTABLE` false).
+    NotExtractable {
+        key: u64,
+    },
     /// The key's usage policy forbids this operation.
     Forbidden {
         key: u64,
@@ -309,6 +345,7 @@ impl core::fmt::Display for HsmError {
             HsmError::UnknownKey { key } => write!(f, "no key with handle {key}"),
             HsmError::WrongMechanism { kind } => write!(f, "mechanism does not fit a {} key", kind.name()),
             HsmError::Forbidden { key, op } => write!(f, "key {key}'s usage policy does not allow {op}"),
+            HsmError::NotExtractable { key } => write!(f, "key {key} is not extractable: it cannot be wrapped"),
             HsmError::RateLimited { key, per_sec } => {
                 write!(f, "key {key} is limited to {per_sec} operations per second")
             }
@@ -577,7 +614,7 @@ mod tests {
     #[test]
     fn usage_names_parse_back() {
         let u = Usage::parse("sign, verify", 5).unwrap();
-        assert_eq!(u, Usage { ops: Usage::SIGN | Usage::VERIFY, rate_per_sec: 5 });
+        assert_eq!(u, Usage { ops: Usage::SIGN | Usage::VERIFY, rate_per_sec: 5, extractable: false });
         assert_eq!(u.names(), "sign,verify");
         assert!(Usage::parse("sign,fly", 0).unwrap_err().contains("fly"));
         let _ = vec![0u8];

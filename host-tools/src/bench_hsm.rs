@@ -39,7 +39,7 @@ fn core_with_key(alg: &str) -> Result<(Hsm, u64, SignMech, Vec<u8>)> {
     let (key, mech, data) = match alg {
         "ecdsa-p256" | "ecdsa-p256-sha256" | "ed25519" => {
             let kind = if alg == "ed25519" { KeyKind::Ed25519 } else { KeyKind::EcP256 };
-            let op = Op::Generate { kind, label: alg.into(), id: vec![], usage: Usage::ALL };
+            let op = Op::Generate { kind, label: alg.into(), id: vec![], usage: Usage::GENERAL };
             let Ok(Reply::Key(k)) = call(&mut h, op) else { bail!("generating a {alg} key") };
             if alg == "ed25519" {
                 (k.handle, SignMech::EdDsa, vec![9u8; 64])
@@ -53,7 +53,7 @@ fn core_with_key(alg: &str) -> Result<(Hsm, u64, SignMech, Vec<u8>)> {
             let op = AdminOp::Import {
                 label: alg.into(),
                 id: vec![],
-                usage: Usage::ALL,
+                usage: Usage::GENERAL,
                 material: KeyMaterial::Pkcs8(RSA_2048.to_vec()),
             };
             let AdminReply::Key(k) = h.admin(op, 0) else { bail!("importing the RSA key") };

@@ -62,6 +62,9 @@ pub struct KeySection {
     pub id: Option<String>,
     pub usage: Option<String>,
     pub rate_per_sec: Option<u32>,
+    /// The client may wrap (export sealed) this key; default false.
+    #[serde(default)]
+    pub extractable: bool,
 }
 
 /// A key to import, read and checked on the tenant side.
@@ -163,8 +166,9 @@ impl HsmPlan {
                 Some(u) => {
                     Usage::parse(u, k.rate_per_sec.unwrap_or(0)).map_err(|e| anyhow!("key `{}`: {e}", k.label))?
                 }
-                None => Usage { rate_per_sec: k.rate_per_sec.unwrap_or(0), ..Usage::ALL },
+                None => Usage { rate_per_sec: k.rate_per_sec.unwrap_or(0), ..Usage::GENERAL },
             };
+            let usage = Usage { extractable: k.extractable, ..usage };
             let id = parse_id(k.id.as_deref().unwrap_or(""))?;
             keys.push(PlannedKey { label: k.label, id, usage, material, file });
         }

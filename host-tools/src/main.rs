@@ -294,12 +294,17 @@ enum HsmCmd {
         /// CKA_ID, hex (e.g. 01).
         #[arg(long, default_value = "")]
         id: String,
-        /// Allowed operations: sign, verify, encrypt, decrypt, wrap, unwrap.
-        #[arg(long, default_value = "sign,verify,encrypt,decrypt,wrap,unwrap")]
+        /// Allowed operations: sign, verify, encrypt, decrypt, or wrap,unwrap
+        /// alone (a key that wraps may do nothing else).
+        #[arg(long, default_value = "sign,verify,encrypt,decrypt")]
         usage: String,
         /// Most operations per second (0: no limit).
         #[arg(long, default_value_t = 0)]
         rate_per_sec: u32,
+        /// Let the client wrap this key (export it sealed under a wrap-only
+        /// key in DomC). Off by default: the key never leaves DomC.
+        #[arg(long)]
+        extractable: bool,
     },
     /// Destroy a key (by the handle `ssc hsm list` shows).
     Destroy { chain: PathBuf, handle: u64 },
@@ -1348,9 +1353,9 @@ fn hsm_command(cmd: HsmCmd) -> Result<ExitCode> {
                 }
             }
         }
-        HsmCmd::Import { chain, file, label, id, usage, rate_per_sec } => {
+        HsmCmd::Import { chain, file, label, id, usage, rate_per_sec, extractable } => {
             let material = ssc::chain_hsm::read_key_file(&file)?;
-            let usage = Usage::parse(&usage, rate_per_sec).map_err(|e| anyhow::anyhow!(e))?;
+            let usage = Usage { extractable, ..Usage::parse(&usage, rate_per_sec).map_err(|e| anyhow::anyhow!(e))? };
             let id = ssc::catalog::unhex(&id).with_context(|| format!("--id `{id}` is not hex"))?;
             match request(&chain, &AdminOp::Import { label, id, usage, material })? {
                 AdminReply::Key(k) => println!("imported {}", describe_key(&k)),

@@ -314,38 +314,61 @@ impl KeyMaterialHeld {
     }
 }
 
-/// What a wrapped key's plaintext holds.
+/// What a wrapped key's clear header holds: authenticated (the AAD), not
+/// secret.
 #[derive(Serialize, Deserialize)]
-struct Wrapped {
+struct WrappedHeader {
     kind: KeyKind,
     usage: Usage,
-    raw: Vec<u8>,
 }
 
-const WRAP_AAD: &[u8] = b"ssc-hsm wrapped key v1";
+/// First bytes of a wrapped key of format 2. Format 1 (before ABI 8) was a
+/// bare nonce ‖ ciphertext under a constant AAD, with the policy inside:
+/// whoever could decrypt with the wrapping key could rewrite the policy.
+const WRAP_MAGIC: &[u8; 5] = b"SSCW\x02";
+const WRAP_AAD_LABEL: &[u8] = b"ssc-hsm wrapped key v2";
 
-/// `key` sealed under the AES key `wrapping`: 12-byte nonce ‖ AES-256-GCM.
+fn wrap_aad(header: &[u8]) -> Vec<u8> {
+    let mut aad = WRAP_AAD_LABEL.to_vec();
+    aad.extend_from_slice(header);
+    aad
+}
+
+/// `key` sealed under the AES key `wrapping`: magic ‖ header length (u16
+/// LE) ‖ header (kind, usage) ‖ 12-byte nonce ‖ AES-256-GCM of the secret,
+/// with the label and the header as AAD: the policy travels with the key
+/// and cannot be changed without the tag failing.
 pub fn wrap(wrapping: &KeyMaterialHeld, key: &KeyMaterialHeld, usage: Usage) -> Result<Vec<u8>, HsmError> {
-    let plain = Zeroizing::new(
-        postcard::to_allocvec(&Wrapped { kind: key.kind, usage, raw: key.raw.to_vec() })
-            .map_err(|_| input("encode"))?,
-    );
+    let header = postcard::to_allocvec(&WrappedHeader { kind: key.kind, usage }).map_err(|_| input("encode"))?;
     let iv = random(12)?;
-    let mut out = iv.clone();
-    out.extend(wrapping.encrypt(&iv, WRAP_AAD, &plain)?);
+    let mut out = WRAP_MAGIC.to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&iv);
+    out.extend(wrapping.encrypt(&iv, &wrap_aad(&header), &key.raw)?);
     Ok(out)
 }
 
 /// The key and its usage from a [`wrap`] blob.
 pub fn unwrap(wrapping: &KeyMaterialHeld, blob: &[u8]) -> Result<(KeyMaterialHeld, Usage), HsmError> {
-    if blob.len() < 12 + 16 {
+    let Some(rest) = blob.strip_prefix(WRAP_MAGIC.as_slice()) else {
+        return Err(bad(
+            "not a wrapped key of format 2 (format-1 blobs, from DomC before ABI 8, are refused: their policy \
+             was not authenticated)",
+        ));
+    };
+    let n =
+        rest.get(..2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize).ok_or_else(|| bad("wrapped key too short"))?;
+    let header = rest.get(2..2 + n).ok_or_else(|| bad("wrapped key too short"))?;
+    let sealed = &rest[2 + n..];
+    if sealed.len() < 12 + 16 {
         return Err(bad("wrapped key too short"));
     }
-    let plain = Zeroizing::new(wrapping.decrypt(&blob[..12], WRAP_AAD, &blob[12..])?);
-    let w: Wrapped = ssc_abi::hsm::decode_payload(&plain).ok_or_else(|| bad("wrapped key does not decode"))?;
-    let usage = w.usage;
-    let key = KeyMaterialHeld::from_raw(w.kind, Zeroizing::new(w.raw))?;
-    Ok((key, usage))
+    let raw = Zeroizing::new(wrapping.decrypt(&sealed[..12], &wrap_aad(header), &sealed[12..])?);
+    let h: WrappedHeader =
+        ssc_abi::hsm::decode_payload(header).ok_or_else(|| bad("wrapped key header does not decode"))?;
+    let key = KeyMaterialHeld::from_raw(h.kind, raw)?;
+    Ok((key, h.usage))
 }
 
 pub fn digest(h: Hash, data: &[u8]) -> Vec<u8> {

@@ -9,10 +9,16 @@
 //!   RSA 2048–4096 (imported; PKCS#1 v1.5 and PSS signing), AES-256 (GCM
 //!   encrypt/decrypt, and wrapping other keys so they leave only sealed).
 //!   Secrets never appear in a reply, a log line or the audit log.
-//! * Policy: each key has a [`Usage`] (allowed operations and an optional
-//!   rate limit per second); the client must log in with the user PIN the
-//!   tenant set; five wrong PINs lock the token until the tenant sets the
-//!   PIN again.
+//! * Policy: each key has a [`Usage`] (allowed operations, an optional
+//!   rate limit per second, and whether it is extractable); the client must
+//!   log in with the user PIN the tenant set; five wrong PINs lock the
+//!   token until the tenant sets the PIN again.
+//! * Wrapping follows PKCS#11's model: every key is sensitive; only an
+//!   extractable key can be wrapped (tenant imports are not, unless the
+//!   tenant says so), only by a key whose usage is wrap/unwrap and nothing
+//!   else (a key that could also decrypt would hand out what it wraps); the
+//!   wrapped blob authenticates the key's kind and policy, and `Unwrap`
+//!   gives exactly that policy back.
 //! * Audit: every operation, from the client or the tenant, allowed or
 //!   refused, is appended to a hash chain ([`audit::AuditLog`]) that the
 //!   tenant exports and verifies with `ssc hsm audit`.
@@ -205,7 +211,7 @@ impl Hsm {
             Need::Key(handle, bit) if self.logged_in => {
                 let k = self.keys.get_mut(&handle).ok_or(HsmError::UnknownKey { key: handle })?;
                 if !k.usage.allows(bit) {
-                    let op = Usage { ops: bit, rate_per_sec: 0 }.names();
+                    let op = Usage { ops: bit, ..Usage::GENERAL }.names();
                     return Err(HsmError::Forbidden { key: handle, op });
                 }
                 let limit = k.usage.rate_per_sec;
@@ -242,6 +248,10 @@ impl Hsm {
         }
         if label.len() > 128 || id.len() > 128 {
             return Err(HsmError::BadInput { why: "labels and ids are at most 128 bytes".into() });
+        }
+        usage.check().map_err(|why| HsmError::BadInput { why })?;
+        if usage.ops & Usage::WRAPPING_OPS != 0 && m.kind != ssc_abi::hsm::KeyKind::Aes256 {
+            return Err(HsmError::BadInput { why: "only AES-256 keys wrap and unwrap".into() });
         }
         let handle = self.next_handle;
         self.next_handle += 1;
@@ -298,10 +308,17 @@ impl Hsm {
             Op::Encrypt { key, iv, aad, data } => Ok(Reply::Bytes(self.key(key)?.material.encrypt(&iv, &aad, &data)?)),
             Op::Decrypt { key, iv, aad, data } => Ok(Reply::Bytes(self.key(key)?.material.decrypt(&iv, &aad, &data)?)),
             Op::Wrap { wrapping, key } => {
-                // The target's own usage policy travels with it.
                 let target = self.key(key)?;
-                let blob = keys::wrap(&self.key(wrapping)?.material, &target.material, target.usage)?;
-                Ok(Reply::Bytes(blob))
+                if !target.usage.extractable {
+                    return Err(HsmError::NotExtractable { key });
+                }
+                let w = self.key(wrapping)?;
+                if w.usage.ops & !Usage::WRAPPING_OPS != 0 {
+                    // Refused at creation already; checked again here.
+                    return Err(HsmError::Forbidden { key: wrapping, op: "wrap (it may also do other things)".into() });
+                }
+                // The target's own usage policy travels with it, authenticated.
+                Ok(Reply::Bytes(keys::wrap(&w.material, &target.material, target.usage)?))
             }
             Op::Unwrap { wrapping, blob, label, id } => {
                 let (m, usage) = keys::unwrap(&self.key(wrapping)?.material, &blob)?;

@@ -37,7 +37,11 @@ fn login(h: &mut Hsm) {
 }
 
 fn generate(h: &mut Hsm, kind: KeyKind) -> KeyInfo {
-    match call(h, Op::Generate { kind, label: "k".into(), id: vec![1], usage: Usage::ALL }) {
+    generate_with(h, kind, Usage::GENERAL)
+}
+
+fn generate_with(h: &mut Hsm, kind: KeyKind, usage: Usage) -> KeyInfo {
+    match call(h, Op::Generate { kind, label: "k".into(), id: vec![1], usage }) {
         Ok(Reply::Key(k)) => k,
         other => panic!("{other:?}"),
     }
@@ -120,7 +124,7 @@ fn ed25519_matches_rfc8032_and_imports_openssl_pkcs8() {
     let seed = hex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60");
     let mut der = hex("302e020100300506032b657004220420");
     der.extend(&seed);
-    let k = import(&mut h, &der, Usage::ALL);
+    let k = import(&mut h, &der, Usage::GENERAL);
     assert_eq!(k.public, hex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"));
     let sig = sign(&mut h, k.handle, SignMech::EdDsa, b"");
     assert_eq!(
@@ -129,7 +133,7 @@ fn ed25519_matches_rfc8032_and_imports_openssl_pkcs8() {
             "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
         )
     );
-    let k2 = import(&mut h, ED25519, Usage::ALL);
+    let k2 = import(&mut h, ED25519, Usage::GENERAL);
     let s = sign(&mut h, k2.handle, SignMech::EdDsa, b"msg");
     UnparsedPublicKey::new(&rs::ED25519, &k2.public).verify(b"msg", &s).unwrap();
 }
@@ -138,7 +142,7 @@ fn ed25519_matches_rfc8032_and_imports_openssl_pkcs8() {
 fn rsa_pkcs1_and_pss_verify_with_ring() {
     let mut h = hsm();
     login(&mut h);
-    let k = import(&mut h, RSA, Usage::ALL);
+    let k = import(&mut h, RSA, Usage::GENERAL);
     assert_eq!((k.kind, k.bits), (KeyKind::Rsa, 2048));
     let msg = b"rsa message";
     let pk = UnparsedPublicKey::new(&rs::RSA_PKCS1_2048_8192_SHA256, RSA_PUB_PKCS1);
@@ -163,7 +167,7 @@ fn rsa_pkcs1_and_pss_verify_with_ring() {
     pss.verify(msg, &sign(&mut h, k.handle, mech, &keys::digest(Hash::Sha256, msg))).unwrap();
     // RSA is import only; an EC mechanism on it is refused.
     assert!(matches!(
-        call(&mut h, Op::Generate { kind: KeyKind::Rsa, label: String::new(), id: vec![], usage: Usage::ALL }),
+        call(&mut h, Op::Generate { kind: KeyKind::Rsa, label: String::new(), id: vec![], usage: Usage::GENERAL }),
         Err(HsmError::BadInput { .. })
     ));
     assert_eq!(
@@ -176,7 +180,7 @@ fn rsa_pkcs1_and_pss_verify_with_ring() {
 fn imported_p256_signs_as_openssl_made_it() {
     let mut h = hsm();
     login(&mut h);
-    let k = import(&mut h, P256, Usage::ALL);
+    let k = import(&mut h, P256, Usage::GENERAL);
     assert_eq!(k.kind, KeyKind::EcP256);
     let s = sign(&mut h, k.handle, SignMech::Ecdsa { hash: Some(Hash::Sha256) }, b"x");
     UnparsedPublicKey::new(&rs::ECDSA_P256_SHA256_FIXED, &k.public).verify(b"x", &s).unwrap();
@@ -192,7 +196,7 @@ fn bad_key_material_is_refused_with_the_reason() {
     let mut h = hsm();
     for (der, what) in [(vec![0x30, 0x03, 0x02, 0x01, 0x00], "PKCS#8"), (RSA[..600].to_vec(), "PKCS#8")] {
         let op =
-            AdminOp::Import { label: "x".into(), id: vec![], usage: Usage::ALL, material: KeyMaterial::Pkcs8(der) };
+            AdminOp::Import { label: "x".into(), id: vec![], usage: Usage::GENERAL, material: KeyMaterial::Pkcs8(der) };
         match h.admin(op, 0) {
             AdminReply::Error(HsmError::BadKey { why }) => assert!(why.contains(what), "{why}"),
             other => panic!("{other:?}"),
@@ -201,7 +205,7 @@ fn bad_key_material_is_refused_with_the_reason() {
     let op = AdminOp::Import {
         label: "x".into(),
         id: vec![],
-        usage: Usage::ALL,
+        usage: Usage::GENERAL,
         material: KeyMaterial::Aes256(vec![0; 16]),
     };
     assert!(matches!(h.admin(op, 0), AdminReply::Error(HsmError::BadKey { .. })));
@@ -214,7 +218,7 @@ fn login_is_required_and_wrong_pins_lock_the_token() {
     assert_eq!(call(&mut h, Op::Login { pin: PIN.to_vec() }), Err(HsmError::PinNotSet));
     h.admin(AdminOp::SetPin { pin: PIN.to_vec() }, 0);
     assert_eq!(
-        call(&mut h, Op::Generate { kind: KeyKind::EcP256, label: String::new(), id: vec![], usage: Usage::ALL }),
+        call(&mut h, Op::Generate { kind: KeyKind::EcP256, label: String::new(), id: vec![], usage: Usage::GENERAL }),
         Err(HsmError::NotLoggedIn)
     );
     login(&mut h);
@@ -248,13 +252,13 @@ fn login_is_required_and_wrong_pins_lock_the_token() {
 fn usage_policy_and_rate_limit_are_enforced() {
     let mut h = hsm();
     login(&mut h);
-    let verify_only = import(&mut h, P256, Usage { ops: Usage::VERIFY, rate_per_sec: 0 });
+    let verify_only = import(&mut h, P256, Usage { ops: Usage::VERIFY, ..Usage::GENERAL });
     let r = call(
         &mut h,
         Op::Sign { key: verify_only.handle, mech: SignMech::Ecdsa { hash: Some(Hash::Sha256) }, data: vec![1] },
     );
     assert_eq!(r, Err(HsmError::Forbidden { key: verify_only.handle, op: "sign".into() }));
-    let limited = import(&mut h, ED25519, Usage { ops: Usage::SIGN, rate_per_sec: 3 });
+    let limited = import(&mut h, ED25519, Usage { ops: Usage::SIGN, rate_per_sec: 3, extractable: false });
     let op =
         || Request { id: 1, session: 4, op: Op::Sign { key: limited.handle, mech: SignMech::EdDsa, data: vec![1] } };
     for _ in 0..3 {
@@ -294,24 +298,107 @@ fn aes_gcm_and_key_wrap() {
         call(&mut h, Op::Encrypt { key: aes.handle, iv: vec![0; 8], aad: vec![], data: vec![] }),
         Err(HsmError::BadInput { .. })
     ));
-    // Wrap an EC key, unwrap it as a new object: RFC 6979 signatures match.
-    let ec = generate(&mut h, KeyKind::EcP256);
-    let Ok(Reply::Bytes(blob)) = call(&mut h, Op::Wrap { wrapping: aes.handle, key: ec.handle }) else { panic!() };
+    // Wrap an extractable EC key under a wrap-only key, unwrap it as a new
+    // object: RFC 6979 signatures match, and the copy has the same policy.
+    let wrapper = generate_with(&mut h, KeyKind::Aes256, Usage::WRAPPING);
+    let ec = generate_with(&mut h, KeyKind::EcP256, Usage { extractable: true, ..Usage::GENERAL });
+    let Ok(Reply::Bytes(blob)) = call(&mut h, Op::Wrap { wrapping: wrapper.handle, key: ec.handle }) else { panic!() };
     let Ok(Reply::Key(copy)) =
-        call(&mut h, Op::Unwrap { wrapping: aes.handle, blob: blob.clone(), label: "copy".into(), id: vec![3] })
+        call(&mut h, Op::Unwrap { wrapping: wrapper.handle, blob: blob.clone(), label: "copy".into(), id: vec![3] })
     else {
         panic!()
     };
     assert_eq!(copy.public, ec.public);
+    assert_eq!(copy.usage, ec.usage);
     // CKM_ECDSA over a digest is RFC 6979 (deterministic); the hashing
     // mechanisms go through ring, whose nonces are random.
     let (mech, digest) = (SignMech::Ecdsa { hash: None }, [5u8; 32]);
     assert_eq!(sign(&mut h, ec.handle, mech, &digest), sign(&mut h, copy.handle, mech, &digest));
-    let other = generate(&mut h, KeyKind::Aes256);
+    let other = generate_with(&mut h, KeyKind::Aes256, Usage::WRAPPING);
     assert_eq!(
         call(&mut h, Op::Unwrap { wrapping: other.handle, blob, label: String::new(), id: vec![] }),
         Err(HsmError::DecryptFailed)
     );
+}
+
+#[test]
+fn a_key_that_both_wraps_and_decrypts_cannot_be_made() {
+    // The attack's first step: Generate{Aes256, WRAP|DECRYPT}. Refused from
+    // the client, from the tenant's import, and from a parsed usage list.
+    let mut h = hsm();
+    login(&mut h);
+    let both = Usage { ops: Usage::WRAP | Usage::DECRYPT, ..Usage::GENERAL };
+    let r = call(&mut h, Op::Generate { kind: KeyKind::Aes256, label: "w".into(), id: vec![], usage: both });
+    assert!(matches!(&r, Err(HsmError::BadInput { why }) if why.contains("may do nothing else")), "{r:?}");
+    let op = AdminOp::Import { label: "w".into(), id: vec![], usage: both, material: KeyMaterial::Aes256(vec![1; 32]) };
+    assert!(matches!(h.admin(op, 0), AdminReply::Error(HsmError::BadInput { .. })));
+    assert!(Usage::parse("wrap,decrypt", 0).unwrap_err().contains("may do nothing else"));
+    // Nor may an EC key wrap.
+    let r = call(&mut h, Op::Generate { kind: KeyKind::EcP256, label: "w".into(), id: vec![], usage: Usage::WRAPPING });
+    assert!(matches!(r, Err(HsmError::BadInput { .. })), "{r:?}");
+}
+
+#[test]
+fn wrapping_a_non_extractable_key_is_refused() {
+    // The tenant's imported key (not extractable unless the tenant says so)
+    // and a generated key without CKA_EXTRACTABLE never leave DomC, even
+    // under a proper wrap-only key.
+    let mut h = hsm();
+    login(&mut h);
+    let wrapper = generate_with(&mut h, KeyKind::Aes256, Usage::WRAPPING);
+    let tenant_key = import(&mut h, RSA, Usage { ops: Usage::SIGN, ..Usage::GENERAL });
+    assert!(!tenant_key.usage.extractable);
+    let generated = generate(&mut h, KeyKind::EcP256);
+    for key in [tenant_key.handle, generated.handle] {
+        assert_eq!(
+            call(&mut h, Op::Wrap { wrapping: wrapper.handle, key }),
+            Err(HsmError::NotExtractable { key }),
+            "key {key} left DomC"
+        );
+    }
+}
+
+#[test]
+fn the_wrap_decrypt_export_of_a_private_key_is_closed() {
+    // The whole attack from issue 19: wrap the tenant's RSA key under an AES
+    // key, then decrypt the blob with the same AES key. Every way to get a
+    // key that both wraps and decrypts is refused; a wrap-only key cannot
+    // decrypt its blob, and the tenant's key cannot be wrapped at all.
+    let mut h = hsm();
+    login(&mut h);
+    let tenant_key = import(&mut h, RSA, Usage { ops: Usage::SIGN, extractable: true, rate_per_sec: 0 });
+    let wrapper = generate_with(&mut h, KeyKind::Aes256, Usage::WRAPPING);
+    let Ok(Reply::Bytes(blob)) = call(&mut h, Op::Wrap { wrapping: wrapper.handle, key: tenant_key.handle }) else {
+        panic!()
+    };
+    let iv = blob[blob.len() - 12 - 16 - 1..][..12].to_vec(); // any 12 bytes: the op itself must be refused
+    let r = call(&mut h, Op::Decrypt { key: wrapper.handle, iv, aad: vec![], data: blob.clone() });
+    assert!(matches!(r, Err(HsmError::Forbidden { .. })), "a wrapping key decrypted: {r:?}");
+}
+
+#[test]
+fn an_unwrapped_key_cannot_get_a_wider_policy_than_it_was_wrapped_with() {
+    // Edit the policy in a blob (sign-only, rate-limited → everything): the
+    // policy is authenticated, so the tag fails and nothing is unwrapped.
+    let mut h = hsm();
+    login(&mut h);
+    let wrapper = generate_with(&mut h, KeyKind::Aes256, Usage::WRAPPING);
+    let narrow = Usage { ops: Usage::SIGN, rate_per_sec: 2, extractable: true };
+    let ec = generate_with(&mut h, KeyKind::EcP256, narrow);
+    let Ok(Reply::Bytes(blob)) = call(&mut h, Op::Wrap { wrapping: wrapper.handle, key: ec.handle }) else { panic!() };
+    // The header follows the 5-byte magic and the 2-byte length; its first
+    // byte is the kind, then usage.ops: widen it to sign|decrypt|encrypt.
+    let mut widened = blob.clone();
+    assert_eq!(widened[8], narrow.ops);
+    widened[8] = Usage::SIGN | Usage::ENCRYPT | Usage::DECRYPT;
+    assert_eq!(
+        call(&mut h, Op::Unwrap { wrapping: wrapper.handle, blob: widened, label: String::new(), id: vec![] }),
+        Err(HsmError::DecryptFailed)
+    );
+    // A format-1 blob (no magic: nonce ‖ ciphertext) is refused by name.
+    let old = blob[7 + usize::from(blob[5])..].to_vec();
+    let r = call(&mut h, Op::Unwrap { wrapping: wrapper.handle, blob: old, label: String::new(), id: vec![] });
+    assert!(matches!(&r, Err(HsmError::BadKey { why }) if why.contains("format-1")), "{r:?}");
 }
 
 #[test]

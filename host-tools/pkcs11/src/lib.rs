@@ -164,6 +164,7 @@ fn hsm_rv(e: &HsmError) -> CK_RV {
         HsmError::UnknownKey { .. } => CKR_KEY_HANDLE_INVALID,
         HsmError::WrongMechanism { .. } => CKR_KEY_TYPE_INCONSISTENT,
         HsmError::Forbidden { .. } => CKR_KEY_FUNCTION_NOT_PERMITTED,
+        HsmError::NotExtractable { .. } => CKR_KEY_UNEXTRACTABLE,
         HsmError::RateLimited { .. } => CKR_FUNCTION_REJECTED,
         HsmError::BadInput { .. } => CKR_DATA_INVALID,
         HsmError::SignatureInvalid => CKR_SIGNATURE_INVALID,
@@ -316,7 +317,9 @@ fn attr(k: &KeyInfo, c: Class, ty: CK_ATTRIBUTE_TYPE) -> Attr {
         CKA_MODIFIABLE | CKA_COPYABLE | CKA_DERIVE | CKA_ALWAYS_AUTHENTICATE | CKA_WRAP_WITH_TRUSTED => boolean(false),
         CKA_DESTROYABLE => boolean(true),
         CKA_SENSITIVE | CKA_ALWAYS_SENSITIVE if private => boolean(true),
-        CKA_EXTRACTABLE | CKA_NEVER_EXTRACTABLE if private => boolean(ty == CKA_NEVER_EXTRACTABLE),
+        // Extractability never changes after creation.
+        CKA_EXTRACTABLE if private => boolean(u.extractable),
+        CKA_NEVER_EXTRACTABLE if private => boolean(!u.extractable),
         CKA_SIGN if c != Class::Public => boolean(u.allows(Usage::SIGN)),
         CKA_VERIFY if c != Class::Private => boolean(u.allows(Usage::VERIFY)),
         CKA_ENCRYPT if c != Class::Private => boolean(u.allows(Usage::ENCRYPT)),
@@ -1179,9 +1182,12 @@ unsafe extern "C" fn C_Decrypt(
     unsafe { crypt(h, bytes(data, len), out, out_len, true) }
 }
 
-/// Label, id and usage from templates (later templates win).
+/// Label, id and usage from templates (later templates win). A template
+/// that asks for wrap or unwrap without naming other operations gets a
+/// wrap-only key (DomC refuses a key that both wraps and decrypts);
+/// `CKA_EXTRACTABLE` defaults to false.
 fn key_facts(templates: &[&[(CK_ATTRIBUTE_TYPE, Vec<u8>)]], default: u8) -> (String, Vec<u8>, Usage) {
-    let (mut label, mut id, mut ops) = (String::new(), vec![], default);
+    let (mut label, mut id, mut ops, mut named, mut extractable) = (String::new(), vec![], default, 0u8, false);
     for t in templates {
         for (ty, v) in t.iter() {
             let on = v.first().is_some_and(|b| *b != 0);
@@ -1194,6 +1200,10 @@ fn key_facts(templates: &[&[(CK_ATTRIBUTE_TYPE, Vec<u8>)]], default: u8) -> (Str
                     id = v.clone();
                     continue;
                 }
+                CKA_EXTRACTABLE => {
+                    extractable = on;
+                    continue;
+                }
                 CKA_SIGN => Usage::SIGN,
                 CKA_VERIFY => Usage::VERIFY,
                 CKA_ENCRYPT => Usage::ENCRYPT,
@@ -1202,10 +1212,15 @@ fn key_facts(templates: &[&[(CK_ATTRIBUTE_TYPE, Vec<u8>)]], default: u8) -> (Str
                 CKA_UNWRAP => Usage::UNWRAP,
                 _ => continue,
             };
+            named |= bit;
             if on { ops |= bit } else { ops &= !bit }
         }
     }
-    (label, id, Usage { ops, rate_per_sec: 0 })
+    if ops & Usage::WRAPPING_OPS != 0 {
+        // Default operations give way to an explicit wrapping key.
+        ops &= Usage::WRAPPING_OPS | named;
+    }
+    (label, id, Usage { ops, rate_per_sec: 0, extractable })
 }
 
 fn generate(h: CK_SESSION_HANDLE, kind: KeyKind, label: String, id: Vec<u8>, usage: Usage) -> Result<KeyInfo, CK_RV> {
@@ -1284,8 +1299,7 @@ unsafe extern "C" fn C_GenerateKey(
     {
         return CKR_TEMPLATE_INCONSISTENT;
     }
-    let all = Usage::ENCRYPT | Usage::DECRYPT | Usage::WRAP | Usage::UNWRAP;
-    let (label, id, usage) = key_facts(&[&t], all);
+    let (label, id, usage) = key_facts(&[&t], Usage::ENCRYPT | Usage::DECRYPT);
     match generate(h, KeyKind::Aes256, label, id, usage) {
         // SAFETY: non-NULL output pointer from the caller.
         Ok(k) => unsafe { put(out, handle_of(&k, Class::Secret)) },

@@ -26,8 +26,12 @@ fn serve(dir: &Path) -> (String, Arc<Mutex<Hsm>>) {
     let mut hsm = Hsm::new("DomC-test", "0123456789abcdef");
     assert_eq!(hsm.admin(AdminOp::SetPin { pin: PIN.into() }, 0), AdminReply::Ok);
     let rsa = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sd-hsm/testdata/rsa2048.pk8")).unwrap();
-    let op =
-        AdminOp::Import { label: "rsa".into(), id: vec![0x52], usage: Usage::ALL, material: KeyMaterial::Pkcs8(rsa) };
+    let op = AdminOp::Import {
+        label: "rsa".into(),
+        id: vec![0x52],
+        usage: Usage::GENERAL,
+        material: KeyMaterial::Pkcs8(rsa),
+    };
     assert!(matches!(hsm.admin(op, 0), AdminReply::Key(_)));
     let hsm = Arc::new(Mutex::new(hsm));
     let h = hsm.clone();
