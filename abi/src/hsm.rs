@@ -188,6 +188,12 @@ pub struct Request {
     pub id: u64,
     /// The PKCS#11 session (for the audit log; 0: none).
     pub session: u32,
+    /// The login this request speaks for: what [`Reply::LoggedIn`] gave
+    /// the application that logged in (zeroes: none). A login belongs to
+    /// the application holding its token, not to whoever opens the port
+    /// next: a second process that opens the port after the first closed
+    /// it (or crashed without logging out) is not logged in.
+    pub token: [u8; 16],
     pub op: Op,
 }
 
@@ -269,6 +275,11 @@ pub enum Reply {
     Keys(Vec<KeyInfo>),
     Key(KeyInfo),
     Bytes(Vec<u8>),
+    /// A successful `Login`: the token every later request of this
+    /// application carries ([`Request::token`]).
+    LoggedIn {
+        token: [u8; 16],
+    },
 }
 
 /// What `Hello` answers.
@@ -583,7 +594,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_garbage_is_skipped() {
-        let req = Request { id: 7, session: 2, op: Op::Random { len: 16 } };
+        let req = Request { id: 7, session: 2, token: [0; 16], op: Op::Random { len: 16 } };
         let frame = encode_frame(&req).unwrap();
         let mut d = HsmDecoder::new();
         d.feed(b"garbage SS");
@@ -604,7 +615,7 @@ mod tests {
 
     #[test]
     fn payload_with_trailing_bytes_is_refused() {
-        let frame = encode_frame(&Request { id: 1, session: 0, op: Op::List }).unwrap();
+        let frame = encode_frame(&Request { id: 1, session: 0, token: [0; 16], op: Op::List }).unwrap();
         let mut payload = frame[8..].to_vec();
         payload.push(0);
         assert_eq!(decode_payload::<Request>(&payload), None);

@@ -30,12 +30,14 @@ pub const ALGS: [&str; 4] = ["ecdsa-p256", "ecdsa-p256-sha256", "ed25519", "rsa2
 
 const RSA_2048: &[u8] = include_bytes!("../../sd-hsm/testdata/rsa2048.pk8");
 
-/// A core with a logged-in client and one key of `alg`.
-fn core_with_key(alg: &str) -> Result<(Hsm, u64, SignMech, Vec<u8>)> {
+/// A core with a logged-in client (its login token) and one key of `alg`.
+#[allow(clippy::type_complexity)]
+fn core_with_key(alg: &str) -> Result<(Hsm, [u8; 16], u64, SignMech, Vec<u8>)> {
     let mut h = Hsm::new("bench", "0");
     h.admin(AdminOp::SetPin { pin: b"1234".to_vec() }, 0);
-    let call = |h: &mut Hsm, op| h.client(Request { id: 1, session: 1, op }, 0).result;
-    call(&mut h, Op::Login { pin: b"1234".to_vec() }).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let login = Request { id: 1, session: 1, token: [0; 16], op: Op::Login { pin: b"1234".to_vec() } };
+    let Ok(Reply::LoggedIn { token }) = h.client(login, 0).result else { bail!("logging in") };
+    let call = |h: &mut Hsm, op| h.client(Request { id: 1, session: 1, token, op }, 0).result;
     let (key, mech, data) = match alg {
         "ecdsa-p256" | "ecdsa-p256-sha256" | "ed25519" => {
             let kind = if alg == "ed25519" { KeyKind::Ed25519 } else { KeyKind::EcP256 };
@@ -60,7 +62,7 @@ fn core_with_key(alg: &str) -> Result<(Hsm, u64, SignMech, Vec<u8>)> {
             (k.handle, SignMech::RsaPkcs1 { hash: Some(Hash::Sha256) }, vec![9u8; 64])
         }
     };
-    Ok((h, key, mech, data))
+    Ok((h, token, key, mech, data))
 }
 
 /// The core's signatures per second with `threads` instances signing for
@@ -72,10 +74,10 @@ pub fn core_rate(alg: &str, threads: usize, secs: f64) -> Result<f64> {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(move || -> Result<u64> {
-                    let (mut h, key, mech, data) = core_with_key(alg)?;
+                    let (mut h, token, key, mech, data) = core_with_key(alg)?;
                     let mut n = 0u64;
                     while Instant::now() < deadline {
-                        let req = Request { id: n, session: 1, op: Op::Sign { key, mech, data: data.clone() } };
+                        let req = Request { id: n, session: 1, token, op: Op::Sign { key, mech, data: data.clone() } };
                         let frame = postcard::to_allocvec(&req)?;
                         let reply = h.client_frame(&frame, n);
                         if reply.len() < 8 {

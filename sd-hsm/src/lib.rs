@@ -11,8 +11,10 @@
 //!   Secrets never appear in a reply, a log line or the audit log.
 //! * Policy: each key has a [`Usage`] (allowed operations, an optional
 //!   rate limit per second, and whether it is extractable); the client must
-//!   log in with the user PIN the tenant set; five wrong PINs lock the
-//!   token until the tenant sets the PIN again.
+//!   log in with the user PIN the tenant set; the login belongs to the
+//!   application that made it (a random token it sends with every request),
+//!   not to the port; five wrong PINs lock the token until the tenant sets
+//!   the PIN again.
 //! * Wrapping follows PKCS#11's model: every key is sensitive; only an
 //!   extractable key can be wrapped (tenant imports are not, unless the
 //!   tenant says so), only by a key whose usage is wrap/unwrap and nothing
@@ -121,7 +123,8 @@ pub struct Hsm {
     next_handle: u64,
     pin: Option<Pin>,
     tries_left: u32,
-    logged_in: bool,
+    /// The token of the application logged in, if one is.
+    logged_in: Option<[u8; 16]>,
     pub audit: AuditLog,
     pub stats: Stats,
 }
@@ -144,7 +147,7 @@ impl Hsm {
             next_handle: 1,
             pin: None,
             tries_left: PIN_TRIES,
-            logged_in: false,
+            logged_in: None,
             audit: AuditLog::new(audit::KEEP),
             stats: Stats::default(),
         }
@@ -173,7 +176,7 @@ impl Hsm {
         self.stats.requests += 1;
         let actor = Actor::Client { session: req.session };
         let (name, mut key) = op_name(&req.op);
-        let result = self.check(&req.op, now_ms).and_then(|()| self.run(req.op, now_ms));
+        let result = self.check(&req.op, &req.token, now_ms).and_then(|()| self.run(req.op, now_ms));
         if let Ok(Reply::Key(info)) = &result {
             key = Some(info.handle);
         }
@@ -192,8 +195,8 @@ impl Hsm {
 
     fn need(op: &Op) -> Need {
         match op {
-            Op::Hello | Op::Login { .. } | Op::Logout | Op::List | Op::Random { .. } => Need::Nothing,
-            Op::Generate { .. } | Op::Destroy { .. } => Need::Login,
+            Op::Hello | Op::Login { .. } | Op::List | Op::Random { .. } => Need::Nothing,
+            Op::Logout | Op::Generate { .. } | Op::Destroy { .. } => Need::Login,
             Op::Sign { key, .. } => Need::Key(*key, Usage::SIGN),
             Op::Verify { key, .. } => Need::Key(*key, Usage::VERIFY),
             Op::Encrypt { key, .. } => Need::Key(*key, Usage::ENCRYPT),
@@ -203,12 +206,18 @@ impl Hsm {
         }
     }
 
+    /// Whether `token` is the logged-in application's (constant time).
+    fn logged_in_as(&self, token: &[u8; 16]) -> bool {
+        self.logged_in.is_some_and(|t| t.iter().zip(token).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0)
+    }
+
     /// Login, policy and rate limit.
-    fn check(&mut self, op: &Op, now_ms: u64) -> Result<(), HsmError> {
+    fn check(&mut self, op: &Op, token: &[u8; 16], now_ms: u64) -> Result<(), HsmError> {
+        let logged_in = self.logged_in_as(token);
         match Self::need(op) {
             Need::Nothing => Ok(()),
-            Need::Login if self.logged_in => Ok(()),
-            Need::Key(handle, bit) if self.logged_in => {
+            Need::Login if logged_in => Ok(()),
+            Need::Key(handle, bit) if logged_in => {
                 let k = self.keys.get_mut(&handle).ok_or(HsmError::UnknownKey { key: handle })?;
                 if !k.usage.allows(bit) {
                     let op = Usage { ops: bit, ..Usage::GENERAL }.names();
@@ -264,7 +273,7 @@ impl Hsm {
     fn run(&mut self, op: Op, _now_ms: u64) -> Result<Reply, HsmError> {
         match op {
             Op::Hello => {
-                self.logged_in = false;
+                self.logged_in = None;
                 Ok(Reply::Token(TokenInfo {
                     label: self.label.clone(),
                     serial: self.serial.clone(),
@@ -280,11 +289,13 @@ impl Hsm {
                 }
                 if p.matches(&pin) {
                     self.tries_left = PIN_TRIES;
-                    self.logged_in = true;
-                    Ok(Reply::Ok)
+                    let mut token = [0u8; 16];
+                    token.copy_from_slice(&keys::random(16)?);
+                    self.logged_in = Some(token);
+                    Ok(Reply::LoggedIn { token })
                 } else {
                     self.tries_left -= 1;
-                    self.logged_in = false;
+                    self.logged_in = None;
                     match self.tries_left {
                         0 => Err(HsmError::PinLocked),
                         n => Err(HsmError::PinIncorrect { tries_left: n }),
@@ -292,7 +303,7 @@ impl Hsm {
                 }
             }
             Op::Logout => {
-                self.logged_in = false;
+                self.logged_in = None;
                 Ok(Reply::Ok)
             }
             Op::List => Ok(Reply::Keys(self.keys.iter().map(|(h, k)| k.info(*h)).collect())),
@@ -366,7 +377,7 @@ impl Hsm {
                     Ok(p) => {
                         self.pin = Some(p);
                         self.tries_left = PIN_TRIES;
-                        self.logged_in = false;
+                        self.logged_in = None;
                         AdminReply::Ok
                     }
                     Err(e) => AdminReply::Error(e),

@@ -27,13 +27,26 @@ fn hsm() -> Hsm {
     h
 }
 
+std::thread_local! {
+    /// The login token this test's application holds.
+    static TOKEN: core::cell::Cell<[u8; 16]> = const { core::cell::Cell::new([0; 16]) };
+}
+
 fn call(h: &mut Hsm, op: Op) -> Result<Reply, HsmError> {
-    h.client(Request { id: 9, session: 1, op }, 0).result
+    call_as(h, TOKEN.get(), op)
+}
+
+/// A request carrying `token` (another application's, or none).
+fn call_as(h: &mut Hsm, token: [u8; 16], op: Op) -> Result<Reply, HsmError> {
+    h.client(Request { id: 9, session: 1, token, op }, 0).result
 }
 
 fn login(h: &mut Hsm) {
     call(h, Op::Hello).unwrap();
-    assert_eq!(call(h, Op::Login { pin: PIN.to_vec() }), Ok(Reply::Ok));
+    match call(h, Op::Login { pin: PIN.to_vec() }) {
+        Ok(Reply::LoggedIn { token }) => TOKEN.set(token),
+        other => panic!("{other:?}"),
+    }
 }
 
 fn generate(h: &mut Hsm, kind: KeyKind) -> KeyInfo {
@@ -259,8 +272,12 @@ fn usage_policy_and_rate_limit_are_enforced() {
     );
     assert_eq!(r, Err(HsmError::Forbidden { key: verify_only.handle, op: "sign".into() }));
     let limited = import(&mut h, ED25519, Usage { ops: Usage::SIGN, rate_per_sec: 3, extractable: false });
-    let op =
-        || Request { id: 1, session: 4, op: Op::Sign { key: limited.handle, mech: SignMech::EdDsa, data: vec![1] } };
+    let op = || Request {
+        id: 1,
+        session: 4,
+        token: TOKEN.get(),
+        op: Op::Sign { key: limited.handle, mech: SignMech::EdDsa, data: vec![1] },
+    };
     for _ in 0..3 {
         assert!(h.client(op(), 5_100).result.is_ok());
     }
@@ -319,6 +336,28 @@ fn aes_gcm_and_key_wrap() {
         call(&mut h, Op::Unwrap { wrapping: other.handle, blob, label: String::new(), id: vec![] }),
         Err(HsmError::DecryptFailed)
     );
+}
+
+#[test]
+fn a_second_application_on_the_port_is_not_logged_in() {
+    // The application logs in, then closes the port (or crashes) without
+    // logging out; a second process opens the port and, without a Hello,
+    // asks for a signature with the tenant's key. It holds no token.
+    let mut h = hsm();
+    login(&mut h);
+    let k = import(&mut h, P256, Usage { ops: Usage::SIGN, ..Usage::GENERAL });
+    let sign = Op::Sign { key: k.handle, mech: SignMech::Ecdsa { hash: Some(Hash::Sha256) }, data: b"x".to_vec() };
+    assert!(call(&mut h, sign.clone()).is_ok(), "the application itself signs");
+    assert_eq!(call_as(&mut h, [0; 16], sign.clone()), Err(HsmError::NotLoggedIn));
+    assert_eq!(call_as(&mut h, [0x41; 16], sign.clone()), Err(HsmError::NotLoggedIn), "a guessed token");
+    for op in
+        [Op::Generate { kind: KeyKind::EcP256, label: String::new(), id: vec![], usage: Usage::GENERAL }, Op::Logout]
+    {
+        assert_eq!(call_as(&mut h, [0; 16], op), Err(HsmError::NotLoggedIn));
+    }
+    // A new application's Hello ends the old login for everyone.
+    call_as(&mut h, [0; 16], Op::Hello).unwrap();
+    assert_eq!(call(&mut h, sign), Err(HsmError::NotLoggedIn));
 }
 
 #[test]
@@ -406,7 +445,8 @@ fn malformed_frames_get_an_error_and_the_next_request_is_served() {
     let mut h = hsm();
     let r: Response = decode_payload(&h.client_frame(&[0xde, 0xad, 0xbe, 0xef], 0)).unwrap();
     assert_eq!(r, Response { id: 0, result: Err(HsmError::Malformed) });
-    let good = postcard::to_allocvec(&Request { id: 5, session: 1, op: Op::Random { len: 32 } }).unwrap();
+    let good =
+        postcard::to_allocvec(&Request { id: 5, session: 1, token: [0; 16], op: Op::Random { len: 32 } }).unwrap();
     let r: Response = decode_payload(&h.client_frame(&good, 0)).unwrap();
     assert!(matches!(r, Response { id: 5, result: Ok(Reply::Bytes(b)) } if b.len() == 32));
     assert_eq!(h.stats.malformed, 1);

@@ -478,6 +478,9 @@ unsafe extern "C" fn C_Initialize(_args: CK_VOID_PTR) -> CK_RV {
             }
         }
     };
+    // A new application: DomC forgets any earlier login (Hello), and so
+    // does this process's link.
+    link.set_token([0; 16]);
     let token = match link.call(0, Op::Hello) {
         Ok(Reply::Token(t)) => t,
         Ok(_) => return CKR_DEVICE_ERROR,
@@ -494,6 +497,7 @@ unsafe extern "C" fn C_Finalize(_reserved: CK_VOID_PTR) -> CK_RV {
         Some(s) => {
             // Log out so the next application starts from scratch.
             let _ = s.link.call(0, Op::Logout);
+            s.link.set_token([0; 16]);
             CKR_OK
         }
         None => CKR_CRYPTOKI_NOT_INITIALIZED,
@@ -734,13 +738,16 @@ unsafe extern "C" fn C_Login(h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: CK_U
     }
     // SAFETY: the caller passes `len` PIN bytes.
     let pin = unsafe { bytes(pin, len) }.to_vec();
-    let r = call(h, Op::Login { pin });
-    let r = r.and_then(|_| {
-        with(|s| {
+    let r = match call(h, Op::Login { pin }) {
+        // The token is this process's: every later request carries it.
+        Ok(Reply::LoggedIn { token }) => with(|s| {
+            s.link.set_token(token);
             s.logged_in = true;
             Ok(())
-        })
-    });
+        }),
+        Ok(_) => Err(CKR_DEVICE_ERROR),
+        Err(e) => Err(e),
+    };
     if r == Err(CKR_PIN_INCORRECT) || r == Err(CKR_PIN_LOCKED) {
         // Refresh the tries left for C_GetTokenInfo.
         if let Ok(Reply::Token(t)) = call(h, Op::Hello) {
@@ -762,7 +769,12 @@ unsafe extern "C" fn C_Logout(h: CK_SESSION_HANDLE) -> CK_RV {
             Ok(())
         }
     });
-    rv(r.and_then(|()| call(h, Op::Logout).map(|_| ())))
+    let r = r.and_then(|()| call(h, Op::Logout).map(|_| ()));
+    let _ = with(|s| {
+        s.link.set_token([0; 16]);
+        Ok(())
+    });
+    rv(r)
 }
 
 unsafe extern "C" fn C_DestroyObject(h: CK_SESSION_HANDLE, obj: CK_OBJECT_HANDLE) -> CK_RV {

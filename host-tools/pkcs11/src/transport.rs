@@ -72,6 +72,8 @@ pub struct Transport {
     next_id: AtomicU64,
     /// What it is connected to, for messages.
     pub what: String,
+    /// This process's login token ([`Transport::set_token`]).
+    token: Mutex<[u8; 16]>,
 }
 
 /// Finds the port: `$SSC_HSM_PORT` (a device path, or `unix:PATH`), else
@@ -149,7 +151,14 @@ impl Transport {
             waiters,
             next_id: AtomicU64::new((seed << 16) | 1),
             what: target.into(),
+            token: Mutex::new([0; 16]),
         })
+    }
+
+    /// The login token DomC gave this process (zeroes: not logged in); it
+    /// goes with every request and never leaves the process otherwise.
+    pub fn set_token(&self, token: [u8; 16]) {
+        *self.token.lock().unwrap() = token;
     }
 
     /// Whether the link has failed (the reader saw EOF or an error).
@@ -160,7 +169,8 @@ impl Transport {
     /// One request and its response.
     pub fn call(&self, session: u32, op: Op) -> Result<Reply, Failure> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_frame(&Request { id, session, op }).map_err(|e| Failure::Link(e.to_string()))?;
+        let token = *self.token.lock().unwrap();
+        let frame = encode_frame(&Request { id, session, token, op }).map_err(|e| Failure::Link(e.to_string()))?;
         let (tx, rx) = channel();
         {
             let mut g = self.waiters.lock().unwrap();

@@ -285,6 +285,50 @@ fn threads_with_their_own_sessions_share_the_link() {
 }
 
 #[test]
+fn a_second_process_on_the_port_after_a_logged_in_one_died_is_not_logged_in() {
+    use ssc_abi::hsm::{HsmError, Op, Request, Response, SignMech, decode_payload, encode_frame};
+    let dir = tempdir();
+    let (port, hsm) = serve(&dir);
+    // The application logs in, then waits on its input (stdin, a pipe we
+    // never close) and is killed there: it never logs out.
+    let mut app = Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(module())
+        .args(["--login", "--pin", PIN, "--sign", "--id", "52", "-m", "SHA256-RSA-PKCS"])
+        .env("SSC_HSM_PORT", &port)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    app.kill().unwrap();
+    app.wait().unwrap();
+    let page = hsm.lock().unwrap().audit.page(0, 1000);
+    let ops: Vec<(&str, &str)> = page.entries.iter().map(|e| (e.op.as_str(), e.outcome.as_str())).collect();
+    assert!(ops.contains(&("login", "ok")), "the application did not log in before it died: {ops:?}");
+    assert!(!ops.iter().any(|(op, _)| *op == "logout"), "the application logged out: {ops:?}");
+    // A second process opens the port and, without a Hello, asks DomC to
+    // sign with the tenant's RSA key (handle 1): a raw frame, no token.
+    let sock = port.strip_prefix("unix:").unwrap();
+    let mut conn = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    let op =
+        Op::Sign { key: 1, mech: SignMech::RsaPkcs1 { hash: Some(ssc_abi::hsm::Hash::Sha256) }, data: b"x".to_vec() };
+    conn.write_all(&encode_frame(&Request { id: 77, session: 1, token: [0; 16], op }).unwrap()).unwrap();
+    let mut d = HsmDecoder::new();
+    let mut buf = vec![0u8; 65536];
+    let resp: Response = loop {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "DomC closed the link");
+        d.feed(&buf[..n]);
+        if let Some(p) = d.next_payload() {
+            break decode_payload(&p).unwrap();
+        }
+    };
+    assert_eq!(resp.result, Err(HsmError::NotLoggedIn), "the second process signed with the tenant's key");
+}
+
+#[test]
 fn no_port_is_a_clear_error() {
     let (good, text) = tool("/nonexistent/ssc-hsm", &["-L"]);
     assert!(!good && text.contains("opening /nonexistent/ssc-hsm"), "{text}");
