@@ -1194,6 +1194,14 @@ unsafe extern "C" fn C_Decrypt(
     unsafe { crypt(h, bytes(data, len), out, out_len, true) }
 }
 
+/// Whether a template asks for a session object (`CKA_TOKEN` false). DomC
+/// keeps only token objects, which outlive the session: rather than hand
+/// back a key that claims `CKA_TOKEN` true and piles up in DomC, such a
+/// template is refused (`CKR_TEMPLATE_INCONSISTENT`, as PKCS#11 allows).
+fn asks_for_session_object(templates: &[&[(CK_ATTRIBUTE_TYPE, Vec<u8>)]]) -> bool {
+    templates.iter().flat_map(|t| t.iter()).any(|(ty, v)| *ty == CKA_TOKEN && v.first() == Some(&0))
+}
+
 /// Label, id and usage from templates (later templates win). A template
 /// that asks for wrap or unwrap without naming other operations gets a
 /// wrap-only key (DomC refuses a key that both wraps and decrypts);
@@ -1277,6 +1285,9 @@ unsafe extern "C" fn C_GenerateKeyPair(
         }
         _ => return CKR_MECHANISM_INVALID,
     };
+    if asks_for_session_object(&[&public, &private]) {
+        return CKR_TEMPLATE_INCONSISTENT;
+    }
     let (label, id, usage) = key_facts(&[&public, &private], Usage::SIGN | Usage::VERIFY);
     match generate(h, kind, label, id, usage) {
         Ok(k) => {
@@ -1304,6 +1315,9 @@ unsafe extern "C" fn C_GenerateKey(
     let (mech, t) = unsafe { ((*m).mechanism, owned_template(tmpl, n)) };
     if mech != CKM_AES_KEY_GEN {
         return CKR_MECHANISM_INVALID;
+    }
+    if asks_for_session_object(&[&t]) {
+        return CKR_TEMPLATE_INCONSISTENT;
     }
     if let Some((_, v)) = t.iter().find(|(ty, _)| *ty == CKA_VALUE_LEN)
         && v.len() == 8

@@ -329,6 +329,67 @@ fn a_second_process_on_the_port_after_a_logged_in_one_died_is_not_logged_in() {
 }
 
 #[test]
+fn a_session_object_template_is_refused_not_turned_into_a_token_object() {
+    // CKA_TOKEN=false used to come back as a token object that outlived its
+    // session and piled up in DomC. The application is cryptoki (the Rust
+    // PKCS#11 wrapper) in a child process: this test binary again, running
+    // `session_object_application` with the port in its environment.
+    let dir = tempdir();
+    let (port, hsm) = serve(&dir);
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "session_object_application", "--nocapture"])
+        .env("SSC_HSM_PORT", &port)
+        .env("SSC_P11_APPLICATION", "1")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("application: done"), "{text}");
+    // Only the token-object key pair was made.
+    assert_eq!(hsm.lock().unwrap().key_count(), 1 + 1, "{text}");
+}
+
+/// The application of the test above; does nothing unless run by it.
+#[test]
+fn session_object_application() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::error::{Error, RvError};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    if std::env::var_os("SSC_P11_APPLICATION").is_none() {
+        return;
+    }
+    fn refused<T>(r: &cryptoki::error::Result<T>) -> bool {
+        matches!(r, Err(Error::Pkcs11(RvError::TemplateInconsistent, _)))
+    }
+    let p11 = Pkcs11::new(module()).unwrap();
+    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).unwrap();
+    let slot = p11.get_slots_with_token().unwrap()[0];
+    let session = p11.open_rw_session(slot).unwrap();
+    session.login(UserType::User, Some(&AuthPin::new(PIN.into()))).unwrap();
+    let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    let public = [Attribute::Token(false), Attribute::EcParams(p256.clone()), Attribute::Verify(true)];
+    let private = [Attribute::Token(false), Attribute::Sign(true)];
+    let r = session.generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private);
+    assert!(refused(&r), "EC session key pair: {:?}", r.map(|_| ()));
+    let aes = [
+        Attribute::Token(false),
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+    ];
+    let r = session.generate_key(&Mechanism::AesKeyGen, &aes);
+    assert!(refused(&r), "AES session key: {:?}", r.map(|_| ()));
+    // The same key pair as token objects works.
+    let public = [Attribute::Token(true), Attribute::EcParams(p256), Attribute::Verify(true)];
+    session
+        .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &[Attribute::Token(true), Attribute::Sign(true)])
+        .unwrap();
+    println!("application: done");
+}
+
+#[test]
 fn no_port_is_a_clear_error() {
     let (good, text) = tool("/nonexistent/ssc-hsm", &["-L"]);
     assert!(!good && text.contains("opening /nonexistent/ssc-hsm"), "{text}");
