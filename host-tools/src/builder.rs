@@ -154,6 +154,9 @@ pub struct DomainSpec {
     /// SDs can map it as a window and QEMU's migration can skip it
     /// (`x-ignore-shared`). File offset = guest-physical address.
     pub memory_file: Option<PathBuf>,
+    /// The image's catalog digest (hex SHA-384): [`MetaDomain::start`]
+    /// refuses to launch other bytes.
+    pub sha384: Option<String>,
 }
 
 impl DomainSpec {
@@ -172,6 +175,7 @@ impl DomainSpec {
             machine: Machine::Q35,
             firmware: Firmware::Auto,
             memory_file: None,
+            sha384: None,
         }
     }
 }
@@ -314,6 +318,48 @@ pub fn check_image(path: &Path) -> Result<()> {
         return Err(fail("no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"));
     }
     Ok(())
+}
+
+/// A file's bytes, read once and frozen in a sealed memfd that QEMU opens
+/// as `/dev/fd/N`: what the builder measured (or checked against the
+/// catalog) is exactly what QEMU runs. Handing QEMU the path instead let
+/// whoever can write it swap the image between the measurement and QEMU's
+/// own open. The memfd is not close-on-exec, so the QEMU spawned while it
+/// is open inherits it (and keeps it after this handle is dropped).
+#[derive(Debug)]
+pub struct PinnedFile {
+    file: std::fs::File,
+}
+
+impl PinnedFile {
+    /// Reads `path` once; returns the pinned copy and the bytes read.
+    pub fn read(path: &Path) -> Result<(PinnedFile, Vec<u8>)> {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let fd = rustix::fs::memfd_create("ssc-pinned-image", rustix::fs::MemfdFlags::ALLOW_SEALING)
+            .context("memfd_create for a pinned image")?;
+        let mut file = std::fs::File::from(fd);
+        file.write_all(&bytes).context("copying an image into its memfd")?;
+        use rustix::fs::SealFlags;
+        rustix::fs::fcntl_add_seals(
+            file.as_fd(),
+            SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+        )
+        .context("sealing a pinned image")?;
+        Ok((PinnedFile { file }, bytes))
+    }
+
+    /// The path QEMU opens: this process's descriptor, which it inherits.
+    pub fn qemu_path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/dev/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+/// The hex SHA-384 of `bytes` (the catalog's digest form).
+fn sha384_hex(bytes: &[u8]) -> String {
+    crate::catalog::hex(ring::digest::digest(&ring::digest::SHA384, bytes).as_ref())
 }
 
 static RUN_DIRS: AtomicU64 = AtomicU64::new(0);
@@ -1214,7 +1260,7 @@ pub struct MetaDomain {
 }
 
 /// A measurement hook: called with each spec before its domain starts.
-type Measure = Box<dyn FnMut(&DomainSpec) -> Result<()> + Send>;
+type Measure = Box<dyn FnMut(&DomainSpec, &[u8]) -> Result<()> + Send>;
 
 impl MetaDomain {
     /// Starts `specs` in order. On any failure, the domains already started
@@ -1238,9 +1284,10 @@ impl MetaDomain {
         Ok(MetaDomain { domains: vec![], run_dir: RunDir::create()?, measure: None })
     }
 
-    /// Measures every domain started from now on with `f` (before it
-    /// starts; an error stops the launch).
-    pub fn measure_with(&mut self, f: impl FnMut(&DomainSpec) -> Result<()> + Send + 'static) {
+    /// Measures every domain started from now on with `f`, given the spec
+    /// and the image's bytes, which are exactly what QEMU will run (before
+    /// it starts; an error stops the launch).
+    pub fn measure_with(&mut self, f: impl FnMut(&DomainSpec, &[u8]) -> Result<()> + Send + 'static) {
         self.measure = Some(Box::new(f));
     }
 
@@ -1256,11 +1303,28 @@ impl MetaDomain {
         if self.domains.iter().any(|d| d.name == spec.name) {
             bail!("two domains are named `{}`; names must be unique", spec.name);
         }
+        // The image is read once: checked, measured and run from one copy.
+        let (pinned, bytes) = PinnedFile::read(&spec.image)?;
+        if let Some(want) = &spec.sha384 {
+            let got = sha384_hex(&bytes);
+            if !got.eq_ignore_ascii_case(want) {
+                bail!(
+                    "{}: the image {} changed after the catalog verified it (sha384 {}…, the manifest says {}…): \
+                     refusing to launch it",
+                    spec.name,
+                    spec.image.display(),
+                    &got[..16],
+                    &want[..16.min(want.len())]
+                );
+            }
+        }
         if let Some(m) = self.measure.as_mut() {
-            m(spec).with_context(|| format!("measuring {} into the vTPM", spec.name))?;
+            m(spec, &bytes).with_context(|| format!("measuring {} into the vTPM", spec.name))?;
         }
         let log = if echo { LogEcho::Stdout(format!("[{}] ", spec.name)) } else { LogEcho::Quiet };
-        let mut d = Domain::launch(spec, accel, &self.run_dir, log)?;
+        let launched = DomainSpec { image: pinned.qemu_path(), ..spec.clone() };
+        let mut d = Domain::launch(&launched, accel, &self.run_dir, log)?;
+        drop(pinned);
         d.wait_ready(ready_timeout)?;
         self.domains.push(d);
         Ok(self.domains.last_mut().expect("just pushed"))
@@ -1372,6 +1436,44 @@ mod tests {
         assert!(base.join("999999998-0").is_dir(), "an unmarked directory was removed");
         assert!(outside.join("keep").is_file(), "the sweep followed a symlink");
         assert!(first.path().is_dir() && second.path().is_dir(), "a live run directory was swept");
+    }
+
+    #[test]
+    fn an_image_changed_after_the_catalog_check_is_refused_before_anything_starts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = tmp.path().join("storage-crypt");
+        std::fs::write(&image, b"the image the catalog verified").unwrap();
+        let digest = sha384_hex(b"the image the catalog verified");
+        // The provider replaces the file after the catalog check.
+        std::fs::write(&image, b"another image").unwrap();
+        let spec = DomainSpec { sha384: Some(digest), ..DomainSpec::new("storage-crypt-0", &image) };
+        let mut meta = MetaDomain::new().unwrap();
+        let measured = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let m = measured.clone();
+        meta.measure_with(move |_, _| {
+            m.store(true, Ordering::SeqCst);
+            Ok(())
+        });
+        let Err(e) = meta.start(&spec, Accel::Tcg, false, Duration::from_secs(1)) else {
+            panic!("an image changed after the catalog check was launched")
+        };
+        let e = e.to_string();
+        assert!(e.contains("changed after the catalog verified it"), "{e}");
+        assert!(!measured.load(Ordering::SeqCst), "a refused image was measured");
+    }
+
+    #[test]
+    fn a_pinned_image_keeps_its_bytes_and_cannot_be_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = tmp.path().join("img");
+        std::fs::write(&image, b"measured bytes").unwrap();
+        let (pin, bytes) = PinnedFile::read(&image).unwrap();
+        assert_eq!(bytes, b"measured bytes");
+        std::fs::write(&image, b"swapped").unwrap();
+        assert_eq!(std::fs::read(pin.qemu_path()).unwrap(), b"measured bytes", "the pinned copy followed the file");
+        let w = std::fs::OpenOptions::new().write(true).open(pin.qemu_path());
+        let written = w.and_then(|mut f| std::io::Write::write_all(&mut f, b"x"));
+        assert!(written.is_err(), "a sealed image took a write");
     }
 
     #[test]

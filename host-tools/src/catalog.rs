@@ -302,12 +302,21 @@ pub struct VerifiedImage {
 }
 
 impl VerifiedImage {
+    /// A spec that boots this image as domain `name`, bound to the digest
+    /// the catalog verified (the builder refuses other bytes at launch).
+    pub fn spec(&self, name: &str) -> crate::builder::DomainSpec {
+        crate::builder::DomainSpec {
+            sha384: Some(self.manifest.image.sha384.clone()),
+            ..crate::builder::DomainSpec::new(name, &self.path)
+        }
+    }
+
     /// A spec that boots this image on its own: the scratch disks and
     /// memory windows (16 MiB each, created in `scratch`) and link sockets
     /// its manifest declares.
     pub fn standalone_spec(&self, scratch: &Path) -> Result<crate::builder::DomainSpec> {
         let m = &self.manifest.image;
-        let mut spec = crate::builder::DomainSpec::new(&m.name, &self.path);
+        let mut spec = self.spec(&m.name);
         for i in 0..m.disks {
             let disk = scratch.join(format!("{}-{i}.img", m.name));
             std::fs::File::create(&disk)

@@ -523,7 +523,7 @@ pub(crate) fn start_disk_sds(
     let mut below: Option<PathBuf> = None;
     for k in (0..n).rev() {
         let name = d.sd_name(i, k);
-        let mut spec = DomainSpec::new(&name, &d.sds[k].path);
+        let mut spec = d.sds[k].spec(&name);
         match &below {
             None => spec.disks.push(d.volume.clone()),
             Some(s) => spec.links.push(LinkSpec::connect("down", s)),
@@ -720,15 +720,21 @@ pub fn up(
         true => Some(crate::chain_checkpoint::CommandSocket::bind(&plan.path)?),
         false => None,
     };
+    // The clients' kernel and initramfs are read once and pinned: what is
+    // measured is what every client's QEMU runs, whatever happens to the
+    // files meanwhile (`ssc up` may wait long for the tenant here).
+    let (kernel_pin, kernel_bytes) = crate::builder::PinnedFile::read(&plan.kernel)?;
+    let (initrd_pin, initrd_bytes) = crate::builder::PinnedFile::read(&initrd)?;
     let granted = match udom0.as_mut() {
         Some(u) => {
             for name in &names {
-                u.measure_client(name, &plan.kernel, &initrd, &plan.append)?;
+                u.measure_client(name, &kernel_bytes, &initrd_bytes, &plan.append)?;
             }
             Some(u.wait_for_launch(plan, &mut sds, commands.as_mut(), &mut provider)?)
         }
         None => None,
     };
+    drop((kernel_bytes, initrd_bytes));
     // Memory windows only with their grants (attested meta-domains): the
     // memory SDs the chain names need what its policy asks for them.
     if let Some(g) = &granted {
@@ -739,8 +745,8 @@ pub fn up(
     let shared_ram = plan.checkpoint.is_some() || plan.dedup.is_some() || plan.introspect.is_some();
     let mut clients = vec![];
     for name in &names {
-        let mut spec = DomainSpec::new(name, &plan.kernel);
-        spec.initrd = Some(initrd.clone());
+        let mut spec = DomainSpec::new(name, &kernel_pin.qemu_path());
+        spec.initrd = Some(initrd_pin.qemu_path());
         spec.mem_mib = plan.memory;
         spec.append = plan.append.clone();
         for (i, (s, d)) in sockets.iter().zip(&plan.disks).enumerate() {
@@ -768,6 +774,8 @@ pub fn up(
         let log = if echo { LogEcho::Stdout(format!("[{name}] ")) } else { LogEcho::Quiet };
         clients.push((Domain::launch(&spec, accel, &scratch, log)?, spec.memory_file));
     }
+    // Each client's QEMU holds its own copy of the descriptors.
+    drop((kernel_pin, initrd_pin));
     let mut session = match (&plan.checkpoint, &clients[0].1) {
         // One client (plan() refuses [checkpoint] with several), shared RAM.
         (Some(c), Some(memory)) => {

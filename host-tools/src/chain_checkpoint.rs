@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{Domain, DomainSpec, LinkSpec, MetaDomain, WindowSpec};
+use crate::builder::{Domain, LinkSpec, MetaDomain, WindowSpec};
 use crate::catalog::VerifiedImage;
 use crate::checkpoint::{self, SaveRequest, Stream};
 use crate::qemu::Accel;
@@ -167,7 +167,7 @@ pub fn start_sd(
     memory: &Path,
     memory_mib: u32,
 ) -> Result<Session> {
-    let mut spec = DomainSpec::new("checkpoint", &plan.image.path);
+    let mut spec = plan.image.spec("checkpoint");
     if let Some(d) = &plan.through {
         let socket = crate::chain::start_disk_sds(d, "checkpoint", sds, (accel, echo, false), scratch)?;
         spec.links.push(LinkSpec::connect("down", &socket));

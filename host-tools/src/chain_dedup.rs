@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{Domain, DomainSpec, MetaDomain, WindowSpec};
+use crate::builder::{Domain, MetaDomain, WindowSpec};
 use crate::catalog::VerifiedImage;
 use crate::checkpoint::ProgressFn;
 use crate::dedup::{self, Applied};
@@ -136,7 +136,7 @@ pub fn start_sd(
     (accel, echo): (Accel, bool),
     clients: &[(String, PathBuf)],
 ) -> Result<Session> {
-    let mut spec = DomainSpec::new("dedup", &plan.image.path);
+    let mut spec = plan.image.spec("dedup");
     for (_, m) in clients {
         spec.windows.push(WindowSpec { file: m.clone(), writable: false });
     }

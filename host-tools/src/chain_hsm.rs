@@ -33,7 +33,7 @@ use serde::Deserialize;
 use ssc_abi::Body;
 use ssc_abi::hsm::{AdminOp, AdminReply, AuditEntry, KeyInfo, KeyMaterial, Usage};
 
-use crate::builder::{ControlEvent, DomainSpec, LinkSpec, MetaDomain};
+use crate::builder::{ControlEvent, LinkSpec, MetaDomain};
 use crate::catalog::VerifiedImage;
 use crate::qemu::Accel;
 
@@ -198,7 +198,7 @@ pub fn start_sd(
     scratch: &Path,
 ) -> Result<(Session, PathBuf)> {
     let socket = scratch.join("domc.hsm");
-    let mut spec = DomainSpec::new("domc", &plan.image.path);
+    let mut spec = plan.image.spec("domc");
     spec.links.push(LinkSpec::listen("hsm", &socket));
     spec.append = format!("ssc.hsm.label={}", plan.label);
     sds.start(&spec, accel, echo, Duration::from_secs(60))?;

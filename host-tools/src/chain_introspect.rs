@@ -23,7 +23,7 @@ use sd_introspect::{Event, Owner, Profile};
 use serde::{Deserialize, Serialize};
 use ssc_abi::Body;
 
-use crate::builder::{ControlEvent, DomainSpec, MetaDomain, WindowSpec};
+use crate::builder::{ControlEvent, MetaDomain, WindowSpec};
 use crate::catalog::VerifiedImage;
 use crate::profile::SystemMap;
 use crate::qemu::Accel;
@@ -106,7 +106,7 @@ pub fn start_sd(
         ),
         None => None,
     };
-    let mut spec = DomainSpec::new("introspect", &plan.image.path);
+    let mut spec = plan.image.spec("introspect");
     spec.windows.push(WindowSpec { file: memory.to_path_buf(), writable: false });
     sds.start(&spec, accel, echo, Duration::from_secs(60))?;
     let sd = sds.domain(&spec.name).context("the introspection SD is gone")?;

@@ -105,6 +105,13 @@ fn sha384_file(p: &Path) -> Result<[u8; 48]> {
 
 /// The measurements of a client VM: kernel, initramfs, command line.
 pub fn client_launches(domain: &str, kernel: &Path, initrd: &Path, cmdline: &str) -> Result<Vec<(Launch, Vec<u8>)>> {
+    let kernel = std::fs::read(kernel).with_context(|| format!("measuring {}", kernel.display()))?;
+    let initrd = std::fs::read(initrd).with_context(|| format!("measuring {}", initrd.display()))?;
+    Ok(client_launches_of(domain, &kernel, &initrd, cmdline))
+}
+
+/// [`client_launches`] of bytes already read (the builder's pinned copies).
+pub fn client_launches_of(domain: &str, kernel: &[u8], initrd: &[u8], cmdline: &str) -> Vec<(Launch, Vec<u8>)> {
     let l = |part: &str| Launch {
         domain: domain.into(),
         role: "client".into(),
@@ -112,11 +119,7 @@ pub fn client_launches(domain: &str, kernel: &Path, initrd: &Path, cmdline: &str
         version: "tenant".into(),
         part: part.into(),
     };
-    Ok(vec![
-        (l("kernel"), std::fs::read(kernel).with_context(|| format!("measuring {}", kernel.display()))?),
-        (l("initrd"), std::fs::read(initrd).with_context(|| format!("measuring {}", initrd.display()))?),
-        (l("cmdline"), cmdline.as_bytes().to_vec()),
-    ])
+    vec![(l("kernel"), kernel.to_vec()), (l("initrd"), initrd.to_vec()), (l("cmdline"), cmdline.as_bytes().to_vec())]
 }
 
 /// The builder's side of Udom0 in a running chain.
@@ -169,7 +172,7 @@ pub fn start(
     let catalog: Vec<(PathBuf, catalog::ImageEntry)> =
         plan.catalog.iter().map(|v| (v.path.clone(), v.manifest.image.clone())).collect();
     let v = vtpm.clone();
-    let measure = move |spec: &DomainSpec| -> Result<()> {
+    let measure = move |spec: &DomainSpec, bytes: &[u8]| -> Result<()> {
         let role = if spec.name == DOMAIN { "udom0" } else { "sd" };
         let launch = match catalog.iter().find(|(p, _)| p == &spec.image) {
             Some((_, m)) => launch_of(&spec.name, role, m),
@@ -181,11 +184,11 @@ pub fn start(
                 part: "kernel".into(),
             },
         };
-        v.lock().unwrap().measure_file(launch, &spec.image)
+        v.lock().unwrap().measure(launch, bytes)
     };
     sds.measure_with(measure);
     let tls = scratch.join("udom0-tls.sock");
-    let mut spec = DomainSpec::new(DOMAIN, &plan.image.path);
+    let mut spec = plan.image.spec(DOMAIN);
     spec.links.push(LinkSpec::listen("tls", &tls));
     let keyed_sds: Vec<String> = chain.disks.iter().enumerate().map(|(i, d)| d.sd_name(&i.to_string(), 0)).collect();
     for sd in &keyed_sds {
@@ -273,10 +276,11 @@ impl Session {
         self.relay
     }
 
-    /// Measures a client VM before it starts.
-    pub fn measure_client(&self, domain: &str, kernel: &Path, initrd: &Path, cmdline: &str) -> Result<()> {
+    /// Measures a client VM before it starts, from the bytes it will run
+    /// (the builder's pinned copies of its kernel and initramfs).
+    pub fn measure_client(&self, domain: &str, kernel: &[u8], initrd: &[u8], cmdline: &str) -> Result<()> {
         let mut v = self.vtpm.lock().unwrap();
-        for (l, bytes) in client_launches(domain, kernel, initrd, cmdline)? {
+        for (l, bytes) in client_launches_of(domain, kernel, initrd, cmdline) {
             v.measure(l, &bytes)?;
         }
         Ok(())

@@ -148,3 +148,35 @@ fn a_panic_and_a_cpu_exception_exit_with_their_reasons_and_say_where() {
         assert!(d.log().iter().any(|l| l.contains(words)), "{mode}: the console does not say `{words}`: {:?}", d.log());
     }
 }
+
+#[test]
+fn an_image_swapped_between_measurement_and_launch_still_boots_what_was_measured() {
+    // The provider swaps the image file right after the builder measured
+    // it, before QEMU opens it (the builder used to hand QEMU the path).
+    // QEMU must run the measured bytes, whatever the file holds by then.
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("udom0-look-alike.elf");
+    std::fs::copy(image_path_for_swap(), &image).unwrap();
+    let measured = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (seen, swap) = (measured.clone(), image.clone());
+    let mut meta = MetaDomain::new().unwrap();
+    meta.measure_with(move |_spec, bytes| {
+        seen.lock().unwrap().extend_from_slice(bytes);
+        // The swap: a different file under the same name (not a PVH image).
+        std::fs::write(&swap, b"\x7fELF but not the image that was measured").unwrap();
+        Ok(())
+    });
+    let mut spec = DomainSpec::new("storage-crypt", &image);
+    spec.sha384 = None;
+    let d = meta.start(&spec, accel(), true, Duration::from_secs(60));
+    let d = d.unwrap_or_else(|e| panic!("QEMU did not run the measured image: {e:#}"));
+    assert!(d.log().iter().any(|l| l.contains("ssc: ready image=selftest")), "another image ran: {:?}", d.log());
+    assert_eq!(*measured.lock().unwrap(), std::fs::read(image_path_for_swap()).unwrap(), "the measured bytes");
+    assert!(std::fs::read(&image).unwrap().starts_with(b"\x7fELF but not"), "the swap did not happen");
+}
+
+/// The image the swap test measures (selftest: it needs no devices to
+/// become ready).
+fn image_path_for_swap() -> std::path::PathBuf {
+    selftest_image()
+}
