@@ -101,7 +101,10 @@ pub enum Body<'a> {
     /// deltas; `offset, length` u64 LE pairs) and write them into the
     /// client's memory window; the device state comes back in
     /// `DeviceState` frames before the `Ack`.
-    RestoreCheckpoint { streams: &'a [u8] },
+    /// `generations`: the generation each stream must be (u64 LE each),
+    /// from the tenant's record; a stream of another generation is refused
+    /// by name before a page is written.
+    RestoreCheckpoint { streams: &'a [u8], generations: &'a [u8] },
     /// SD → tenant side, tagged with the request it belongs to: how far a
     /// long operation (a checkpoint save or restore) has come, in bytes.
     Progress { done: u64, total: u64 },

@@ -254,7 +254,10 @@ pub fn restore(
     let start = Instant::now();
     let ctl = sd.control().context("the checkpoint SD has no control link")?;
     let list = pairs(streams);
-    let id = ctl.send(Body::RestoreCheckpoint { streams: &list })?;
+    // The generations the tenant's record names: the SD refuses a stream of
+    // any other before it writes a page.
+    let generations: Vec<u8> = streams.iter().flat_map(|s| s.generation.to_le_bytes()).collect();
+    let id = ctl.send(Body::RestoreCheckpoint { streams: &list, generations: &generations })?;
     let mut state = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {

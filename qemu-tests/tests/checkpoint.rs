@@ -194,6 +194,22 @@ fn a_linux_client_is_saved_destroyed_and_restored_and_carries_on_also_from_a_del
     ctl.request(ssc_abi::Body::CheckpointKey { client: &CLIENT, key: &[9; 32] }, Duration::from_secs(10)).unwrap();
     let e = checkpoint::restore(&c4, &mut sd2, dir, &[full.stream], &mut checkpoint::quiet).unwrap_err().to_string();
     assert!(e.contains("wrong key"), "{e}");
+    // 5. A stale checkpoint under a newer generation's name: the record says
+    //    the delta's generation is at the full checkpoint's place. Authentic
+    //    and consistent in itself, it is refused by name, nothing written.
+    sd2.shutdown(Duration::from_secs(10)).unwrap();
+    let mut sd3 = checkpoint_sd(&run4, &mem4, &disk, true);
+    let stale = checkpoint::Stream { generation: delta.stream.generation, ..full.stream };
+    let e = checkpoint::restore(&c4, &mut sd3, dir, &[stale], &mut checkpoint::quiet).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "given for generation {} is generation {}",
+            delta.stream.generation, full.stream.generation
+        )),
+        "{e}"
+    );
+    assert_eq!(c4.qmp(Duration::from_secs(5)).unwrap().status().unwrap(), "inmigrate");
+    assert!(allocated_kib(&mem4) < 1024, "a refused restore wrote into the client's memory");
 }
 
 /// Counts the client printed with its tmpfs file intact.

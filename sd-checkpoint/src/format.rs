@@ -57,6 +57,9 @@ pub enum CheckpointError {
     Mismatch(&'static str),
     /// Deltas do not chain: a delta's base is not the previous generation.
     BrokenChain { expected: u64, found: u64 },
+    /// A stream is another generation than the one asked for (a record
+    /// pointing a generation's name at another checkpoint).
+    WrongGeneration { asked: u64, found: u64 },
     /// The stream source or the guest memory failed.
     Io(&'static str),
 }
@@ -77,6 +80,10 @@ impl core::fmt::Display for CheckpointError {
             CheckpointError::BrokenChain { expected, found } => {
                 write!(f, "delta applies to generation {found}, but the chain is at generation {expected}")
             }
+            CheckpointError::WrongGeneration { asked, found } => write!(
+                f,
+                "the stream given for generation {asked} is generation {found}: the record points at another checkpoint"
+            ),
             CheckpointError::Io(what) => write!(f, "I/O error: {what}"),
         }
     }

@@ -49,6 +49,8 @@ pub struct Restorer<'k> {
     key: &'k [u8],
     client_id: [u8; 16],
     memory_size: u64,
+    /// The generation each stream must be, when the caller says.
+    expected: Option<&'k [u64]>,
 }
 
 /// One pass over a stream: `apply` None verifies only.
@@ -67,7 +69,14 @@ struct Walk<'m> {
 impl<'k> Restorer<'k> {
     /// For the client `client_id` whose memory is `memory_size` bytes.
     pub fn new(key: &'k [u8], client_id: [u8; 16], memory_size: u64) -> Self {
-        Restorer { key, client_id, memory_size }
+        Restorer { key, client_id, memory_size, expected: None }
+    }
+
+    /// Requires stream `i` to be generation `generations[i]` (and exactly
+    /// that many streams), checked from each header before anything is
+    /// verified further or written.
+    pub fn expecting(self, generations: &'k [u64]) -> Self {
+        Restorer { expected: Some(generations), ..self }
     }
 
     /// Reads and checks a stream's header against this client, the key and
@@ -109,8 +118,18 @@ impl<'k> Restorer<'k> {
     pub fn verify(&self, streams: &mut [&mut dyn Source]) -> Result<(Vec<Header>, PageHashes), CheckpointError> {
         let mut headers = vec![];
         let mut walk = Walk::new(None, false, self.memory_size);
-        for src in streams.iter_mut() {
+        if let Some(want) = self.expected
+            && want.len() != streams.len()
+        {
+            return Err(CheckpointError::Mismatch("the number of streams differs from the generations asked for"));
+        }
+        for (i, src) in streams.iter_mut().enumerate() {
             let h = self.header(&mut **src, headers.last().map(|h: &Header| h.generation))?;
+            if let Some(&asked) = self.expected.and_then(|w| w.get(i))
+                && h.generation != asked
+            {
+                return Err(CheckpointError::WrongGeneration { asked, found: h.generation });
+            }
             self.walk(&mut **src, &h, &mut walk)?;
             headers.push(h);
         }

@@ -45,6 +45,37 @@ fn restore(streams: &[&[u8]], size: usize) -> Result<(Vec<u8>, Restored), Checkp
 }
 
 #[test]
+fn a_stale_checkpoint_restored_under_a_newer_generations_name_is_refused() {
+    // The record says generation 2 is at gen 1's place (or lists gen 1's
+    // stream for gen 2): a consistent, authentic, older checkpoint. The SD
+    // must name the mismatch before writing a page.
+    let mut mem = memory(64, 3);
+    let (full, _, base) = save(&mem, 1, None, false);
+    mem[3 * PAGE] ^= 0xff;
+    let (delta, _, _) = save(&mem, 2, Some(&base), false);
+    let mut target = vec![0u8; mem.len()];
+    let restore_as = |streams: &[&[u8]], asked: &[u64], target: &mut Vec<u8>| {
+        let mut srcs: Vec<&[u8]> = streams.to_vec();
+        let mut refs: Vec<&mut dyn Source> = srcs.iter_mut().map(|s| s as &mut dyn Source).collect();
+        Restorer::new(&KEY, CLIENT, mem.len() as u64)
+            .expecting(asked)
+            .restore(&mut refs, target, true)
+            .map(|r| r.generation)
+    };
+    assert_eq!(
+        restore_as(&[&full], &[2], &mut target).unwrap_err(),
+        CheckpointError::WrongGeneration { asked: 2, found: 1 }
+    );
+    assert!(target.iter().all(|&b| b == 0), "a refused restore wrote pages");
+    assert!(matches!(restore_as(&[&full, &delta], &[1], &mut target), Err(CheckpointError::Mismatch(_))));
+    assert_eq!(
+        restore_as(&[&full, &delta], &[1, 3], &mut target).unwrap_err(),
+        CheckpointError::WrongGeneration { asked: 3, found: 2 }
+    );
+    assert_eq!(restore_as(&[&full, &delta], &[1, 2], &mut target), Ok(2));
+}
+
+#[test]
 fn full_and_delta_checkpoints_restore_exactly_with_and_without_lz4() {
     for compress in [false, true] {
         let mut mem = memory(300, 1);

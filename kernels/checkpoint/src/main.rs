@@ -239,12 +239,14 @@ fn main(mut boot: Boot) -> ImageResult {
                 }
                 Err(e) => Err(e),
             },
-            Body::RestoreCheckpoint { streams } => match job.as_mut() {
+            Body::RestoreCheckpoint { streams, generations } => match job.as_mut() {
                 None => Err((ErrorCode::Denied, "no CheckpointKey yet".into())),
-                Some(job) => restore(&disk, &mut window, job, streams, (&serial, &ctl, id)).and_then(|device_state| {
-                    send_state(&mut serial.borrow_mut(), &ctl, id, &device_state)
-                        .map_err(|e| (ErrorCode::Internal, alloc::format!("control link: {}", e.0)))
-                }),
+                Some(job) => restore(&disk, &mut window, job, (streams, generations), (&serial, &ctl, id)).and_then(
+                    |device_state| {
+                        send_state(&mut serial.borrow_mut(), &ctl, id, &device_state)
+                            .map_err(|e| (ErrorCode::Internal, alloc::format!("control link: {}", e.0)))
+                    },
+                ),
             },
             other => Err((ErrorCode::Unsupported, alloc::format!("{IMAGE} does not serve {other:?}"))),
         };
@@ -261,9 +263,10 @@ fn main(mut boot: Boot) -> ImageResult {
 fn refused(e: CheckpointError) -> (ErrorCode, alloc::string::String) {
     let code = match e {
         CheckpointError::Io(_) => ErrorCode::Internal,
-        CheckpointError::WrongKey | CheckpointError::Mismatch(_) | CheckpointError::BrokenChain { .. } => {
-            ErrorCode::Denied
-        }
+        CheckpointError::WrongKey
+        | CheckpointError::Mismatch(_)
+        | CheckpointError::BrokenChain { .. }
+        | CheckpointError::WrongGeneration { .. } => ErrorCode::Denied,
         _ => ErrorCode::Malformed,
     };
     (code, e.to_string())
@@ -435,9 +438,14 @@ fn restore(
     disk: &RefCell<Down>,
     window: &mut MemoryWindow,
     job: &mut Job,
-    streams: &[u8],
+    (streams, generations): (&[u8], &[u8]),
     (serial, ctl, id): (&Serial, &ControlLink, u64),
 ) -> Result<Vec<u8>, (ErrorCode, alloc::string::String)> {
+    if !generations.len().is_multiple_of(8) {
+        return Err((ErrorCode::Malformed, "generations are u64 values".into()));
+    }
+    let generations: Vec<u64> =
+        generations.chunks_exact(8).map(|g| u64::from_le_bytes(g.try_into().expect("8 bytes"))).collect();
     let start = Instant::now();
     // Every stream is read twice: the verify pass, then the write pass.
     let total = ssc_abi::pairs::decode(streams).map_or(0, |l| l.iter().map(|(_, len)| 2 * len).sum());
@@ -446,7 +454,10 @@ fn restore(
     let mut refs: Vec<&mut dyn Source> = srcs.iter_mut().map(|s| s as &mut dyn Source).collect();
     let size = window.len();
     // The builder restores onto a fresh (zero) memory file.
-    let r = Restorer::new(&job.key, job.client, size).restore(&mut refs, window, true).map_err(refused)?;
+    let r = Restorer::new(&job.key, job.client, size)
+        .expecting(&generations)
+        .restore(&mut refs, window, true)
+        .map_err(refused)?;
     info!(
         target: IMAGE,
         "restored generation {}: {} pages written, device state {} KiB, in {} ms",
