@@ -779,7 +779,9 @@ pub fn up(
     let mut session = match (&plan.checkpoint, &clients[0].1) {
         // One client (plan() refuses [checkpoint] with several), shared RAM.
         (Some(c), Some(memory)) => {
-            Some(crate::chain_checkpoint::start_sd(c, &mut sds, (accel, echo), scratch.path(), memory, plan.memory)?)
+            let restoring = restore.is_some();
+            let at = (memory.as_path(), plan.memory);
+            Some(crate::chain_checkpoint::start_sd(c, &mut sds, (accel, echo), scratch.path(), at, restoring)?)
         }
         _ => None,
     };

@@ -212,6 +212,17 @@ fn a_linux_client_is_saved_destroyed_and_restored_and_carries_on_also_from_a_del
     assert!(allocated_kib(&mem4) < 1024, "a refused restore wrote into the client's memory");
 }
 
+/// Whether the running checkpoint SD of `up` has a writable memory window
+/// (None: no checkpoint SD found), read off its QEMU command line.
+fn checkpoint_window(up: &Up) -> Option<bool> {
+    let run = format!("/{}-", up.pid());
+    let pid = *pids_with_args(&[&run, "checkpoint.qmp"]).first()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let window = args.iter().find(|a| a.starts_with("memory-backend-file") && a.contains("id=win"))?;
+    Some(!window.contains("readonly=on"))
+}
+
 /// Counts the client printed with its tmpfs file intact.
 fn counts(up: &Up) -> Vec<u64> {
     up.stdout()
@@ -224,7 +235,9 @@ fn counts(up: &Up) -> Vec<u64> {
 }
 
 fn wait_counts(up: &Up, n: usize) {
-    up.wait_until(&format!("the client counting to {n}"), |_| counts(up).len() >= n);
+    let what = format!("the client counting to {n} (ssc up said:\n{})", up.stderr());
+    up.wait_until(&what, |_| counts(up).len() >= n || up.stderr().contains("ssc: error"));
+    assert!(counts(up).len() >= n, "ssc up failed:\n{}", up.stderr());
 }
 
 /// A chain file in `dir` whose client counts with its tmpfs file, and the
@@ -266,18 +279,25 @@ fn ssc_checkpoint_save_and_ssc_up_restore_work_on_a_running_chain_and_refuse_a_s
     let r = run_ssc(&["checkpoint", "save", c], Duration::from_secs(30));
     assert!(r.code() == Some(1) && r.stderr().contains("is running"), "{}", r.all());
 
-    // Boot, save (full), stop.
+    // Boot, save (full), stop. A save-only session's checkpoint SD gets a
+    // read-only window: it cannot write the client's memory.
     let up = Up::start(dir, &["up", c, "--job", job.to_str().unwrap()], "up1");
     wait_counts(&up, 10);
+    assert_eq!(checkpoint_window(&up), Some(false), "a save-only checkpoint SD got a writable window");
     let r = run_ssc(&["checkpoint", "save", c], Duration::from_secs(300));
     assert!(r.code() == Some(0) && r.stdout().contains("saved generation 1 (full)"), "{}", r.all());
     assert!(r.stderr().contains("memory scanned: 100%"), "no progress shown: {}", r.all());
     let saved = *counts(&up).iter().max().unwrap();
     up.stop();
 
-    // Restore it: the client counts on from where it was saved.
+    // Restore it: the client counts on from where it was saved. The write
+    // grant was for the restore only: the SD saving afterwards is read-only.
     let up = Up::start(dir, &["up", c, "--restore", "latest"], "up2");
     wait_counts(&up, 3);
+    up.wait_until("the checkpoint SD restarted", |_| {
+        up.stderr().contains("checkpoint SD restarted with a read-only window")
+    });
+    assert_eq!(checkpoint_window(&up), Some(false), "the checkpoint SD kept its write grant after the restore");
     let first = counts(&up)[0];
     assert!(first > 10 && first <= saved + 2, "restored client began at {first}, saved around {saved}");
     let r = run_ssc(&["checkpoint", "save", c], Duration::from_secs(300));
