@@ -22,6 +22,9 @@ targets=(
   "sd-storage-crypt nbd_server"
   "sd-storage-crypt volume_header"
   "sd-storage-crypt auth_volume"
+  "sd-checkpoint checkpoint_stream"
+  "sd-hsm client_frames"
+  "udom0 attestation_parsers"
 )
 summary=()
 for t in "${targets[@]}"; do
