@@ -1330,13 +1330,6 @@ impl MetaDomain {
         Ok(self.domains.last_mut().expect("just pushed"))
     }
 
-    /// Takes the domain called `name` out of the meta-domain (to stop it
-    /// and start another in its place).
-    pub fn remove(&mut self, name: &str) -> Option<Domain> {
-        let i = self.domains.iter().position(|d| d.name == name)?;
-        Some(self.domains.remove(i))
-    }
-
     /// The domain called `name`.
     pub fn domain(&mut self, name: &str) -> Option<&mut Domain> {
         self.domains.iter_mut().find(|d| d.name == name)

@@ -155,37 +155,11 @@ pub struct Session {
     pub sd_name: String,
     /// The chain the running client descends from (empty after a fresh boot).
     pub lineage: Vec<u64>,
-    /// What it takes to start the SD again with a read-only window once a
-    /// restore is done.
-    relaunch: Relaunch,
-}
-
-/// The checkpoint SD's image, its `down` link (through a storage SD) or
-/// disk, the accelerator and whether its console is echoed.
-type Relaunch = (VerifiedImage, Option<PathBuf>, Option<PathBuf>, Accel, bool);
-
-/// Starts the checkpoint SD on the client's memory: read-only unless
-/// `writable` (a restore is the only thing that writes the client's memory).
-fn launch_sd(
-    (image, down, disk, accel, echo): &Relaunch,
-    sds: &mut MetaDomain,
-    memory: &Path,
-    writable: bool,
-    (client, key): (&[u8; 16], &[u8]),
-) -> Result<()> {
-    let mut spec = image.spec("checkpoint");
-    if let Some(socket) = down {
-        spec.links.push(LinkSpec::connect("down", socket));
-    }
-    spec.disks.extend(disk.clone());
-    spec.windows.push(WindowSpec { file: memory.to_path_buf(), writable });
-    let dom = sds.start(&spec, *accel, *echo, Duration::from_secs(60))?;
-    checkpoint::configure(dom, *client, key)
 }
 
 /// Starts the checkpoint SD beside the client (its window on `memory`,
-/// writable only for a `restore`), and first the storage SD it writes
-/// through, if the plan has one.
+/// writable only in a session that restores), and first the storage SD it
+/// writes through, if the plan has one.
 pub fn start_sd(
     plan: &CheckpointPlan,
     sds: &mut MetaDomain,
@@ -194,21 +168,28 @@ pub fn start_sd(
     (memory, memory_mib): (&Path, u32),
     restore: bool,
 ) -> Result<Session> {
-    let mut down = None;
+    let mut spec = plan.image.spec("checkpoint");
     if let Some(d) = &plan.through {
-        down = Some(crate::chain::start_disk_sds(d, "checkpoint", sds, (accel, echo, false), scratch)?);
+        let socket = crate::chain::start_disk_sds(d, "checkpoint", sds, (accel, echo, false), scratch)?;
+        spec.links.push(LinkSpec::connect("down", &socket));
     } else if !plan.disk.exists() {
         std::fs::File::create(&plan.disk)
             .and_then(|f| f.set_len((u64::from(memory_mib) * 8 + 64) << 20))
             .with_context(|| format!("creating checkpoint disk {}", plan.disk.display()))?;
         eprintln!("ssc up: created checkpoint disk {} (sparse)", plan.disk.display());
     }
-    let disk = plan.through.is_none().then(|| plan.disk.clone());
-    let relaunch = (plan.image.clone(), down, disk, accel, echo);
+    if plan.through.is_none() {
+        spec.disks.push(plan.disk.clone());
+    }
+    // Read-only unless this session restores: only a restore writes the
+    // client's memory, and a session that only saves never holds a write
+    // grant over it.
+    spec.windows.push(WindowSpec { file: memory.to_path_buf(), writable: restore });
+    let dom = sds.start(&spec, accel, echo, Duration::from_secs(60))?;
     // The client id is fixed by the first record written (now, if new).
     let record = Record::load(&plan.key_path)?;
     record.store(&plan.key_path)?;
-    launch_sd(&relaunch, sds, memory, restore, (&record.client()?, &plan.key))?;
+    checkpoint::configure(dom, record.client()?, &plan.key)?;
     Ok(Session {
         plan_disk: plan.disk.clone(),
         key: plan.key.clone(),
@@ -218,7 +199,6 @@ pub fn start_sd(
         memory_mib,
         sd_name: "checkpoint".into(),
         lineage: vec![],
-        relaunch,
     })
 }
 
@@ -235,15 +215,11 @@ impl Session {
         record.store(&self.key_path)?;
         self.lineage = streams.iter().map(|s| s.generation).collect();
         eprintln!("ssc up: restored generation {generation} in {:.1} s; the client runs on", took.as_secs_f64());
-        // The write grant was for the restore only: the SD that saves from
-        // now on gets a read-only window (it re-verifies its delta base from
-        // the disk).
-        if let Some(mut old) = sds.remove(&self.sd_name) {
-            let _ = old.shutdown(Duration::from_secs(30));
-        }
-        launch_sd(&self.relaunch, sds, &self.memory, false, (&record.client()?, &self.key))
-            .context("restarting the checkpoint SD with a read-only window")?;
-        eprintln!("ssc up: checkpoint SD restarted with a read-only window");
+        // The SD that restored keeps its writable window for the rest of
+        // the session: restarting it read-only would be a second measured
+        // launch of `checkpoint`, which the tenant's verifier (rightly)
+        // takes for a substitution, and would lose the page hashes that
+        // bind the next delta to the restored generation.
         Ok(())
     }
 
