@@ -1,8 +1,8 @@
 //! DomC's client link carries whatever any process in the client writes:
 //! arbitrary bytes through the frame decoder into a token with a PIN, keys
-//! and a logged-in application. Nothing may panic; no reply may carry a
-//! private key's bytes; no request without the application's login token
-//! may use a key.
+//! and a logged-in application (requests with an odd id carry its login
+//! token). Nothing may panic; no reply may carry a key's secret bytes; no
+//! request without the application's login token may use a key.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -30,7 +30,16 @@ fuzz_target!(|data: &[u8]| {
     let mut d = HsmDecoder::new();
     for chunk in data.chunks(split) {
         d.feed(chunk);
-        while let Some(p) = d.next_payload() {
+        while let Some(mut p) = d.next_payload() {
+            // Requests with an odd id speak for the logged-in application
+            // (the fuzzer cannot guess a random token): wrap, unwrap and
+            // every key operation are reached too.
+            if let Some(mut req) = ssc_abi::hsm::decode_payload::<Request>(&p)
+                && req.id & 1 == 1
+            {
+                req.token = token;
+                p = postcard::to_allocvec(&req).unwrap();
+            }
             let reply = h.client_frame(&p, 0);
             assert!(!reply.windows(AES.len()).any(|w| w == AES), "a key's secret in a reply");
             let asked = ssc_abi::hsm::decode_payload::<Request>(&p);
