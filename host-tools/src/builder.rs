@@ -357,11 +357,6 @@ impl PinnedFile {
     }
 }
 
-/// The hex SHA-384 of `bytes` (the catalog's digest form).
-fn sha384_hex(bytes: &[u8]) -> String {
-    crate::catalog::hex(ring::digest::digest(&ring::digest::SHA384, bytes).as_ref())
-}
-
 static RUN_DIRS: AtomicU64 = AtomicU64::new(0);
 /// The file that marks a directory as one [`RunDir::create_in`] made.
 const RUN_DIR_MARK: &str = ".ssc-run-dir";
@@ -1306,7 +1301,7 @@ impl MetaDomain {
         // The image is read once: checked, measured and run from one copy.
         let (pinned, bytes) = PinnedFile::read(&spec.image)?;
         if let Some(want) = &spec.sha384 {
-            let got = sha384_hex(&bytes);
+            let got = crate::catalog::sha384_hex(&bytes);
             if !got.eq_ignore_ascii_case(want) {
                 bail!(
                     "{}: the image {} changed after the catalog verified it (sha384 {}…, the manifest says {}…): \
@@ -1443,7 +1438,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let image = tmp.path().join("storage-crypt");
         std::fs::write(&image, b"the image the catalog verified").unwrap();
-        let digest = sha384_hex(b"the image the catalog verified");
+        let digest = crate::catalog::sha384_hex(b"the image the catalog verified");
         // The provider replaces the file after the catalog check.
         std::fs::write(&image, b"another image").unwrap();
         let spec = DomainSpec { sha384: Some(digest), ..DomainSpec::new("storage-crypt-0", &image) };

@@ -146,7 +146,12 @@ fn signed_bytes(entry: &ImageEntry) -> Vec<u8> {
 
 pub fn sha384_file(path: &Path) -> Result<String> {
     let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(hex(ring::digest::digest(&ring::digest::SHA384, &data).as_ref()))
+    Ok(sha384_hex(&data))
+}
+
+/// The hex SHA-384 of `bytes`, the form manifests carry.
+pub fn sha384_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA384, bytes).as_ref())
 }
 
 /// Creates a publisher key pair: PKCS#8 private key (mode 0600) and the hex

@@ -868,9 +868,9 @@ impl Running {
             // without the service they were promised: a disk that returns
             // EIO, a monitor that no longer watches. Stop them and fail.
             // (Ctrl-C reaches the SDs' QEMUs too: that is not a death.)
-            if let Some((name, died)) = (!crate::interrupted())
-                .then(|| self.sds.domains_mut().iter_mut().find_map(|d| d.exited().map(|e| (d.name.clone(), e))))
-                .flatten()
+            if !crate::interrupted()
+                && let Some((name, died)) =
+                    self.sds.domains_mut().iter_mut().find_map(|d| d.exited().map(|e| (d.name.clone(), e)))
             {
                 let clients: Vec<String> = self.clients.iter().map(|c| c.name.clone()).collect();
                 eprintln!("ssc up: {name} died ({died}); stopping the client(s) it serves: {}", clients.join(", "));

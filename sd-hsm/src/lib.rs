@@ -101,10 +101,13 @@ impl Pin {
     }
 
     fn matches(&self, pin: &[u8]) -> bool {
-        // Constant time: compare every byte.
-        let h = Self::hash(&self.salt, pin);
-        h.iter().zip(self.hash.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        ct_eq(&Self::hash(&self.salt, pin), &self.hash)
     }
+}
+
+/// Equal-length byte strings compared in constant time (every byte).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Counters for the image's log.
@@ -208,7 +211,7 @@ impl Hsm {
 
     /// Whether `token` is the logged-in application's (constant time).
     fn logged_in_as(&self, token: &[u8; 16]) -> bool {
-        self.logged_in.is_some_and(|t| t.iter().zip(token).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0)
+        self.logged_in.is_some_and(|t| ct_eq(&t, token))
     }
 
     /// Login, policy and rate limit.

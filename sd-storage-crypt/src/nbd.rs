@@ -242,9 +242,7 @@ impl ReplyQueue {
     fn held(&self) -> usize {
         self.len + self.sent
     }
-}
 
-impl ReplyQueue {
     /// A buffer at the back with room for `n` more bytes, shared with the
     /// replies before it when they are small.
     fn back(&mut self, n: usize) -> &mut Vec<u8> {
@@ -554,13 +552,13 @@ impl Server {
     }
 
     fn option_reply(&mut self, option: u32, kind: u32, data: &[u8]) {
-        let out = self.output.back(20 + data.len());
-        out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
-        out.extend_from_slice(&option.to_be_bytes());
-        out.extend_from_slice(&kind.to_be_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        out.extend_from_slice(data);
-        self.output.len += 20 + data.len();
+        let mut head = [0u8; 20];
+        head[..8].copy_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+        head[8..12].copy_from_slice(&option.to_be_bytes());
+        head[12..16].copy_from_slice(&kind.to_be_bytes());
+        head[16..].copy_from_slice(&(data.len() as u32).to_be_bytes());
+        self.output.push(&head);
+        self.output.push(data);
     }
 
     fn name_matches(&self, name: &[u8]) -> bool {
