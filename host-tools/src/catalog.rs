@@ -240,7 +240,10 @@ pub fn build(images_toml: &Path, bin_dir: &Path, version: &str, key: &Path, out:
             signature: Signature { publisher: hex(pair.public_key().as_ref()), ed25519: hex(sig.as_ref()) },
             image: entry,
         };
-        std::fs::write(out.join(format!("{}.toml", m.image.name)), toml::to_string_pretty(&m)?)?;
+        crate::durable::write_public(
+            &out.join(format!("{}.toml", m.image.name)),
+            toml::to_string_pretty(&m)?.as_bytes(),
+        )?;
         manifests.push(m);
     }
     Ok(manifests)

@@ -1115,14 +1115,6 @@ pub fn beside(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Replaces `path` with `bytes` atomically (a crash leaves the old or the
-/// new contents, never a mix).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = beside(path, ".tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
-}
-
 /// Where the tenant keeps an authenticated volume's latest generation:
 /// beside its key (`KEY.generation`).
 pub fn generation_file(key: &Path) -> PathBuf {
@@ -1143,9 +1135,10 @@ pub fn read_generation(key: &Path) -> Result<u64> {
     text.trim().parse().with_context(|| format!("{} does not hold a generation number", path.display()))
 }
 
-/// Records `generation` (atomically: a crash leaves the old or the new).
+/// Records `generation` ([`crate::durable`]: a crash leaves the old or
+/// the new, and a record reported written is on disk).
 pub fn write_generation(key: &Path, generation: u64) -> Result<()> {
-    write_atomic(&generation_file(key), format!("{generation}\n").as_bytes())
+    crate::durable::write(&generation_file(key), format!("{generation}\n").as_bytes())
 }
 
 /// `ssc volume create`: a volume file and a fresh 512-bit key (hex, mode

@@ -92,7 +92,7 @@ impl Record {
 
     /// Writes the record atomically (a crash leaves the old or the new).
     pub fn store(&self, key: &Path) -> Result<()> {
-        crate::chain::write_atomic(&Record::path(key), serde_json::to_string_pretty(self)?.as_bytes())
+        crate::durable::write(&Record::path(key), serde_json::to_string_pretty(self)?.as_bytes())
     }
 
     pub fn client(&self) -> Result<[u8; 16]> {

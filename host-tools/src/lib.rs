@@ -33,12 +33,14 @@ pub mod chain_udom0;
 pub mod checkpoint;
 pub mod dedup;
 pub mod doctor;
+pub mod durable;
 pub mod grants;
 pub mod luks;
 pub mod profile;
 pub mod provider;
 pub mod qemu;
 pub mod qmp;
+pub mod tpm_gate;
 pub mod vtpm;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -217,7 +217,7 @@ impl Quotas {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d)?;
         }
-        crate::chain::write_atomic(path, (serde_json::to_string_pretty(self)? + "\n").as_bytes())
+        crate::durable::write(path, (serde_json::to_string_pretty(self)? + "\n").as_bytes())
     }
 
     /// Refuses a meta-domain of `domains` domains and `memory_mib` MiB

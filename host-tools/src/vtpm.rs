@@ -3,7 +3,8 @@
 //! standing in for the host's hardware TPM, which holds the host's own
 //! measurements (builder, QEMU, the catalog key it trusts) and vouches for
 //! each vTPM's attestation key in its quotes. All TPM commands go through
-//! `tss-esapi` (the system's `libtss2`, TCTI `swtpm` on loopback TCP).
+//! `tss-esapi` (the system's `libtss2`, TCTI `swtpm`); swtpm listens on
+//! unix sockets of mode 0600 only, reached through [`crate::tpm_gate`].
 //!
 //! * **Provisioning**: `swtpm_setup` manufactures each TPM (SHA-256 and
 //!   SHA-384 PCR banks, an EK with its certificate from swtpm's local CA,
@@ -20,7 +21,6 @@
 //! swtpm runs under `setpriv --pdeathsig KILL`, so it dies with the builder.
 
 use std::io::Read;
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
@@ -40,6 +40,8 @@ use tss_esapi::structures::{
 use tss_esapi::tcti_ldr::{NetworkTPMConfig, TctiNameConf};
 use tss_esapi::traits::Marshall;
 use udom0::eventlog::{EventLogWriter, Launch};
+
+use crate::tpm_gate::Gate;
 
 /// Where the host TPM's persistent state lives: `$SSC_HOST_TPM_DIR`, else
 /// `/var/lib/ssc/host-tpm` for root, else `~/.local/state/ssc/host-tpm`.
@@ -66,8 +68,8 @@ fn need_tool(tool: &str, package: &str) -> Result<()> {
 /// whose keys live in `ca_dir`.
 pub fn manufacture(state: &Path, ca_dir: &Path) -> Result<()> {
     need_tool("swtpm_setup", "swtpm-tools")?;
-    std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
-    std::fs::create_dir_all(ca_dir).with_context(|| format!("creating {}", ca_dir.display()))?;
+    private_dir(state)?;
+    private_dir(ca_dir)?;
     let ca = ca_dir.display();
     let localca = ca_dir.join("swtpm-localca.conf");
     std::fs::write(
@@ -105,79 +107,87 @@ pub fn manufacture(state: &Path, ca_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A running swtpm.
+/// A running swtpm, listening on two unix sockets of mode 0600 in its
+/// state directory and reached through a [`Gate`] that serves only this
+/// process.
 pub struct Swtpm {
     child: Child,
-    port: u16,
+    gate: Gate,
     log: PathBuf,
 }
 
 impl Swtpm {
-    /// Starts swtpm on `state` (already manufactured), listening on two
-    /// free loopback ports (TPM and control, as the swtpm TCTI expects).
+    /// Starts swtpm on `state` (already manufactured). Its TPM and control
+    /// sockets are `state/swtpm.sock` and `state/swtpm-ctrl.sock`, mode
+    /// 0600; `state` itself is made 0700. No TCP port of swtpm's exists.
     ///
     /// swtpm dies with the *thread* that started it (`setpriv --pdeathsig`
     /// follows the parent thread): start TPMs from a thread that outlives
     /// them, not from a short-lived worker.
     pub fn start(state: &Path) -> Result<Swtpm> {
         need_tool("swtpm", "swtpm")?;
+        private_dir(state)?;
         let log = state.join("swtpm.log");
-        let mut last = String::new();
-        for _ in 0..8 {
-            let port = free_port_pair()?;
-            let mut child = Command::new("setpriv")
-                .args(["--pdeathsig", "KILL", "--", "swtpm", "socket", "--tpm2", "--tpmstate"])
-                .arg(format!("dir={}", state.display()))
-                .arg("--server")
-                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-                .arg("--ctrl")
-                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-                .arg("--flags")
-                .arg("not-need-init,startup-clear")
-                .arg("--log")
-                .arg(format!("file={},level=1", log.display()))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting swtpm")?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Some(status) = child.try_wait()? {
-                    let mut err = String::new();
-                    if let Some(mut e) = child.stderr.take() {
-                        let _ = e.read_to_string(&mut err);
-                    }
-                    last = format!("swtpm exited ({status}): {}", err.trim());
-                    break;
+        let (server, ctrl) = (state.join("swtpm.sock"), state.join("swtpm-ctrl.sock"));
+        for s in [&server, &ctrl] {
+            match std::fs::remove_file(s) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing a stale {}", s.display()));
                 }
-                if std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
-                    if listens(child.id(), port) {
-                        return Ok(Swtpm { child, port, log });
-                    }
-                    // Another process took the port between our probe and
-                    // swtpm's bind: ours cannot have it. Try other ports.
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last = format!("port {port} was taken by another process");
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    bail!("swtpm on {} did not listen within 10 s (log: {})", state.display(), log.display());
-                }
-                std::thread::sleep(Duration::from_millis(20));
+                _ => {}
             }
         }
-        Err(anyhow!("could not start swtpm on {}: {last}", state.display()))
+        let mut child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", "swtpm", "socket", "--tpm2", "--tpmstate"])
+            .arg(format!("dir={}", state.display()))
+            .arg("--server")
+            .arg(format!("type=unixio,path={},mode=0600", server.display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={},mode=0600", ctrl.display()))
+            .arg("--flags")
+            .arg("not-need-init,startup-clear")
+            .arg("--log")
+            .arg(format!("file={},level=1", log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting swtpm")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(server.exists() && ctrl.exists()) {
+            if let Some(status) = child.try_wait()? {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                bail!("could not start swtpm on {}: swtpm exited ({status}): {}", state.display(), err.trim());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("swtpm on {} did not listen within 10 s (log: {})", state.display(), log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let gate = match Gate::open(&server, &ctrl) {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        Ok(Swtpm { child, gate, log })
     }
 
     /// A tss-esapi context on this TPM.
     pub fn context(&self) -> Result<tss_esapi::Context> {
-        let conf = NetworkTPMConfig::from_str(&format!("host=127.0.0.1,port={}", self.port))
+        let port = self.gate.port();
+        let conf = NetworkTPMConfig::from_str(&format!("host=127.0.0.1,port={port}"))
             .map_err(|e| anyhow!("swtpm TCTI configuration: {e}"))?;
-        tss_esapi::Context::new(TctiNameConf::Swtpm(conf))
-            .with_context(|| format!("connecting to swtpm on 127.0.0.1:{} (log: {})", self.port, self.log.display()))
+        tss_esapi::Context::new(TctiNameConf::Swtpm(conf)).with_context(|| {
+            format!("connecting to swtpm through the gate on port {port} (log: {})", self.log.display())
+        })
     }
 }
 
@@ -188,37 +198,13 @@ impl Drop for Swtpm {
     }
 }
 
-/// Whether process `pid` holds the listening socket on 127.0.0.1:`port`
-/// (`/proc/net/tcp` names the socket's inode, `/proc/PID/fd` its owner).
-/// A free port found by probing can be taken by someone else before swtpm
-/// binds it; then a connection succeeds, to the wrong TPM.
-fn listens(pid: u32, port: u16) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return true };
-    let local = format!("0100007F:{port:04X}");
-    let inodes: Vec<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            // Field 3 is the state: 0A is LISTEN; field 9 the inode.
-            (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A")).then(|| f.get(9).map(|i| i.to_string()))?
-        })
-        .map(|i| format!("socket:[{i}]"))
-        .collect();
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
-    fds.flatten()
-        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str())))
-}
-
-fn free_port_pair() -> Result<u16> {
-    for _ in 0..64 {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-        let p = l.local_addr()?.port();
-        if p < 65535 && TcpListener::bind((Ipv4Addr::LOCALHOST, p + 1)).is_ok() {
-            return Ok(p);
-        }
-    }
-    bail!("no two adjacent free loopback ports for swtpm")
+/// Creates `dir` if needed and makes it 0700: a TPM's state and sockets
+/// are the builder's alone.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private", dir.display()))
 }
 
 /// A TPM with its attestation key loaded.
@@ -409,7 +395,7 @@ impl HostTpm {
     /// `base` is the persistent state directory ([`host_state_dir`]).
     pub fn start(base: &Path, run_dir: &Path) -> Result<Tpm> {
         let state = base.join("tpm");
-        std::fs::create_dir_all(base).with_context(|| format!("creating the host TPM directory {}", base.display()))?;
+        private_dir(base).context("the host TPM directory")?;
         let lock = std::fs::File::create(base.join(".lock"))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
         if !state.join("tpm2-00.permall").is_file() {
@@ -417,7 +403,7 @@ impl HostTpm {
             manufacture(&state, &base.join("localca"))?;
         }
         let copy = run_dir.join("host-tpm");
-        std::fs::create_dir_all(&copy)?;
+        private_dir(&copy)?;
         std::fs::copy(state.join("tpm2-00.permall"), copy.join("tpm2-00.permall"))
             .with_context(|| format!("copying the host TPM state from {}", state.display()))?;
         drop(lock);

@@ -21,12 +21,13 @@ fn expected(l: &Launch, bytes: &[u8]) -> ExpectedLaunch {
     ExpectedLaunch { launch: l.clone(), sha384 }
 }
 
+// Fields drop in order: the TPMs before their directory.
 struct World {
-    dir: tempfile::TempDir,
     host: HostTpm,
     vtpm: Vtpm,
     profile: HostProfile,
     keys: Vec<String>,
+    dir: tempfile::TempDir,
 }
 
 fn world() -> World {
@@ -38,7 +39,7 @@ fn world() -> World {
     let (profile, _) = host_profile(&base, &run.join("profile"), &keys).unwrap();
     let host = HostTpm::boot(&base, &run, &keys).unwrap();
     let vtpm = Vtpm::create(&base, &run.join("vtpm")).unwrap();
-    World { dir, host, vtpm, profile, keys }
+    World { host, vtpm, profile, keys, dir }
 }
 
 fn binding(nonce: u8) -> Binding {
@@ -169,4 +170,94 @@ fn a_broken_host_tpm_state_is_refused_by_name() {
     let e = HostTpm::start(&base, &dir.path().join("run")).err().expect("a corrupt state must not start");
     let e = format!("{e:#}");
     assert!(e.contains("swtpm"), "{e}");
+}
+
+/// Runs `args` as `nobody`, another local user than the builder's.
+fn as_nobody(args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// TCP sockets that process `pid` listens on (IPv4 and IPv6).
+fn tcp_listeners_of(pid: u32) -> Vec<String> {
+    let ours: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+        .collect();
+    let mut found = vec![];
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for l in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.get(3) == Some(&"0A") && f.get(9).is_some_and(|i| ours.iter().any(|o| o == i)) {
+                found.push(format!("{table} {}", f[1]));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn another_local_user_cannot_save_or_reset_the_host_tpm() {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(rustix::process::geteuid().is_root(), "this attack test switches to `nobody`: run it as root");
+    let dir = tempfile::tempdir().unwrap();
+    // Only the builder's own directories may keep the attacker out.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let base = dir.path().join("host-state");
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let keys = vec!["ab".repeat(32)];
+    let mut host = HostTpm::boot(&base, &run, &keys).unwrap();
+    let before = host.quote(&[7u8; 32]).unwrap().pcrs;
+
+    // swtpm itself listens on no TCP port at all.
+    let swtpm = &host.tpm.swtpm;
+    assert_eq!(tcp_listeners_of(swtpm.child.id()), Vec::<String>::new(), "swtpm listens on TCP");
+
+    let port = swtpm.gate.port();
+    let ctrl_port = format!("127.0.0.1:{}", port + 1);
+    let stolen = std::env::temp_dir().join(format!("ssc-stolen-tpm-{}", std::process::id()));
+    let _ = std::fs::remove_file(&stolen);
+    let state = run.join("host-tpm");
+    let (stolen_s, tcti) = (stolen.display().to_string(), format!("swtpm:host=127.0.0.1,port={port}"));
+    let path = |p: PathBuf| p.display().to_string();
+    let attacks: Vec<(&str, Vec<String>)> = [
+        (
+            "save the permanent state through the control port",
+            vec!["swtpm_ioctl", "--tcp", &ctrl_port, "--save", "permanent", &stolen_s],
+        ),
+        ("reset the TPM (and its PCRs) through the control port", vec!["swtpm_ioctl", "--tcp", &ctrl_port, "-i"]),
+        ("read PCRs through the TPM port", vec!["tpm2_pcrread", "-T", &tcti, "sha256:8"]),
+        (
+            "save the permanent state through the unix control socket",
+            vec!["swtpm_ioctl", "--unix", &path(state.join("swtpm-ctrl.sock")), "--save", "permanent", &stolen_s],
+        ),
+        ("copy the persistent state", vec!["cat", &path(base.join("tpm/tpm2-00.permall"))]),
+        ("copy the run's state", vec!["cat", &path(state.join("tpm2-00.permall"))]),
+        ("read the local CA's key", vec!["cat", &path(base.join("localca/signkey.pem"))]),
+    ]
+    .into_iter()
+    .map(|(what, args)| (what, args.into_iter().map(String::from).collect()))
+    .collect();
+    for (what, args) in &attacks {
+        let out = as_nobody(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            !out.status.success() && out.stdout.len() < 64,
+            "`nobody` could {what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(std::fs::metadata(&stolen).map(|m| m.len() == 0).unwrap_or(true), "the TPM state reached {stolen:?}");
+    let _ = std::fs::remove_file(&stolen);
+    assert!(host.tpm.swtpm.gate.refused() >= 3, "the gate saw the TCP attempts");
+
+    // The builder's own TPM is untouched and still serves it.
+    assert_eq!(host.quote(&[7u8; 32]).unwrap().pcrs, before, "the host PCRs changed under the attack");
 }
