@@ -27,7 +27,7 @@
 //! raw pointers. Each is checked for NULL and read or written through the
 //! small helpers at the top, whose `// SAFETY:` comments state what the
 //! PKCS#11 contract guarantees.
-#![allow(non_snake_case, clippy::missing_safety_doc)]
+#![allow(non_snake_case)]
 
 pub mod transport;
 mod unsupported;
@@ -44,6 +44,10 @@ use crate::transport::{Failure, Transport};
 // Raw-pointer helpers: the only unsafe code besides the entry points.
 
 /// The bytes at `p` (empty for NULL or zero length).
+///
+/// # Safety
+///
+/// `p` is NULL or valid for reading `len` bytes for the lifetime `'a`.
 unsafe fn bytes<'a>(p: *const u8, len: CK_ULONG) -> &'a [u8] {
     if p.is_null() || len == 0 {
         return &[];
@@ -53,6 +57,11 @@ unsafe fn bytes<'a>(p: *const u8, len: CK_ULONG) -> &'a [u8] {
 }
 
 /// The attribute array of a template.
+///
+/// # Safety
+///
+/// `p` is NULL or valid for reading and writing `n` attributes for `'a`,
+/// and nothing else refers to them meanwhile.
 unsafe fn template<'a>(p: CK_ATTRIBUTE_PTR, n: CK_ULONG) -> &'a mut [CK_ATTRIBUTE] {
     if p.is_null() || n == 0 {
         return &mut [];
@@ -63,6 +72,10 @@ unsafe fn template<'a>(p: CK_ATTRIBUTE_PTR, n: CK_ULONG) -> &'a mut [CK_ATTRIBUT
 }
 
 /// Stores `v` at `p` (CKR_ARGUMENTS_BAD for NULL).
+///
+/// # Safety
+///
+/// `p` is NULL or valid for writing one `T`.
 unsafe fn put<T>(p: *mut T, v: T) -> CK_RV {
     if p.is_null() {
         return CKR_ARGUMENTS_BAD;
@@ -74,6 +87,11 @@ unsafe fn put<T>(p: *mut T, v: T) -> CK_RV {
 
 /// The PKCS#11 output convention: NULL `out` asks for the length; a short
 /// buffer gets CKR_BUFFER_TOO_SMALL and the length.
+///
+/// # Safety
+///
+/// `out_len` is NULL or valid for one `CK_ULONG`; `out` is NULL or valid
+/// for writing `*out_len` bytes.
 unsafe fn output(data: &[u8], out: *mut u8, out_len: *mut CK_ULONG) -> CK_RV {
     if out_len.is_null() {
         return CKR_ARGUMENTS_BAD;
@@ -436,12 +454,21 @@ static mut FUNCTIONS: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
 };
 
 /// The module's one exported symbol that applications look up.
+///
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn C_GetFunctionList(list: CK_FUNCTION_LIST_PTR_PTR) -> CK_RV {
     // SAFETY: FUNCTIONS is never written; callers only read through it.
     unsafe { put(list, &raw mut FUNCTIONS) }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_Initialize(_args: CK_VOID_PTR) -> CK_RV {
     // Threads: the module uses its own locks (std::sync), which is what
     // CKF_OS_LOCKING_OK allows and what a NULL argument asks for.
@@ -491,6 +518,10 @@ unsafe extern "C" fn C_Initialize(_args: CK_VOID_PTR) -> CK_RV {
     CKR_OK
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_Finalize(_reserved: CK_VOID_PTR) -> CK_RV {
     let Ok(mut g) = STATE.lock() else { return CKR_GENERAL_ERROR };
     match g.take() {
@@ -504,6 +535,10 @@ unsafe extern "C" fn C_Finalize(_reserved: CK_VOID_PTR) -> CK_RV {
     }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_GetInfo(info: CK_INFO_PTR) -> CK_RV {
     if with(|_| Ok(())).is_err() {
         return CKR_CRYPTOKI_NOT_INITIALIZED;
@@ -519,6 +554,10 @@ unsafe extern "C" fn C_GetInfo(info: CK_INFO_PTR) -> CK_RV {
     unsafe { put(info, i) }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_GetSlotList(_present: CK_BBOOL, list: CK_SLOT_ID_PTR, count: CK_ULONG_PTR) -> CK_RV {
     if with(|_| Ok(())).is_err() {
         return CKR_CRYPTOKI_NOT_INITIALIZED;
@@ -540,6 +579,10 @@ unsafe extern "C" fn C_GetSlotList(_present: CK_BBOOL, list: CK_SLOT_ID_PTR, cou
     unsafe { put(list, SLOT) }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_GetSlotInfo(slot: CK_SLOT_ID, info: CK_SLOT_INFO_PTR) -> CK_RV {
     if slot != SLOT {
         return CKR_SLOT_ID_INVALID;
@@ -558,6 +601,10 @@ unsafe extern "C" fn C_GetSlotInfo(slot: CK_SLOT_ID, info: CK_SLOT_INFO_PTR) -> 
     unsafe { put(info, i) }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_GetTokenInfo(slot: CK_SLOT_ID, info: CK_TOKEN_INFO_PTR) -> CK_RV {
     if slot != SLOT {
         return CKR_SLOT_ID_INVALID;
@@ -623,6 +670,10 @@ const MECHANISMS: &[(CK_MECHANISM_TYPE, CK_ULONG, CK_ULONG, CK_FLAGS)] = &[
     (CKM_AES_GCM, 32, 32, CKF_ENCRYPT | CKF_DECRYPT),
 ];
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_GetMechanismList(slot: CK_SLOT_ID, list: CK_MECHANISM_TYPE_PTR, count: CK_ULONG_PTR) -> CK_RV {
     if slot != SLOT {
         return CKR_SLOT_ID_INVALID;
@@ -647,6 +698,10 @@ unsafe extern "C" fn C_GetMechanismList(slot: CK_SLOT_ID, list: CK_MECHANISM_TYP
     CKR_OK
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_GetMechanismInfo(slot: CK_SLOT_ID, ty: CK_MECHANISM_TYPE, info: CK_MECHANISM_INFO_PTR) -> CK_RV {
     if slot != SLOT {
         return CKR_SLOT_ID_INVALID;
@@ -658,6 +713,10 @@ unsafe extern "C" fn C_GetMechanismInfo(slot: CK_SLOT_ID, ty: CK_MECHANISM_TYPE,
     }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_OpenSession(
     slot: CK_SLOT_ID,
     flags: CK_FLAGS,
@@ -684,6 +743,10 @@ unsafe extern "C" fn C_OpenSession(
     }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_CloseSession(h: CK_SESSION_HANDLE) -> CK_RV {
     rv(with(|s| {
         s.sessions.remove(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
@@ -694,6 +757,10 @@ unsafe extern "C" fn C_CloseSession(h: CK_SESSION_HANDLE) -> CK_RV {
     }))
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_CloseAllSessions(slot: CK_SLOT_ID) -> CK_RV {
     if slot != SLOT {
         return CKR_SLOT_ID_INVALID;
@@ -705,6 +772,10 @@ unsafe extern "C" fn C_CloseAllSessions(slot: CK_SLOT_ID) -> CK_RV {
     }))
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_GetSessionInfo(h: CK_SESSION_HANDLE, info: CK_SESSION_INFO_PTR) -> CK_RV {
     let r = with(|s| {
         let sess = s.sessions.get(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
@@ -724,6 +795,10 @@ unsafe extern "C" fn C_GetSessionInfo(h: CK_SESSION_HANDLE, info: CK_SESSION_INF
     }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_Login(h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: CK_UTF8CHAR_PTR, len: CK_ULONG) -> CK_RV {
     if user != CKU_USER {
         // The security officer is the tenant, on the control link.
@@ -760,6 +835,10 @@ unsafe extern "C" fn C_Login(h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: CK_U
     rv(r)
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_Logout(h: CK_SESSION_HANDLE) -> CK_RV {
     let r = with(|s| match (s.sessions.contains_key(&h), s.logged_in) {
         (false, _) => Err(CKR_SESSION_HANDLE_INVALID),
@@ -777,12 +856,20 @@ unsafe extern "C" fn C_Logout(h: CK_SESSION_HANDLE) -> CK_RV {
     rv(r)
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_DestroyObject(h: CK_SESSION_HANDLE, obj: CK_OBJECT_HANDLE) -> CK_RV {
     let r = with_session(h, |_, s| object(s, obj).ok_or(CKR_OBJECT_HANDLE_INVALID).map(|(k, _)| k.handle));
     let r = r.and_then(|key| call(h, Op::Destroy { key })).and_then(|_| refresh_keys(h));
     rv(r)
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_GetAttributeValue(
     h: CK_SESSION_HANDLE,
     obj: CK_OBJECT_HANDLE,
@@ -824,6 +911,11 @@ unsafe extern "C" fn C_GetAttributeValue(
 }
 
 /// A template's attributes as owned (type, value) pairs.
+///
+/// # Safety
+///
+/// Pointer arguments as for the entry points: NULL or valid for the
+/// length passed with them.
 unsafe fn owned_template(tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG) -> Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> {
     // SAFETY: the caller's template; each value holds ulValueLen bytes.
     unsafe { template(tmpl, n) }
@@ -833,6 +925,10 @@ unsafe fn owned_template(tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG) -> Vec<(CK_ATTRIBU
         .collect()
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_FindObjectsInit(h: CK_SESSION_HANDLE, tmpl: CK_ATTRIBUTE_PTR, n: CK_ULONG) -> CK_RV {
     // SAFETY: the caller's template.
     let want = unsafe { owned_template(tmpl, n) };
@@ -865,6 +961,10 @@ unsafe extern "C" fn C_FindObjectsInit(h: CK_SESSION_HANDLE, tmpl: CK_ATTRIBUTE_
     }))
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_FindObjects(
     h: CK_SESSION_HANDLE,
     out: CK_OBJECT_HANDLE_PTR,
@@ -892,6 +992,10 @@ unsafe extern "C" fn C_FindObjects(
     }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_FindObjectsFinal(h: CK_SESSION_HANDLE) -> CK_RV {
     rv(with_session(h, |sess, _| sess.found.take().map(|_| ()).ok_or(CKR_OPERATION_NOT_INITIALIZED)))
 }
@@ -906,6 +1010,11 @@ fn hash_of(mech: CK_MECHANISM_TYPE) -> Option<Hash> {
 }
 
 /// The mechanism a `CK_MECHANISM` names, its parameters checked.
+///
+/// # Safety
+///
+/// Pointer arguments as for the entry points: NULL or valid for the
+/// length passed with them.
 unsafe fn sign_mech(m: CK_MECHANISM_PTR) -> Result<SignMech, CK_RV> {
     if m.is_null() {
         return Err(CKR_ARGUMENTS_BAD);
@@ -961,6 +1070,11 @@ fn sig_len(k: &KeyInfo) -> usize {
 }
 
 /// C_SignInit and C_VerifyInit.
+///
+/// # Safety
+///
+/// Pointer arguments as for the entry points: NULL or valid for the
+/// length passed with them.
 unsafe fn sign_init(h: CK_SESSION_HANDLE, m: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE, verify: bool) -> CK_RV {
     // SAFETY: the caller's mechanism.
     let mech = match unsafe { sign_mech(m) } {
@@ -981,11 +1095,19 @@ unsafe fn sign_init(h: CK_SESSION_HANDLE, m: CK_MECHANISM_PTR, key: CK_OBJECT_HA
     }))
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_SignInit(h: CK_SESSION_HANDLE, m: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) -> CK_RV {
     // SAFETY: forwarded caller pointers.
     unsafe { sign_init(h, m, key, false) }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_VerifyInit(h: CK_SESSION_HANDLE, m: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) -> CK_RV {
     // SAFETY: forwarded caller pointers.
     unsafe { sign_init(h, m, key, true) }
@@ -993,6 +1115,11 @@ unsafe extern "C" fn C_VerifyInit(h: CK_SESSION_HANDLE, m: CK_MECHANISM_PTR, key
 
 /// Finishes a signature: length query, or the RPC. `extra` is the data of
 /// a single-part C_Sign.
+///
+/// # Safety
+///
+/// Pointer arguments as for the entry points: NULL or valid for the
+/// length passed with them.
 unsafe fn sign_finish(h: CK_SESSION_HANDLE, extra: &[u8], sig: *mut u8, sig_len: CK_ULONG_PTR) -> CK_RV {
     let op = with_session(h, |sess, _| sess.sign.clone().ok_or(CKR_OPERATION_NOT_INITIALIZED));
     let op = match op {
@@ -1026,6 +1153,10 @@ unsafe fn sign_finish(h: CK_SESSION_HANDLE, extra: &[u8], sig: *mut u8, sig_len:
     }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_Sign(
     h: CK_SESSION_HANDLE,
     data: CK_BYTE_PTR,
@@ -1037,6 +1168,10 @@ unsafe extern "C" fn C_Sign(
     unsafe { sign_finish(h, bytes(data, len), sig, sig_len) }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_SignUpdate(h: CK_SESSION_HANDLE, part: CK_BYTE_PTR, len: CK_ULONG) -> CK_RV {
     // SAFETY: the caller's data.
     let part = unsafe { bytes(part, len) };
@@ -1051,6 +1186,10 @@ unsafe extern "C" fn C_SignUpdate(h: CK_SESSION_HANDLE, part: CK_BYTE_PTR, len: 
     }))
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_SignFinal(h: CK_SESSION_HANDLE, sig: CK_BYTE_PTR, sig_len: CK_ULONG_PTR) -> CK_RV {
     // SAFETY: the caller's output buffers.
     unsafe { sign_finish(h, &[], sig, sig_len) }
@@ -1070,6 +1209,10 @@ fn verify_finish(h: CK_SESSION_HANDLE, extra: &[u8], signature: &[u8]) -> CK_RV 
     rv(call(h, Op::Verify { key: op.key, mech: op.mech, data, signature: signature.to_vec() }).map(|_| ()))
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_Verify(
     h: CK_SESSION_HANDLE,
     data: CK_BYTE_PTR,
@@ -1081,6 +1224,10 @@ unsafe extern "C" fn C_Verify(
     unsafe { verify_finish(h, bytes(data, len), bytes(sig, sig_len)) }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_VerifyUpdate(h: CK_SESSION_HANDLE, part: CK_BYTE_PTR, len: CK_ULONG) -> CK_RV {
     // SAFETY: the caller's data.
     let part = unsafe { bytes(part, len) };
@@ -1091,12 +1238,21 @@ unsafe extern "C" fn C_VerifyUpdate(h: CK_SESSION_HANDLE, part: CK_BYTE_PTR, len
     }))
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_VerifyFinal(h: CK_SESSION_HANDLE, sig: CK_BYTE_PTR, sig_len: CK_ULONG) -> CK_RV {
     // SAFETY: the caller's buffer.
     verify_finish(h, &[], unsafe { bytes(sig, sig_len) })
 }
 
 /// C_EncryptInit and C_DecryptInit: AES-GCM with a 128-bit tag.
+///
+/// # Safety
+///
+/// Pointer arguments as for the entry points: NULL or valid for the
+/// length passed with them.
 unsafe fn crypt_init(h: CK_SESSION_HANDLE, m: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE, decrypt: bool) -> CK_RV {
     if m.is_null() {
         return CKR_ARGUMENTS_BAD;
@@ -1130,16 +1286,28 @@ unsafe fn crypt_init(h: CK_SESSION_HANDLE, m: CK_MECHANISM_PTR, key: CK_OBJECT_H
     }))
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_EncryptInit(h: CK_SESSION_HANDLE, m: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) -> CK_RV {
     // SAFETY: forwarded caller pointers.
     unsafe { crypt_init(h, m, key, false) }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_DecryptInit(h: CK_SESSION_HANDLE, m: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE) -> CK_RV {
     // SAFETY: forwarded caller pointers.
     unsafe { crypt_init(h, m, key, true) }
 }
 
+/// # Safety
+///
+/// Pointer arguments as for the entry points: NULL or valid for the
+/// length passed with them.
 unsafe fn crypt(h: CK_SESSION_HANDLE, input: &[u8], out: *mut u8, out_len: CK_ULONG_PTR, decrypt: bool) -> CK_RV {
     let op = with_session(h, |sess, _| {
         let slot = if decrypt { &sess.decrypt } else { &sess.encrypt };
@@ -1172,6 +1340,10 @@ unsafe fn crypt(h: CK_SESSION_HANDLE, input: &[u8], out: *mut u8, out_len: CK_UL
     }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_Encrypt(
     h: CK_SESSION_HANDLE,
     data: CK_BYTE_PTR,
@@ -1183,6 +1355,10 @@ unsafe extern "C" fn C_Encrypt(
     unsafe { crypt(h, bytes(data, len), out, out_len, false) }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_Decrypt(
     h: CK_SESSION_HANDLE,
     data: CK_BYTE_PTR,
@@ -1254,6 +1430,10 @@ fn generate(h: CK_SESSION_HANDLE, kind: KeyKind, label: String, id: Vec<u8>, usa
     }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_GenerateKeyPair(
     h: CK_SESSION_HANDLE,
     m: CK_MECHANISM_PTR,
@@ -1301,6 +1481,10 @@ unsafe extern "C" fn C_GenerateKeyPair(
     }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_GenerateKey(
     h: CK_SESSION_HANDLE,
     m: CK_MECHANISM_PTR,
@@ -1333,6 +1517,10 @@ unsafe extern "C" fn C_GenerateKey(
     }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_SeedRandom(h: CK_SESSION_HANDLE, _seed: CK_BYTE_PTR, _len: CK_ULONG) -> CK_RV {
     match with_session(h, |_, _| Ok(())) {
         Ok(()) => CKR_RANDOM_SEED_NOT_SUPPORTED,
@@ -1340,6 +1528,10 @@ unsafe extern "C" fn C_SeedRandom(h: CK_SESSION_HANDLE, _seed: CK_BYTE_PTR, _len
     }
 }
 
+/// # Safety
+///
+/// The PKCS#11 v2.40 caller contract: each pointer argument is NULL or
+/// valid for the length passed with it (one object where none is).
 unsafe extern "C" fn C_GenerateRandom(h: CK_SESSION_HANDLE, out: CK_BYTE_PTR, len: CK_ULONG) -> CK_RV {
     if let Err(e) = with_session(h, |_, _| Ok(())) {
         return e;

@@ -10,7 +10,10 @@ use cryptoki_sys::*;
 /// signature where `lib.rs` fills it in.
 macro_rules! not_supported {
     ($($name:ident($($t:ty),* $(,)?);)*) => {
-        $(pub(crate) unsafe extern "C" fn $name($(_: $t),*) -> CK_RV {
+        $(/// # Safety
+        ///
+        /// None needed: the arguments are never read.
+        pub(crate) unsafe extern "C" fn $name($(_: $t),*) -> CK_RV {
             CKR_FUNCTION_NOT_SUPPORTED
         })*
     };
@@ -50,10 +53,17 @@ not_supported! {
 }
 
 /// Legacy parallel-function calls: the code PKCS#11 prescribes.
+///
+/// # Safety
+///
+/// None needed: the argument is never read.
 pub(crate) unsafe extern "C" fn C_GetFunctionStatus(_a1: CK_SESSION_HANDLE) -> CK_RV {
     CKR_FUNCTION_NOT_PARALLEL
 }
 
+/// # Safety
+///
+/// None needed: the argument is never read.
 pub(crate) unsafe extern "C" fn C_CancelFunction(_a1: CK_SESSION_HANDLE) -> CK_RV {
     CKR_FUNCTION_NOT_PARALLEL
 }
