@@ -101,8 +101,8 @@ pub struct ImageSource {
 }
 
 #[derive(Debug, Deserialize)]
-struct ImagesFile {
-    image: Vec<ImageSource>,
+pub(crate) struct ImagesFile {
+    pub(crate) image: Vec<ImageSource>,
 }
 
 /// Why a catalog entry was refused. Every variant names the image.

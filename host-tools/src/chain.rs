@@ -55,14 +55,14 @@ use crate::qemu::{Accel, ImageExit};
 #[serde(deny_unknown_fields)]
 struct CatalogRef {
     path: PathBuf,
-    trust: Vec<PathBuf>,
+    trust: Spanned<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientSection {
-    kernel: Option<PathBuf>,
-    initrd: Option<PathBuf>,
+    kernel: Option<Spanned<PathBuf>>,
+    initrd: Option<Spanned<PathBuf>>,
     memory: Option<u32>,
     append: Option<String>,
     count: Option<Spanned<u32>>,
@@ -81,7 +81,7 @@ enum Keys {
 struct DiskSection {
     volume: Spanned<PathBuf>,
     key: Option<Spanned<Keys>>,
-    luks_passphrase: Option<PathBuf>,
+    luks_passphrase: Option<Spanned<PathBuf>>,
     /// `native` (default: the volume has `ssc volume create`'s header, so a
     /// wrong key is refused) or `raw` (plain aes-xts-plain64 from byte 0).
     format: Option<Spanned<String>>,
@@ -254,7 +254,9 @@ pub fn plan(path: &Path) -> Result<Plan> {
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let at = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
-    let trusted = catalog::load_trusted(&file.catalog.trust.iter().map(|p| at(p)).collect::<Vec<_>>())?;
+    let trust = &file.catalog.trust;
+    let trusted = catalog::load_trusted(&trust.get_ref().iter().map(|p| at(p)).collect::<Vec<_>>())
+        .map_err(|e| anyhow!("{name}:{}: [catalog] trust: {e:#}", line_of(&text, trust.span().start)))?;
     let catalog_dir = at(&file.catalog.path);
     if file.disk.is_empty()
         && file.checkpoint.is_none()
@@ -309,6 +311,7 @@ pub fn plan(path: &Path) -> Result<Plan> {
                 volume.display()
             );
         }
+        let key_line = d.key.as_ref().map(|k| line(k.span().start)).unwrap_or_else(|| line(d.volume.span().start));
         let (volume_key, outer_keys) = match d.key.map(|k| (k.span().start, k.into_inner())) {
             None => (None, vec![]),
             Some((_, Keys::One(k))) if sds.len() == 1 => (Some(k), vec![]),
@@ -319,7 +322,8 @@ pub fn plan(path: &Path) -> Result<Plan> {
             ),
             Some((_, Keys::PerSd(mut ks))) if ks.len() == sds.len() => {
                 let last = ks.pop();
-                (last, ks.iter().map(|k| read_key(&at(k))).collect::<Result<Vec<_>>>()?)
+                let outer = ks.iter().map(|k| read_key(&at(k))).collect::<Result<Vec<_>>>();
+                (last, outer.map_err(|e| anyhow!("{key_line}: {e:#}"))?)
             }
             Some((off, _)) => bail!(
                 "{}: a chain of {} SDs needs `key = [...]` with one key file per SD (client side first)",
@@ -338,13 +342,14 @@ pub fn plan(path: &Path) -> Result<Plan> {
                     Some((other, at)) => bail!("{}: format `{other}` is not `native` or `raw`", line(at)),
                 };
                 if !attested {
-                    read_key(&at(&k))?;
+                    read_key(&at(&k)).map_err(|e| anyhow!("{key_line}: {e:#}"))?;
                 }
                 ("key", Secret::Key(at(&k), native))
             }
             (None, Some(p)) => {
+                let (p_line, p) = (line(p.span().start), p.into_inner());
                 if !attested {
-                    crate::luks::read_passphrase(&at(&p))?;
+                    crate::luks::read_passphrase(&at(&p)).map_err(|e| anyhow!("{p_line}: {e:#}"))?;
                 }
                 ("luks", Secret::LuksPassphrase(at(&p)))
             }
@@ -467,13 +472,30 @@ pub fn plan(path: &Path) -> Result<Plan> {
     };
     let client_dir = Path::new("build/client");
     let c = file.client;
-    let kernel = c.kernel.map(|p| at(&p)).unwrap_or_else(|| client_dir.join("vmlinuz"));
-    let initrd = c.initrd.map(|p| at(&p)).unwrap_or_else(|| client_dir.join("initrd.cpio.gz"));
-    for p in [&kernel, &initrd] {
-        if !p.is_file() {
-            bail!("client file {} is missing: build the client with `make client`", p.display());
+    let client_file = |given: Option<Spanned<PathBuf>>, what: &str, default: &str| -> Result<PathBuf> {
+        match given {
+            Some(p) => {
+                let (l, p) = (line_of(&text, p.span().start), at(p.get_ref()));
+                if !p.is_file() {
+                    bail!("{name}:{l}: client {what} {} is missing", p.display());
+                }
+                Ok(p)
+            }
+            None => {
+                let p = client_dir.join(default);
+                if !p.is_file() {
+                    bail!(
+                        "{name}: client {what} {} (the default) is missing: build the client with `make client`, \
+                         or name one with [client] {what}",
+                        p.display()
+                    );
+                }
+                Ok(p)
+            }
         }
-    }
+    };
+    let kernel = client_file(c.kernel, "kernel", "vmlinuz")?;
+    let initrd = client_file(c.initrd, "initrd", "initrd.cpio.gz")?;
     Ok(Plan {
         kernel,
         initrd,
@@ -1208,6 +1230,9 @@ pub fn volume_header_version(volume: &Path) -> Result<Option<u32>> {
         Err(_) => None,
     })
 }
+
+#[cfg(test)]
+mod plan_tests;
 
 #[cfg(test)]
 mod tests {
