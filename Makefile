@@ -29,6 +29,7 @@ deps:
 	@command -v qemu-img >/dev/null || { echo "deps: qemu-img still missing after install" >&2; exit 1; }
 	@rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 	@rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+	@$(SUDO) scripts/users.sh
 
 ## images: build every unikernel image (kernels/ workspace)
 images:

@@ -326,10 +326,25 @@ if $SSC attest "$work/att.toml" --host-profile "$work/host.json" --job "$work/ot
     exit 1
 fi
 head -1 "$work/bad2.out"
-echo "-- the provider's view (ssc provider list): ids, domains, memory; no provider verb opens windows, links or consoles:"
-$SSC provider list
-id=$($SSC provider list --json | python3 -c 'import json,sys; print([m["id"] for m in json.load(sys.stdin) if m["attested"]][0])')
-$SSC provider stop "$id"
+echo "-- the provider's admin is another user (ssc-admin, group ssc-provider: made by make deps):"
+# A copy of ssc any uid may run; setpriv switches to the admin's uid and groups.
+bindir=$(mktemp -d); chmod 755 "$bindir"; cp "$SSC" "$bindir/ssc"; chmod 755 "$bindir/ssc"
+trap 'rm -rf "$work" "$bindir"' EXIT
+as_admin() { ${SUDO:-} setpriv --reuid=ssc-admin --regid=ssc-admin --init-groups -- "$@"; }
+SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+echo "-- its view (ssc provider list): ids, domains, memory; no provider verb opens windows, links or consoles:"
+(cd / && as_admin "$bindir/ssc" provider list)
+runbase=${XDG_RUNTIME_DIR:+$XDG_RUNTIME_DIR/ssc}
+qmp=$(ls -d "${runbase:-${TMPDIR:-/tmp}/ssc-$(id -u)}"/*/udom0.qmp 2>/dev/null | head -1)
+[ -n "$qmp" ] || { echo "demo: ERROR: no Udom0 QMP socket found" >&2; exit 1; }
+echo "-- as ssc-admin, opening Udom0's QMP socket ($qmp) to dump its memory:"
+if (cd / && as_admin /usr/bin/python3 -c 'import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$qmp") 2>/dev/null; then
+    echo "demo: ERROR: the provider's admin reached Udom0's QMP socket" >&2
+    exit 1
+fi
+echo "   refused by the kernel (the run directory is the builder's alone)"
+id=$(cd / && as_admin "$bindir/ssc" provider list --json | python3 -c 'import json,sys; print([m["id"] for m in json.load(sys.stdin) if m["attested"]][0])')
+(cd / && as_admin "$bindir/ssc" provider stop "$id")
 wait $up || true
 grep -E "stopped by the provider|stopped cleanly" "$work/up6.err" || true
 

@@ -305,12 +305,23 @@ impl CommandSocket {
 
     /// Binds `path` (replacing a stale socket), mode 0600, non-blocking.
     pub fn bind_at(path: PathBuf) -> Result<CommandSocket> {
+        Self::bind_for(path, None)
+    }
+
+    /// Binds `path` (replacing a stale socket), non-blocking: mode 0600,
+    /// or 0660 with group `group` (whose members may then connect).
+    pub fn bind_for(path: PathBuf, group: Option<u32>) -> Result<CommandSocket> {
         use std::os::unix::fs::PermissionsExt;
         if path.exists() {
             std::fs::remove_file(&path)?;
         }
         let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        if let Some(g) = group {
+            rustix::fs::chown(&path, None, Some(rustix::fs::Gid::from_raw(g)))
+                .with_context(|| format!("giving {} to gid {g}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+        }
         listener.set_nonblocking(true)?;
         Ok(CommandSocket { listener, path, monitor: false, subscribers: Vec::new() })
     }
@@ -318,9 +329,24 @@ impl CommandSocket {
     /// Serves at most one pending command with `f`: one line in; out, any
     /// number of `progress DONE TOTAL` lines (`f` sends them through its
     /// second argument), then one `ok …` or `error …` line.
-    pub fn poll(&mut self, mut f: impl FnMut(&str, checkpoint::ProgressFn<'_>) -> Result<String>) {
+    pub fn poll(&mut self, f: impl FnMut(&str, checkpoint::ProgressFn<'_>) -> Result<String>) {
+        self.poll_admitting(|_| Ok(()), f)
+    }
+
+    /// [`CommandSocket::poll`], serving a connection only if `admit` lets
+    /// its peer in; a refused peer gets `error` and the refusal.
+    pub fn poll_admitting(
+        &mut self,
+        admit: impl FnOnce(&UnixStream) -> std::result::Result<(), String>,
+        mut f: impl FnMut(&str, checkpoint::ProgressFn<'_>) -> Result<String>,
+    ) {
         let Ok((stream, _)) = self.listener.accept() else { return };
         let _ = stream.set_nonblocking(false);
+        if let Err(why) = admit(&stream) {
+            eprintln!("ssc up: {why}");
+            let _ = (&stream).write_all(format!("error {why}\n").as_bytes());
+            return;
+        }
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let mut line = String::new();
         let mut reader = BufReader::new(&stream);

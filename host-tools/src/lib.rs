@@ -40,6 +40,7 @@ pub mod profile;
 pub mod provider;
 pub mod qemu;
 pub mod qmp;
+pub mod roles;
 pub mod tpm_gate;
 pub mod vtpm;
 

@@ -22,14 +22,77 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 
 use crate::chain_checkpoint::CommandSocket;
 use serde::{Deserialize, Serialize};
 
-/// Where provider sockets live.
+/// The host's provider directory, where builders run as root (or as a
+/// member of the provider group) put their provider sockets.
+pub const HOST_DIR: &str = "/run/ssc/provider";
+
+/// Where this process, as a builder, puts its provider socket:
+/// `$SSC_PROVIDER_DIR`, else [`HOST_DIR`] for root (the provider's admins,
+/// another uid, find it there), else the user's own run base (a builder
+/// run by an unprivileged developer, reachable by that user only).
 pub fn dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SSC_PROVIDER_DIR") {
+        return PathBuf::from(d);
+    }
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from(HOST_DIR);
+    }
+    own_dir()
+}
+
+fn own_dir() -> PathBuf {
     crate::builder::RunDir::base().join("provider")
+}
+
+/// Where the provider verbs look for builders: `$SSC_PROVIDER_DIR`, else
+/// [`HOST_DIR`] and this user's own run base.
+pub fn dirs() -> Vec<PathBuf> {
+    if let Some(d) = std::env::var_os("SSC_PROVIDER_DIR") {
+        return vec![PathBuf::from(d)];
+    }
+    let mut v = vec![PathBuf::from(HOST_DIR)];
+    if !rustix::process::geteuid().is_root() {
+        v.push(own_dir());
+    }
+    v
+}
+
+/// Makes the provider directory: 0750 and group [`crate::roles::PROVIDER_GROUP`]
+/// when that group exists and we may give it the directory (root), else
+/// 0700. Returns the gid the sockets are to be shared with.
+fn make_dir(d: &Path) -> Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = d.parent()
+        && !parent.exists()
+    {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
+    }
+    match std::fs::create_dir(d) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(e).with_context(|| format!("creating {}", d.display()));
+        }
+        _ => {}
+    }
+    let meta = std::fs::symlink_metadata(d)?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory: refusing to put provider sockets there", d.display());
+    }
+    let group = crate::roles::group_gid(crate::roles::PROVIDER_GROUP).filter(|_| rustix::process::geteuid().is_root());
+    match group {
+        Some(g) => {
+            rustix::fs::chown(d, Some(rustix::fs::Uid::ROOT), Some(rustix::fs::Gid::from_raw(g)))
+                .with_context(|| format!("giving {} to group {}", d.display(), crate::roles::PROVIDER_GROUP))?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o750))?;
+        }
+        None => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?,
+    }
+    Ok(group)
 }
 
 /// What a provider may ask.
@@ -91,14 +154,14 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// Binds `<dir>/<meta>-<pid>.sock`, private to the builder's user.
+    /// Binds `<dir>/<meta>-<pid>.sock`: shared with the provider group
+    /// where it exists (see [`make_dir`]), else private to the builder's
+    /// user.
     pub fn bind(meta: &str) -> Result<Socket> {
-        use std::os::unix::fs::PermissionsExt;
         let d = dir();
-        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+        let group = make_dir(&d)?;
         let id = format!("{meta}-{}", std::process::id());
-        let commands = CommandSocket::bind_at(d.join(format!("{id}.sock")))?;
+        let commands = CommandSocket::bind_for(d.join(format!("{id}.sock")), group)?;
         Ok(Socket { commands, id, started: Instant::now() })
     }
 
@@ -112,7 +175,7 @@ impl Socket {
         let (id, uptime_s) = (self.id.clone(), self.started.elapsed().as_secs());
         let mut domains = Some(domains);
         let mut verb = None;
-        self.commands.poll(|line, _| match parse(line) {
+        self.commands.poll_admitting(crate::roles::admit_provider, |line, _| match parse(line) {
             Ok(Verb::Status) => {
                 let domains: Vec<DomainStatus> = domains
                     .take()
@@ -151,32 +214,64 @@ impl Socket {
 /// accepts a connection); sockets of dead builders are removed.
 pub fn running() -> Vec<String> {
     let mut out = vec![];
-    let Ok(entries) = std::fs::read_dir(dir()) else { return out };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(id) = name.strip_suffix(".sock") else { continue };
-        match UnixStream::connect(e.path()) {
-            Ok(_) => out.push(id.to_string()),
-            Err(_) => {
-                let _ = std::fs::remove_file(e.path());
+    for d in dirs() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".sock") else { continue };
+            match UnixStream::connect(e.path()) {
+                Ok(_) => out.push(id.to_string()),
+                // Nobody listens: the builder died; its socket goes (if ours).
+                Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    let _ = std::fs::remove_file(e.path());
+                }
+                Err(_) => {}
             }
         }
     }
     out.sort();
+    out.dedup();
     out
+}
+
+fn denied(path: &Path) -> anyhow::Error {
+    anyhow!(
+        "{}: permission denied: the provider verbs are for members of group `{}`",
+        path.display(),
+        crate::roles::PROVIDER_GROUP
+    )
 }
 
 /// Sends one line to meta-domain `id`'s provider socket. A builder still
 /// starting its domains answers once they are up.
 pub fn request(id: &str, line: &str) -> Result<String> {
-    let path = dir().join(format!("{id}.sock"));
-    let stream = UnixStream::connect(&path)
-        .with_context(|| format!("no meta-domain `{id}` runs here (`ssc provider list` shows the ids)"))?;
+    let mut stream = None;
+    for d in dirs() {
+        let path = d.join(format!("{id}.sock"));
+        match UnixStream::connect(&path) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(denied(&path)),
+            Err(_) => {}
+        }
+    }
+    let stream =
+        stream.ok_or_else(|| anyhow!("no meta-domain `{id}` runs here (`ssc provider list` shows the ids)"))?;
     crate::chain_checkpoint::exchange(&stream, line, Duration::from_secs(300), &mut |_, _| {})
 }
 
 /// Every meta-domain running here, with its status.
 pub fn list() -> Result<Vec<Status>> {
+    // The host's builders are out of reach, and this user runs none.
+    let host = Path::new(HOST_DIR);
+    if let Err(e) = std::fs::read_dir(host)
+        && e.kind() == std::io::ErrorKind::PermissionDenied
+        && dirs().iter().all(|d| d == host || !d.exists())
+    {
+        return Err(denied(host));
+    }
     let mut out = vec![];
     for id in running() {
         let json = request(&id, "status")?;
