@@ -73,7 +73,8 @@ fn auth_volume(size: usize) -> AuthVolume<MemDevice> {
     let mut d = MemDevice::new(size);
     let h = sd_storage_crypt::auth::format(&key(), size as u64, [1; 32], [2; 16]).expect("big enough");
     d.bytes[..512].copy_from_slice(&h);
-    AuthVolume::open(d, &key(), 0, false).expect("fresh volume")
+    let salt = sd_storage_crypt::auth::OpenSalt::from_random([7; 8]);
+    AuthVolume::open(d, &key(), 0, sd_storage_crypt::auth::Access::ReadWrite(salt)).expect("fresh volume")
 }
 
 fn nbd_requests_per_second<B: Backend>(vol: &mut B, write: bool) -> f64 {

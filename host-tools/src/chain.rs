@@ -645,7 +645,7 @@ impl PlannedDisk {
         let auth = sd_storage_crypt::auth::VERSION;
         let record = generation_file(key);
         match (record.exists(), header) {
-            (_, Some(v)) if v == auth => Ok(true),
+            (_, Some(v)) if sd_storage_crypt::auth::is_auth_version(v) => Ok(true),
             (true, other) => bail!(
                 "downgrade refused: the tenant's record {} says {} is an authenticated volume (format {auth}), but \
                  its header now says {}; someone rewrote it to be served without integrity. Restore the volume \

@@ -21,24 +21,39 @@
 //! | 8192 + M | metadata copy 1 (M = records rounded up to 4096) |
 //! | data offset (MiB-aligned) | data sectors, 4096 bytes each |
 //!
-//! A record is `counter: u64 LE ‖ tag: [u8; 16] ‖ 8 zero bytes`; counter 0
-//! means "never written, reads as zeroes" (a fresh volume needs no
-//! initialisation, and TRIM/WRITE_ZEROES only clear records).
+//! A record is `counter: u64 LE ‖ tag: [u8; 16] ‖ open salt: u64 LE`;
+//! counter 0 means "never written, reads as zeroes" (a fresh volume needs
+//! no initialisation, and TRIM/WRITE_ZEROES only clear records).
 //!
-//! Header (big-endian): magic `SSCVOL01`, version 2, cipher `aes-256-gcm`,
+//! Header (big-endian): magic `SSCVOL01`, version 3, cipher `aes-256-gcm`,
 //! sector size, data offset, salt, key check (as in [`crate::header`]),
 //! volume id, sectors, M, **generation**, **counter reservation**, the
 //! metadata copy it describes, the **Merkle root** of that copy, an
 //! HMAC-SHA256 over all of it (key derived from the tenant key), and a
 //! SHA-256 checksum that tells damage from a wrong key.
 //!
-//! ## Nonces never repeat
+//! ## Nonces never repeat under one key
 //! Nonce = sector (u32 BE) ‖ counter (u64 BE), AAD = volume id ‖ sector
 //! (u64 BE). The counter is volume-wide and strictly increasing; the header
 //! records a reservation R and counters are only used below a reservation
 //! that is already durable. At open the SD resumes from R (skipping what the
 //! last session may have used before a crash) and writes a new reservation
 //! before its first write. So a crash can waste counters, never reuse them.
+//!
+//! That holds as long as the volume only moves forward. A provider who
+//! rolls the volume back *together with* the tenant's generation record
+//! (or a newer header slot lost after a kill) makes the SD resume at
+//! counters it already used, and the same (sector, counter) would seal
+//! different plaintexts: GCM then leaks their XOR and its hash key. So
+//! each writable open draws a fresh random 64-bit **open salt**
+//! ([`Access::ReadWrite`]) and seals under its own sub-key,
+//! `HMAC-SHA256(data key, "ssc-auth-open-v1" ‖ salt)`; every record names
+//! the salt it was sealed under (authenticated with the rest of the
+//! metadata by the Merkle root). A rolled-back volume reopened writes under
+//! a new sub-key, so no (key, nonce) pair ever seals twice (up to a 2^-64
+//! chance per pair of opens that two salts collide). Salt 0 means the data
+//! key itself: version-2 volumes (whose records carry zeroes there) open
+//! and read as before, and their next commit writes a version-3 header.
 //!
 //! ## Crash consistency
 //! Writes go to data sectors at once; their records change in memory. A
@@ -71,13 +86,44 @@ use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hmac::Mac;
 use sha2::{Digest, Sha256};
 
-use crate::header::{HeaderError, MAGIC, key_check};
+use crate::header::{HeaderError, MAGIC, key_check, key_check_labelled};
 use crate::volume::{BlockDevice, IoError, Sectors, check_range, read_bytes, write_bytes, write_zero_bytes};
 
 /// The cipher name in headers and `ConfigureVolume`.
 pub const CIPHER: &str = "aes-256-gcm";
-/// Header version of authenticated volumes.
-pub const VERSION: u32 = 2;
+/// Header version of authenticated volumes this code writes.
+pub const VERSION: u32 = 3;
+/// The version before per-open salts (records hold zeroes where the salt
+/// now is); opened, read and upgraded at the first header write.
+pub const LEGACY_VERSION: u32 = 2;
+
+/// Whether a header version is an authenticated volume's.
+pub fn is_auth_version(v: u32) -> bool {
+    v == VERSION || v == LEGACY_VERSION
+}
+
+/// Sub-keys of earlier opens kept ready for reads.
+const SEALER_CACHE: usize = 256;
+
+/// How a volume is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    /// Writable: sectors this open writes are sealed under the sub-key of
+    /// `salt`, which must be fresh random bytes (see the module docs).
+    ReadWrite(OpenSalt),
+}
+
+/// A writable open's salt: random, never 0 (0 names the legacy key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenSalt(u64);
+
+impl OpenSalt {
+    /// The salt of 8 fresh random bytes.
+    pub fn from_random(bytes: [u8; 8]) -> OpenSalt {
+        OpenSalt(u64::from_le_bytes(bytes).max(1))
+    }
+}
 /// Data sector size (fixed in this mode).
 pub const SECTOR: u64 = 4096;
 const RECORD: usize = 32;
@@ -136,6 +182,8 @@ impl Geometry {
 /// The header of an authenticated volume.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuthHeader {
+    /// [`VERSION`], or [`LEGACY_VERSION`] until the first header write.
+    pub version: u32,
     pub salt: [u8; 32],
     pub key_check: [u8; 32],
     pub id: [u8; 16],
@@ -155,9 +203,13 @@ const SUM_AT: usize = 240;
 
 impl AuthHeader {
     fn encode(&self, mac_key: &[u8; 32]) -> [u8; 512] {
+        self.encode_as(mac_key, self.version)
+    }
+
+    fn encode_as(&self, mac_key: &[u8; 32], version: u32) -> [u8; 512] {
         let mut b = [0u8; 512];
         b[0..8].copy_from_slice(MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_be_bytes());
+        b[8..12].copy_from_slice(&version.to_be_bytes());
         b[12..12 + CIPHER.len()].copy_from_slice(CIPHER.as_bytes());
         b[44..48].copy_from_slice(&(SECTOR as u32).to_be_bytes());
         b[48..56].copy_from_slice(&self.geometry.data_offset.to_be_bytes());
@@ -188,7 +240,7 @@ impl AuthHeader {
         }
         let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         let cipher = &b[12..44];
-        if b[8..12] != VERSION.to_be_bytes()
+        if !is_auth_version(u32::from_be_bytes(b[8..12].try_into().expect("4 bytes")))
             || !cipher.starts_with(CIPHER.as_bytes())
             || cipher[CIPHER.len()..].iter().any(|&c| c != 0)
             || b[44..48] != (SECTOR as u32).to_be_bytes()
@@ -202,6 +254,7 @@ impl AuthHeader {
             return Err(HeaderError::Corrupted);
         }
         Ok(AuthHeader {
+            version: u32::from_be_bytes(b[8..12].try_into().expect("4 bytes")),
             salt: b[56..88].try_into().expect("32 bytes"),
             key_check: b[88..120].try_into().expect("32 bytes"),
             id: b[120..136].try_into().expect("16 bytes"),
@@ -220,9 +273,26 @@ fn header_mac(mac_key: &[u8; 32], bytes: &[u8]) -> hmac::Hmac<Sha256> {
     mac
 }
 
+/// The key check of an authenticated header of `version`: version 3 has a
+/// label of its own, so its check cannot be copied into an XTS header
+/// (version 1) to serve the volume without integrity; version 2 shared
+/// the XTS label.
+fn auth_key_check(key: &[u8], version: u32, salt: &[u8; 32]) -> hmac::Hmac<Sha256> {
+    if version == LEGACY_VERSION {
+        key_check(key, salt)
+    } else {
+        key_check_labelled(key, b"ssc-auth-keycheck-v3", salt)
+    }
+}
+
 /// Keys derived from the tenant's 64-byte volume key.
 struct Keys {
-    sealer: Sealer,
+    /// The version-3 key check of this volume's salt (what every header
+    /// written from now on carries).
+    check: [u8; 32],
+    /// Salt 0: the data key itself (version-2 records).
+    legacy: Sealer,
+    data: [u8; 32],
     mac: [u8; 32],
 }
 
@@ -235,7 +305,16 @@ fn derive(key: &[u8], label: &[u8]) -> [u8; 32] {
 impl Keys {
     /// `id` is only known once a header is read; `format` has no data.
     fn new(key: &[u8], id: [u8; 16]) -> Keys {
-        Keys { sealer: Sealer::new(key, id), mac: derive(key, b"ssc-auth-header-v1") }
+        let data = derive(key, DATA_LABEL);
+        Keys { check: [0; 32], legacy: Sealer::from_key(&data, id), data, mac: derive(key, b"ssc-auth-header-v1") }
+    }
+
+    /// The sealer of open salt `salt` (not 0).
+    fn for_salt(&self, salt: u64) -> Sealer {
+        let mut label = [0u8; 24];
+        label[..16].copy_from_slice(b"ssc-auth-open-v1");
+        label[16..].copy_from_slice(&salt.to_le_bytes());
+        Sealer::from_key(&derive(&self.data, &label), self.legacy.id)
     }
 }
 
@@ -245,12 +324,35 @@ impl Keys {
 pub struct Sealer {
     aead: Aes256Gcm,
     id: [u8; 16],
+    /// Names the key in the tests' log of every seal.
+    #[cfg(test)]
+    fingerprint: [u8; 8],
 }
 
+const DATA_LABEL: &[u8] = b"ssc-auth-data-v1";
+
+/// Every seal the tests made: (key, sector, counter, SHA-256 of the
+/// plaintext), to check that no (key, nonce) seals two plaintexts.
+#[cfg(test)]
+pub(crate) static SEALS: std::sync::Mutex<Vec<Seal>> = std::sync::Mutex::new(Vec::new());
+
+/// (key fingerprint, sector, counter, SHA-256 of the plaintext).
+#[cfg(test)]
+pub(crate) type Seal = ([u8; 8], u64, u64, [u8; 32]);
+
 impl Sealer {
-    /// The sealer of volume `id` under the tenant's `key`.
+    /// The sealer of volume `id` under the tenant's `key` (salt 0).
     pub fn new(key: &[u8], id: [u8; 16]) -> Sealer {
-        Sealer { aead: Aes256Gcm::new(&derive(key, b"ssc-auth-data-v1").into()), id }
+        Sealer::from_key(&derive(key, DATA_LABEL), id)
+    }
+
+    fn from_key(key: &[u8; 32], id: [u8; 16]) -> Sealer {
+        Sealer {
+            aead: Aes256Gcm::new(key.into()),
+            id,
+            #[cfg(test)]
+            fingerprint: key[..8].try_into().expect("8 bytes"),
+        }
     }
 
     fn nonce_aad(&self, sector: u64, counter: u64) -> (Nonce<aes_gcm::aead::consts::U12>, [u8; 24]) {
@@ -266,6 +368,8 @@ impl Sealer {
     /// Encrypts `data` (one sector) in place; returns its tag. `counter`
     /// must never repeat under this key.
     pub fn seal(&self, sector: u64, counter: u64, data: &mut [u8]) -> [u8; 16] {
+        #[cfg(test)]
+        SEALS.lock().unwrap().push((self.fingerprint, sector, counter, Sha256::digest(&*data).into()));
         let (nonce, aad) = self.nonce_aad(sector, counter);
         self.aead.encrypt_inout_detached(&nonce, &aad, data.into()).expect("a sector is within GCM's limit").into()
     }
@@ -307,8 +411,9 @@ pub fn format(key: &[u8], device_size: u64, salt: [u8; 32], id: [u8; 16]) -> Res
     let geometry = Geometry::for_device(device_size).ok_or(OpenError::TooSmall(device_size))?;
     let leaves = vec![leaf(&[0u8; BLOCK as usize]); geometry.blocks()];
     let header = AuthHeader {
+        version: VERSION,
         salt,
-        key_check: key_check(key, &salt).finalize().into_bytes().into(),
+        key_check: auth_key_check(key, VERSION, &salt).finalize().into_bytes().into(),
         id,
         geometry,
         generation: 1,
@@ -386,6 +491,10 @@ pub struct AuthVolume<D: BlockDevice> {
     limit: u64,
     dirty: bool,
     read_only: bool,
+    /// This open's salt and sub-key (writable opens only).
+    writer: Option<(u64, Sealer)>,
+    /// Sub-keys of the earlier opens whose sectors were read lately.
+    readers: alloc::collections::BTreeMap<u64, Sealer>,
     scratch: Vec<u8>,
     failures: Vec<u64>,
 }
@@ -401,19 +510,18 @@ impl<D: BlockDevice> AuthVolume<D> {
     /// with a valid MAC is chosen, its metadata copy must hash to its root,
     /// and its generation must be at least `min_generation` (what the
     /// tenant last saw).
-    pub fn open(dev: D, key: &[u8], min_generation: u64, read_only: bool) -> Result<Self, OpenError> {
-        Self::open_or_return(dev, key, min_generation, read_only).map_err(|(e, _)| e)
+    pub fn open(dev: D, key: &[u8], min_generation: u64, access: Access) -> Result<Self, OpenError> {
+        Self::open_or_return(dev, key, min_generation, access).map_err(|(e, _)| e)
     }
 
     /// [`AuthVolume::open`] that hands the device back when it fails.
-    pub fn open_or_return(
-        mut dev: D,
-        key: &[u8],
-        min_generation: u64,
-        read_only: bool,
-    ) -> Result<Self, (OpenError, D)> {
+    pub fn open_or_return(mut dev: D, key: &[u8], min_generation: u64, access: Access) -> Result<Self, (OpenError, D)> {
         match Self::verify(&mut dev, key, min_generation) {
             Ok((keys, header, meta, leaves)) => {
+                let writer = match access {
+                    Access::ReadOnly => None,
+                    Access::ReadWrite(OpenSalt(salt)) => Some((salt, keys.for_salt(salt))),
+                };
                 // The other copy is behind wherever its blocks differ;
                 // without reading it, treat it as behind everywhere.
                 let other = if header.copy == 0 { STALE_COPY1 } else { STALE_COPY0 };
@@ -427,7 +535,9 @@ impl<D: BlockDevice> AuthVolume<D> {
                     meta,
                     leaves,
                     dirty: false,
-                    read_only,
+                    read_only: writer.is_none(),
+                    writer,
+                    readers: alloc::collections::BTreeMap::new(),
                     scratch: Vec::new(),
                     failures: Vec::new(),
                 })
@@ -447,8 +557,11 @@ impl<D: BlockDevice> AuthVolume<D> {
         let Some((first, _)) = decoded.first() else {
             return Err(slots[0].clone().expect_err("no slot decoded"));
         };
-        key_check(key, &first.salt).verify_slice(&first.key_check).map_err(|_| HeaderError::WrongKey)?;
-        let keys = Box::new(Keys::new(key, first.id));
+        auth_key_check(key, first.version, &first.salt)
+            .verify_slice(&first.key_check)
+            .map_err(|_| HeaderError::WrongKey)?;
+        let mut keys = Box::new(Keys::new(key, first.id));
+        keys.check = auth_key_check(key, VERSION, &first.salt).finalize().into_bytes().into();
         let header = decoded
             .iter()
             .filter(|(h, raw)| {
@@ -496,15 +609,40 @@ impl<D: BlockDevice> AuthVolume<D> {
         &mut self.dev
     }
 
-    fn record(&self, sector: u64) -> (u64, [u8; 16]) {
-        let r = &self.meta[sector as usize * RECORD..][..RECORD];
-        (u64::from_le_bytes(r[..8].try_into().expect("8 bytes")), r[8..24].try_into().expect("16 bytes"))
+    /// The sealer of open salt `salt`: this open's, the legacy key's (0),
+    /// or an earlier open's sub-key (derived once, then cached).
+    fn sealer(&mut self, salt: u64) -> &Sealer {
+        if salt == 0 {
+            return &self.keys.legacy;
+        }
+        if self.writer.as_ref().is_some_and(|(s, _)| *s == salt) {
+            return &self.writer.as_ref().expect("just checked").1;
+        }
+        if !self.readers.contains_key(&salt) {
+            if self.readers.len() >= SEALER_CACHE {
+                self.readers.pop_first();
+            }
+            let sealer = self.keys.for_salt(salt);
+            self.readers.insert(salt, sealer);
+        }
+        &self.readers[&salt]
     }
 
-    fn set_record(&mut self, sector: u64, counter: u64, tag: &[u8; 16]) {
+    /// A sector's (counter, tag, open salt).
+    fn record(&self, sector: u64) -> (u64, [u8; 16], u64) {
+        let r = &self.meta[sector as usize * RECORD..][..RECORD];
+        (
+            u64::from_le_bytes(r[..8].try_into().expect("8 bytes")),
+            r[8..24].try_into().expect("16 bytes"),
+            u64::from_le_bytes(r[24..32].try_into().expect("8 bytes")),
+        )
+    }
+
+    fn set_record(&mut self, sector: u64, counter: u64, tag: &[u8; 16], salt: u64) {
         let r = &mut self.meta[sector as usize * RECORD..][..RECORD];
         r[..8].copy_from_slice(&counter.to_le_bytes());
         r[8..24].copy_from_slice(tag);
+        r[24..32].copy_from_slice(&salt.to_le_bytes());
         self.flags[(sector / RECORDS_PER_BLOCK) as usize] = STALE_COPY0 | STALE_COPY1 | LEAF_STALE;
         self.dirty = true;
     }
@@ -512,6 +650,8 @@ impl<D: BlockDevice> AuthVolume<D> {
     /// Writes `next` into the other header slot and flushes: the new
     /// durable state.
     fn write_header(&mut self, next: AuthHeader) -> Result<(), IoError> {
+        // Every header written is version 3 (a version-2 volume upgrades).
+        let next = AuthHeader { version: VERSION, key_check: self.keys.check, ..next };
         let at = if next.generation % 2 == 1 { 0 } else { SLOT };
         self.dev.write_at(at, &next.encode(&self.keys.mac))?;
         self.dev.flush()?;
@@ -601,7 +741,7 @@ impl<D: BlockDevice> AuthVolume<D> {
         write_zero_bytes(self, offset, first * SECTOR - offset)?;
         for s in first..end {
             if self.record(s).0 != 0 {
-                self.set_record(s, 0, &[0; 16]);
+                self.set_record(s, 0, &[0; 16], 0);
             }
         }
         write_zero_bytes(self, end * SECTOR, offset + len - end * SECTOR)
@@ -629,12 +769,12 @@ impl<D: BlockDevice> Sectors for AuthVolume<D> {
         self.dev.read_at(self.header.geometry.data_offset + first * SECTOR, buf)?;
         for (i, s) in buf.chunks_mut(SECTOR as usize).enumerate() {
             let sector = first + i as u64;
-            let (counter, tag) = self.record(sector);
+            let (counter, tag, salt) = self.record(sector);
             if counter == 0 {
                 s.fill(0);
                 continue;
             }
-            if !self.keys.sealer.open(sector, counter, s, &tag) {
+            if !self.sealer(salt).open(sector, counter, s, &tag) {
                 s.fill(0);
                 if self.failures.len() < MAX_FAILURES {
                     self.failures.push(sector);
@@ -647,13 +787,14 @@ impl<D: BlockDevice> Sectors for AuthVolume<D> {
 
     fn write_sectors(&mut self, first: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let n = buf.len() as u64 / SECTOR;
+        let Some((salt, _)) = self.writer else { return Err(IoError::ReadOnly) };
         self.reserve(n)?;
         for (i, s) in buf.chunks_mut(SECTOR as usize).enumerate() {
             let sector = first + i as u64;
             let counter = self.next;
             self.next += 1;
-            let tag = self.keys.sealer.seal(sector, counter, s);
-            self.set_record(sector, counter, &tag);
+            let tag = self.writer.as_ref().expect("checked above").1.seal(sector, counter, s);
+            self.set_record(sector, counter, &tag, salt);
         }
         self.dev.write_at(self.header.geometry.data_offset + first * SECTOR, buf)
     }

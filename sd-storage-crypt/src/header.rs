@@ -71,8 +71,14 @@ impl core::fmt::Display for HeaderError {
 }
 
 pub(crate) fn key_check(key: &[u8], salt: &[u8; 32]) -> hmac::Hmac<Sha256> {
+    key_check_labelled(key, CHECK_LABEL, salt)
+}
+
+/// A key check under a format's own label, so that one format's check
+/// cannot be copied into another's header.
+pub(crate) fn key_check_labelled(key: &[u8], label: &[u8], salt: &[u8; 32]) -> hmac::Hmac<Sha256> {
     let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(CHECK_LABEL);
+    mac.update(label);
     mac.update(salt);
     mac
 }

@@ -91,8 +91,18 @@ fn open_volume(
         // The authenticated mode always has its own header: the key, the
         // metadata's Merkle root and the generation are checked before
         // anything is served. The disk is only consumed on success.
+        // A fresh salt per writable open: its sub-key seals what this open
+        // writes, so a rolled-back volume never repeats a (key, nonce).
+        let access = if cfg.read_only {
+            auth::Access::ReadOnly
+        } else {
+            let mut salt = [0u8; 8];
+            runtime::rng::fill(&mut salt)
+                .map_err(|e| (ErrorCode::Internal, alloc::format!("no randomness for the open salt: {e}")))?;
+            auth::Access::ReadWrite(auth::OpenSalt::from_random(salt))
+        };
         let d = disk.take().expect("checked above");
-        let d = match AuthVolume::open_or_return(d, cfg.key, cfg.min_generation, cfg.read_only) {
+        let d = match AuthVolume::open_or_return(d, cfg.key, cfg.min_generation, access) {
             Ok(v) => return Ok((alloc::boxed::Box::new(v), export)),
             Err((e, d)) => {
                 *disk = Some(d);

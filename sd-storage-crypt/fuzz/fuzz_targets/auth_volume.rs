@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sd_storage_crypt::auth::{AuthVolume, SECTOR, format};
+use sd_storage_crypt::auth::{Access, AuthVolume, OpenSalt, SECTOR, format};
 use sd_storage_crypt::volume::{IoError, MemDevice};
 
 const DEV: usize = 3 << 20;
@@ -14,7 +14,7 @@ const KEY: [u8; 64] = [9; 64];
 fuzz_target!(|data: &[u8]| {
     let mut d = MemDevice::new(DEV);
     d.bytes[..512].copy_from_slice(&format(&KEY, DEV as u64, [1; 32], [2; 16]).unwrap());
-    let mut v = AuthVolume::open(d, &KEY, 0, false).unwrap();
+    let mut v = AuthVolume::open(d, &KEY, 0, Access::ReadWrite(OpenSalt::from_random([1; 8]))).unwrap();
     for s in 0..8u64 {
         v.write(s * 37 * SECTOR, &[s as u8 + 1; SECTOR as usize]).unwrap();
         v.commit().unwrap();
@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
         let at = u32::from_le_bytes([c[0], c[1], c[2], 0]) as usize % DEV;
         d.bytes[at] ^= c[3];
     }
-    if let Ok(mut v) = AuthVolume::open(d, &KEY, generation, false) {
+    if let Ok(mut v) = AuthVolume::open(d, &KEY, generation, Access::ReadOnly) {
         let mut buf = vec![0u8; SECTOR as usize];
         for s in 0..v.size() / SECTOR {
             match v.read(s * SECTOR, &mut buf) {

@@ -13,8 +13,14 @@ fn formatted(size: usize) -> MemDevice {
     d
 }
 
+/// A writable open with a salt no other open of the tests used.
+fn rw() -> Access {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    Access::ReadWrite(OpenSalt::from_random(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes()))
+}
+
 fn open(d: MemDevice) -> AuthVolume<MemDevice> {
-    AuthVolume::open(d, &KEY, 0, false).unwrap()
+    AuthVolume::open(d, &KEY, 0, rw()).unwrap()
 }
 
 fn pattern(tag: u64) -> Vec<u8> {
@@ -65,7 +71,7 @@ fn the_device_holds_no_plaintext_and_a_wrong_key_is_refused() {
     v.commit().unwrap();
     let d = core::mem::take(v.device());
     assert!(!d.bytes.windows(32).any(|w| w == [0xab; 32]), "plaintext on the device");
-    let e = AuthVolume::open(d, &[1; 64], 0, false).err().unwrap();
+    let e = AuthVolume::open(d, &[1; 64], 0, rw()).err().unwrap();
     assert_eq!(e, OpenError::Header(HeaderError::WrongKey));
     assert!(std::format!("{e}").contains("wrong key"));
 }
@@ -107,16 +113,16 @@ fn tampered_metadata_a_forged_header_and_a_rollback_are_refused_at_open() {
     let now = core::mem::take(v.device());
 
     // Rollback: the whole old device, consistent in itself.
-    let e = AuthVolume::open(old.clone(), &KEY, generation, false).err().unwrap();
+    let e = AuthVolume::open(old.clone(), &KEY, generation, rw()).err().unwrap();
     assert_eq!(e, OpenError::RolledBack { found: old_generation, expected: generation });
     assert!(std::format!("{e}").contains("rolled back"));
-    assert!(AuthVolume::open(old, &KEY, old_generation, false).is_ok());
+    assert!(AuthVolume::open(old, &KEY, old_generation, rw()).is_ok());
 
     // Metadata: flip a tag byte in the copy the newest header describes.
-    let h = AuthVolume::open(now.clone(), &KEY, 0, false).unwrap().header;
+    let h = AuthVolume::open(now.clone(), &KEY, 0, rw()).unwrap().header;
     let mut bad = now.clone();
     bad.bytes[h.geometry.copy_offset(h.copy) as usize + 8] ^= 1;
-    assert_eq!(AuthVolume::open(bad, &KEY, 0, false).err(), Some(OpenError::MetadataTampered));
+    assert_eq!(AuthVolume::open(bad, &KEY, 0, rw()).err(), Some(OpenError::MetadataTampered));
 
     // Header: a new root with a fixed-up checksum fails the MAC (both slots).
     let mut bad = now.clone();
@@ -125,20 +131,20 @@ fn tampered_metadata_a_forged_header_and_a_rollback_are_refused_at_open() {
         let sum = Sha256::digest(&bad.bytes[at..at + SUM_AT]);
         bad.bytes[at + SUM_AT..at + SUM_AT + 32].copy_from_slice(&sum);
     }
-    assert_eq!(AuthVolume::open(bad, &KEY, 0, false).err(), Some(OpenError::HeaderForged));
+    assert_eq!(AuthVolume::open(bad, &KEY, 0, rw()).err(), Some(OpenError::HeaderForged));
 
     // Damaged (not forged) newest header: the older slot opens.
     let mut torn = now.clone();
     let newest = if generation % 2 == 1 { 0 } else { SLOT as usize };
     torn.bytes[newest + 300] ^= 1;
     torn.bytes[newest + 50] ^= 1;
-    let v = AuthVolume::open(torn, &KEY, 0, false).unwrap();
+    let v = AuthVolume::open(torn, &KEY, 0, rw()).unwrap();
     assert_eq!(v.generation(), generation - 1);
 
     // Truncated device.
     let mut short = now;
     short.bytes.truncate(DEV - 8192);
-    assert_eq!(AuthVolume::open(short, &KEY, 0, false).err(), Some(OpenError::TooSmall((DEV - 8192) as u64)));
+    assert_eq!(AuthVolume::open(short, &KEY, 0, rw()).err(), Some(OpenError::TooSmall((DEV - 8192) as u64)));
 }
 
 #[test]
@@ -270,7 +276,7 @@ fn a_power_cut_at_any_device_write_leaves_flushed_data_intact_and_nothing_silent
     for crash_at in 0.. {
         let base = formatted(DEV);
         let dev = CrashDevice { durable: base.bytes, pending: vec![], ops: 0, crash_at };
-        let mut v = AuthVolume::open(dev, &KEY, 0, false).unwrap();
+        let mut v = AuthVolume::open(dev, &KEY, 0, rw()).unwrap();
         // Per sector: the contents of the last completed commit, and every
         // value written since (any of them may survive a crash mid-commit).
         let mut committed: BTreeMap<u64, u64> = BTreeMap::new();
@@ -306,7 +312,7 @@ fn a_power_cut_at_any_device_write_leaves_flushed_data_intact_and_nothing_silent
         let dev = v.dev;
         for seed in 1..=4u64 {
             let after = dev.clone().after_crash(seed * 7919 + crash_at as u64);
-            let mut v = AuthVolume::open(after, &KEY, generation, false)
+            let mut v = AuthVolume::open(after, &KEY, generation, rw())
                 .unwrap_or_else(|e| panic!("cut at op {crash_at} (seed {seed}): does not open: {e}"));
             for &s in &sectors {
                 let mut buf = vec![0u8; SECTOR as usize];
@@ -358,7 +364,7 @@ proptest! {
             let at = if near_metadata { at % (META as usize + 2 * 8192) } else { at };
             d.bytes[at] ^= x;
         }
-        if let Ok(mut v) = AuthVolume::open(d, &KEY, generation, false) {
+        if let Ok(mut v) = AuthVolume::open(d, &KEY, generation, rw()) {
             for s in 0..v.size() / SECTOR {
                 let mut buf = vec![0u8; SECTOR as usize];
                 match v.read(s * SECTOR, &mut buf) {
@@ -368,4 +374,122 @@ proptest! {
             }
         }
     }
+}
+
+/// What a provider does to a volume between and during opens.
+#[derive(Clone, Debug)]
+enum Step {
+    /// The client writes `byte` over a whole sector.
+    Write(u64, u8),
+    Commit,
+    /// The SD is killed: the volume reopens from what reached the device.
+    Crash,
+    /// The provider copies the device.
+    Snapshot,
+    /// The provider puts an earlier copy back, with the tenant's record of
+    /// its generation (so the open's rollback check passes).
+    Rollback(usize),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0u64..6, any::<u8>()).prop_map(|(s, b)| Step::Write(s, b)),
+        2 => Just(Step::Commit),
+        1 => Just(Step::Crash),
+        2 => Just(Step::Snapshot),
+        2 => any::<usize>().prop_map(Step::Rollback),
+    ]
+}
+
+fn reopen(d: MemDevice, fingerprints: &mut Vec<[u8; 8]>) -> AuthVolume<MemDevice> {
+    let v = AuthVolume::open(d, &KEY, 0, rw()).unwrap();
+    fingerprints.push(v.writer.as_ref().unwrap().1.fingerprint);
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+    #[test]
+    fn no_sequence_of_opens_writes_crashes_and_rollbacks_seals_two_plaintexts_under_one_key_and_nonce(
+        steps in proptest::collection::vec(step(), 1..40)
+    ) {
+        let mut fps = vec![];
+        let mut v = reopen(formatted(DEV), &mut fps);
+        let mut snapshots = vec![v.device().clone()];
+        for s in &steps {
+            match s {
+                Step::Write(sector, byte) => v.write(sector * SECTOR, &[*byte; SECTOR as usize]).unwrap(),
+                Step::Commit => v.commit().unwrap(),
+                Step::Crash => {
+                    let d = v.device().clone();
+                    v = reopen(d, &mut fps);
+                }
+                Step::Snapshot => snapshots.push(v.device().clone()),
+                Step::Rollback(i) => v = reopen(snapshots[i % snapshots.len()].clone(), &mut fps),
+            }
+        }
+        let log = SEALS.lock().unwrap();
+        let mut seen: BTreeMap<([u8; 8], u64, u64), [u8; 32]> = BTreeMap::new();
+        for (key, sector, counter, plain) in log.iter().filter(|e| fps.contains(&e.0)) {
+            if let Some(earlier) = seen.insert((*key, *sector, *counter), *plain) {
+                prop_assert_eq!(earlier, *plain, "sector {} counter {}: two plaintexts under one key and nonce", sector, counter);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_version_2_volume_opens_reads_and_is_upgraded_at_its_first_commit() {
+    // A version-2 volume: records sealed under the data key (salt 0).
+    let mut v = open(formatted(DEV));
+    let id = v.header.id;
+    v.writer = Some((0, Sealer::new(&KEY, id)));
+    v.write(5 * SECTOR, &pattern(5)).unwrap();
+    v.commit().unwrap();
+    // Both slots as version 2 wrote them: the XTS format's key check label.
+    let legacy = AuthHeader {
+        version: LEGACY_VERSION,
+        key_check: key_check(&KEY, &v.header.salt).finalize().into_bytes().into(),
+        ..v.header.clone()
+    };
+    let raw = legacy.encode(&v.keys.mac);
+    let mut d = v.device().clone();
+    for at in [0, SLOT as usize] {
+        d.bytes[at..at + 512].copy_from_slice(&raw);
+    }
+
+    let mut v = open(d);
+    let mut buf = vec![0u8; SECTOR as usize];
+    v.read(5 * SECTOR, &mut buf).unwrap();
+    assert_eq!(buf, pattern(5), "a legacy sector reads under the data key");
+    v.write(6 * SECTOR, &pattern(6)).unwrap();
+    v.commit().unwrap();
+    let mut d = v.device().clone();
+    let mut v = open(d.clone());
+    for s in [5, 6] {
+        v.read(s * SECTOR, &mut buf).unwrap();
+        assert_eq!(buf, pattern(s));
+    }
+    assert_eq!(v.record(6).2, v.record(6).2.max(1), "new sectors name their open's salt");
+    assert_eq!(v.record(5).2, 0);
+    let at = if v.header.generation % 2 == 1 { 0 } else { SLOT } as usize;
+    assert_eq!(u32::from_be_bytes(d.bytes[at + 8..][..4].try_into().unwrap()), VERSION, "upgraded header");
+    // A salt edited in the metadata is caught like any other tampering.
+    let meta = v.header.geometry.copy_offset(v.header.copy) as usize;
+    d.bytes[meta + 6 * RECORD + 24] ^= 1;
+    assert_eq!(AuthVolume::open(d, &KEY, 0, rw()).err(), Some(OpenError::MetadataTampered));
+}
+
+#[test]
+fn an_authenticated_volumes_key_check_does_not_open_it_as_an_xts_volume() {
+    // The downgrade of issue 19, item 7: the provider rewrites the header as
+    // an XTS header with the volume's salt and key check, to have it
+    // served without integrity. Version 3's check has a label of its own.
+    let v = open(formatted(DEV));
+    let h = &v.header;
+    assert_eq!(h.version, VERSION);
+    let mut xts = crate::header::VolumeHeader::new(&KEY, 512, 1 << 20, h.salt, h.id);
+    assert!(xts.verify_key(&KEY).is_ok(), "a genuine XTS header opens");
+    xts.key_check = h.key_check;
+    assert_eq!(xts.verify_key(&KEY), Err(HeaderError::WrongKey));
 }
