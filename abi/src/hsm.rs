@@ -341,6 +341,15 @@ pub enum HsmError {
     },
     /// The key store is full.
     Full,
+    /// Requests without a login exceed DomC's budget for them this second
+    /// (they could otherwise flood the audit log).
+    Throttled {
+        per_sec: u32,
+    },
+    /// The audit log is full of entries the tenant has not received yet;
+    /// DomC refuses operations rather than drop evidence until the tenant
+    /// reads them (`ssc up` streams them; `ssc hsm audit`).
+    AuditFull,
 }
 
 impl core::fmt::Display for HsmError {
@@ -365,6 +374,12 @@ impl core::fmt::Display for HsmError {
             HsmError::DecryptFailed => f.write_str("authentication tag does not verify"),
             HsmError::BadKey { why } => write!(f, "bad key material: {why}"),
             HsmError::Full => f.write_str("the key store is full"),
+            HsmError::Throttled { per_sec } => {
+                write!(f, "too many requests without a login (at most {per_sec} per second)")
+            }
+            HsmError::AuditFull => f.write_str(
+                "the audit log is full of entries the tenant has not received: operations wait until it reads them",
+            ),
         }
     }
 }
@@ -404,10 +419,17 @@ pub enum AdminOp {
     Destroy {
         key: u64,
     },
-    /// Audit entries from sequence number `from`, at most `max`.
+    /// Audit entries from sequence number `from`, at most `max`; the
+    /// tenant has everything before `from`.
     Audit {
         from: u64,
         max: u32,
+    },
+    /// What DomC does when its audit log is full of entries the tenant
+    /// has not received: refuse operations (`block`, the default) or drop
+    /// the oldest.
+    AuditWhenFull {
+        block: bool,
     },
 }
 

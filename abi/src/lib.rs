@@ -34,7 +34,7 @@ pub mod memory;
 pub mod pairs;
 
 /// The ABI version this crate speaks.
-pub const VERSION: u16 = 8;
+pub const VERSION: u16 = 9;
 /// Largest payload accepted or produced, in bytes.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Bytes of the length prefix.

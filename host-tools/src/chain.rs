@@ -727,7 +727,8 @@ pub fn up(
     // client gets the PKCS#11 module in its initramfs.
     let (hsm, hsm_link) = match &plan.hsm {
         Some(h) => {
-            let (session, socket) = crate::chain_hsm::start_sd(h, &mut sds, (accel, echo), scratch.path())?;
+            let stream = h.audit_log.clone().unwrap_or_else(|| beside(&plan.path, ".hsm-audit.jsonl"));
+            let (session, socket) = crate::chain_hsm::start_sd(h, &mut sds, (accel, echo), scratch.path(), &stream)?;
             (Some(session), Some(LinkSpec::connect(crate::chain_hsm::CLIENT_PORT, &socket)))
         }
         None => (None, None),
@@ -961,6 +962,9 @@ impl Running {
             if let Some(u) = self.udom0.as_mut() {
                 u.tick(&mut self.sds);
             }
+            if let Some(h) = self.hsm.as_mut() {
+                h.tick(&mut self.sds);
+            }
             if let Some(i) = self.introspect.as_mut() {
                 for line in i.drain(&mut self.sds) {
                     if line.alert || matches!(line.event, sd_introspect::Event::Attached { .. }) {
@@ -1002,6 +1006,10 @@ impl Running {
                 });
             }
         };
+        // The audit stream ends with DomC's last entry.
+        if let Some(h) = self.hsm.as_mut() {
+            h.pull_audit(&mut self.sds);
+        }
         let log = self.clients[0].log();
         for d in self.sds.domains() {
             let failed = d.control_ref().map(|c| c.integrity_failures()).unwrap_or_default();

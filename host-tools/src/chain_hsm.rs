@@ -49,6 +49,12 @@ pub struct HsmSection {
     pub pin_file: PathBuf,
     pub label: Option<String>,
     pub module: Option<PathBuf>,
+    /// Where `ssc up` streams DomC's audit entries as they happen
+    /// (default: beside the chain file, `CHAIN.hsm-audit.jsonl`).
+    pub audit_log: Option<PathBuf>,
+    /// `block` (default): a full log of entries not yet streamed refuses
+    /// operations; `drop-oldest`: drops them.
+    pub audit_when_full: Option<String>,
     #[serde(default)]
     pub key: Vec<KeySection>,
 }
@@ -83,6 +89,9 @@ pub struct HsmPlan {
     pub label: String,
     pub module: PathBuf,
     pub keys: Vec<PlannedKey>,
+    /// `audit_log`, resolved, if the chain file names one.
+    pub audit_log: Option<PathBuf>,
+    pub block_when_full: bool,
 }
 
 /// The PIN file: its first line, 4 to 64 bytes.
@@ -158,6 +167,12 @@ impl HsmPlan {
         if !module.is_file() {
             bail!("the PKCS#11 module {} is missing: build it with `make ssc`", module.display());
         }
+        let block_when_full = match s.audit_when_full.as_deref() {
+            None | Some("block") => true,
+            Some("drop-oldest") => false,
+            Some(other) => bail!("audit_when_full = `{other}`: `block` (the default) or `drop-oldest`"),
+        };
+        let audit_log = s.audit_log.map(|p| at(&p));
         let mut keys = vec![];
         for k in s.key {
             let file = at(&k.file);
@@ -172,7 +187,7 @@ impl HsmPlan {
             let id = parse_id(k.id.as_deref().unwrap_or(""))?;
             keys.push(PlannedKey { label: k.label, id, usage, material, file });
         }
-        Ok(HsmPlan { image, pin, label, module, keys })
+        Ok(HsmPlan { image, pin, label, module, keys, audit_log, block_when_full })
     }
 }
 
@@ -186,6 +201,90 @@ pub fn default_module() -> Result<PathBuf> {
 /// DomC on a running chain.
 pub struct Session {
     sd_name: String,
+    stream: AuditStream,
+}
+
+/// DomC's audit entries, streamed into the tenant's file as they happen
+/// (issue 19, item 3): one JSON line per entry, checked to link to the one
+/// before, synced after each pull. Pulling acknowledges what DomC sent
+/// before, so DomC may drop it; what it has not sent it keeps (and by
+/// default refuses operations rather than drop).
+struct AuditStream {
+    path: PathBuf,
+    file: std::fs::File,
+    next: u64,
+    head: [u8; 32],
+    last: Instant,
+    failed: bool,
+}
+
+/// How often `ssc up` pulls DomC's new audit entries.
+const AUDIT_PULL: Duration = Duration::from_secs(1);
+
+impl AuditStream {
+    /// Starts the file afresh: each `ssc up` runs a new DomC, whose log
+    /// starts at entry 0 (DomC keeps no state across restarts yet).
+    fn create(path: &Path) -> Result<AuditStream> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+            .with_context(|| format!("creating the audit stream {}", path.display()))?;
+        Ok(AuditStream { path: path.to_path_buf(), file, next: 0, head: [0; 32], last: Instant::now(), failed: false })
+    }
+
+    /// Pulls every entry DomC has past `next`; returns how many.
+    fn pull(&mut self, sd_name: &str, sds: &mut MetaDomain) -> Result<u64> {
+        use std::io::Write;
+        let mut wrote = 0;
+        loop {
+            let page = match admin(sd_name, sds, AdminOp::Audit { from: self.next, max: 256 })? {
+                AdminReply::Audit(p) => p,
+                other => bail!("DomC answered {other:?} to an audit request"),
+            };
+            let mut text = String::new();
+            if page.oldest_kept > self.next {
+                // Only with `drop-oldest`: say so in the stream itself.
+                eprintln!(
+                    "ssc up: hsm: audit entries {}..{} were dropped before they reached {}",
+                    self.next,
+                    page.oldest_kept,
+                    self.path.display()
+                );
+                text.push_str(&serde_json::json!({"gap": {"from": self.next, "to": page.oldest_kept}}).to_string());
+                text.push('\n');
+                self.next = page.oldest_kept;
+                self.head = page.entries.first().map_or(page.head, |e| e.prev);
+            }
+            if let Some(first) = page.entries.first()
+                && (first.seq != self.next || first.prev != self.head)
+            {
+                bail!("DomC's audit entry {} does not follow entry {} it sent before", first.seq, self.next);
+            }
+            sd_hsm::audit::verify(&page.entries, None).map_err(|e| anyhow!("DomC's audit stream: {e}"))?;
+            for e in &page.entries {
+                text.push_str(&serde_json::to_string(e)?);
+                text.push('\n');
+            }
+            self.file.write_all(text.as_bytes()).with_context(|| format!("writing {}", self.path.display()))?;
+            if let Some(last) = page.entries.last() {
+                self.next = last.seq + 1;
+                self.head = last.hash;
+            }
+            wrote += page.entries.len() as u64;
+            if page.entries.is_empty() || self.next >= page.next {
+                break;
+            }
+        }
+        if wrote > 0 {
+            self.file.sync_data().with_context(|| format!("syncing {}", self.path.display()))?;
+        }
+        Ok(wrote)
+    }
 }
 
 /// Starts DomC listening on its `hsm` link, sets the PIN and imports the
@@ -196,16 +295,22 @@ pub fn start_sd(
     sds: &mut MetaDomain,
     (accel, echo): (Accel, bool),
     scratch: &Path,
+    audit_log: &Path,
 ) -> Result<(Session, PathBuf)> {
+    let stream = AuditStream::create(audit_log)?;
     let socket = scratch.join("domc.hsm");
     let mut spec = plan.image.spec("domc");
     spec.links.push(LinkSpec::listen("hsm", &socket));
     spec.append = format!("ssc.hsm.label={}", plan.label);
     sds.start(&spec, accel, echo, Duration::from_secs(60))?;
-    let session = Session { sd_name: spec.name };
+    let mut session = Session { sd_name: spec.name, stream };
     match session.admin(sds, AdminOp::SetPin { pin: plan.pin.clone() })? {
         AdminReply::Ok => {}
         other => bail!("DomC refused the PIN: {}", describe_error(&other)),
+    }
+    match session.admin(sds, AdminOp::AuditWhenFull { block: plan.block_when_full })? {
+        AdminReply::Ok => {}
+        other => bail!("DomC refused the audit policy: {}", describe_error(&other)),
     }
     for k in &plan.keys {
         let op =
@@ -216,10 +321,13 @@ pub fn start_sd(
         }
     }
     eprintln!(
-        "ssc up: DomC (token `{}`) started; {} key(s) imported; the client reaches it on port ssc-hsm with {CLIENT_MODULE}",
+        "ssc up: DomC (token `{}`) started; {} key(s) imported; the client reaches it on port ssc-hsm with {CLIENT_MODULE}; \
+         audit entries stream to {}",
         plan.label,
-        plan.keys.len()
+        plan.keys.len(),
+        audit_log.display()
     );
+    session.pull_audit(sds);
     Ok((session, socket))
 }
 
@@ -250,25 +358,52 @@ pub fn describe_key(k: &KeyInfo) -> String {
 }
 
 impl Session {
+    /// Pulls DomC's new audit entries into the stream, at most once per
+    /// [`AUDIT_PULL`]; call it from the chain's loop.
+    pub fn tick(&mut self, sds: &mut MetaDomain) {
+        if self.stream.last.elapsed() >= AUDIT_PULL {
+            self.pull_audit(sds);
+        }
+    }
+
+    /// Pulls now (also as the chain stops, so the stream ends complete).
+    pub fn pull_audit(&mut self, sds: &mut MetaDomain) {
+        let stream = &mut self.stream;
+        stream.last = Instant::now();
+        match stream.pull(&self.sd_name, sds) {
+            Ok(_) => stream.failed = false,
+            Err(e) if !stream.failed => {
+                eprintln!("ssc up: hsm: streaming the audit log to {}: {e:#}", stream.path.display());
+                stream.failed = true;
+            }
+            Err(_) => {}
+        }
+    }
+
     /// One admin request over DomC's control link.
     pub fn admin(&self, sds: &mut MetaDomain, op: AdminOp) -> Result<AdminReply> {
-        let ctl = sds.domain(&self.sd_name).and_then(|d| d.control_ref()).context("DomC is gone")?;
-        let request = postcard::to_allocvec(&op)?;
-        let id = ctl.send(Body::HsmAdmin { request: &request })?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match ctl.recv(left) {
-                Some(ControlEvent::HsmAdminReply { request_id, reply }) if request_id == id => {
-                    return ssc_abi::hsm::decode_payload(&reply).context("DomC sent a reply this ssc cannot decode");
-                }
-                Some(ControlEvent::Error { request_id, message, .. }) if request_id == id => bail!("DomC: {message}"),
-                Some(ControlEvent::Broken(why)) => bail!("DomC's control link broke: {why}"),
-                Some(_) => {}
-                None => break,
-            }
-        }
-        bail!("DomC did not answer within 60 s")
+        admin(&self.sd_name, sds, op)
     }
+}
+
+/// One admin request over the control link of DomC `sd_name`.
+fn admin(sd_name: &str, sds: &mut MetaDomain, op: AdminOp) -> Result<AdminReply> {
+    let ctl = sds.domain(sd_name).and_then(|d| d.control_ref()).context("DomC is gone")?;
+    let request = postcard::to_allocvec(&op)?;
+    let id = ctl.send(Body::HsmAdmin { request: &request })?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match ctl.recv(left) {
+            Some(ControlEvent::HsmAdminReply { request_id, reply }) if request_id == id => {
+                return ssc_abi::hsm::decode_payload(&reply).context("DomC sent a reply this ssc cannot decode");
+            }
+            Some(ControlEvent::Error { request_id, message, .. }) if request_id == id => bail!("DomC: {message}"),
+            Some(ControlEvent::Broken(why)) => bail!("DomC's control link broke: {why}"),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    bail!("DomC did not answer within 60 s")
 }
 
 /// Serves `hsm admin BASE64` from the command socket: the reply, base64.

@@ -1395,7 +1395,11 @@ fn hsm_command(cmd: HsmCmd) -> Result<ExitCode> {
                 }
             }
             let dropped = if oldest > 0 {
-                format!(" (entries before {oldest} rotated out of DomC's memory)")
+                format!(
+                    " (entries before {oldest} were streamed to the chain's audit log, \
+                     `[hsm] audit_log`, default {}, and left DomC's memory)",
+                    ssc::chain::beside(&chain, ".hsm-audit.jsonl").display()
+                )
             } else {
                 String::new()
             };

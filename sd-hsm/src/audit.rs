@@ -3,8 +3,13 @@
 //! Each entry's hash covers the previous entry's hash and its own fields
 //! (`ssc_abi::hsm::AuditEntry`), so the tenant can check that the entries
 //! it exports are complete and unedited from any point on: [`verify`].
-//! DomC keeps the most recent [`KEEP`] entries in memory; older ones are
-//! dropped (the page says so), the chain still links through them.
+//! DomC keeps the most recent [`KEEP`] entries in memory. An entry the
+//! tenant has received (a page that starts past it) may be dropped when
+//! the log is full; one it has not received is evidence, so by default a
+//! full log of undelivered entries makes DomC refuse operations until the
+//! tenant reads them ([`AuditLog::blocked`]); the tenant may choose to
+//! drop the oldest instead. Either way the chain links through what was
+//! dropped, and a page says where the kept entries start.
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
@@ -22,6 +27,11 @@ pub struct AuditLog {
     keep: usize,
     next: u64,
     head: [u8; 32],
+    /// Entries before this one have reached the tenant.
+    delivered: u64,
+    /// Whether a full log of undelivered entries refuses operations
+    /// (`true`, the default) or drops its oldest.
+    pub block_when_full: bool,
 }
 
 /// The hash of an entry given its predecessor's.
@@ -83,7 +93,14 @@ pub fn verify(entries: &[AuditEntry], head: Option<[u8; 32]>) -> Result<(), Audi
 
 impl AuditLog {
     pub fn new(keep: usize) -> Self {
-        AuditLog { entries: VecDeque::new(), keep: keep.max(1), next: 0, head: [0; 32] }
+        AuditLog {
+            entries: VecDeque::new(),
+            keep: keep.max(1),
+            next: 0,
+            head: [0; 32],
+            delivered: 0,
+            block_when_full: true,
+        }
     }
 
     /// Appends one entry.
@@ -115,8 +132,18 @@ impl AuditLog {
         self.next == 0
     }
 
-    /// Entries from `from`, at most `max` (and at most [`PAGE`]).
-    pub fn page(&self, from: u64, max: u32) -> AuditPage {
+    /// Whether appending now would drop an entry the tenant has not
+    /// received, and the log is set to refuse rather than drop.
+    pub fn blocked(&self) -> bool {
+        self.block_when_full
+            && self.entries.len() == self.keep
+            && self.entries.front().is_some_and(|e| e.seq >= self.delivered)
+    }
+
+    /// Entries from `from`, at most `max` (and at most [`PAGE`]). The
+    /// tenant asking from `from` has everything before it.
+    pub fn page(&mut self, from: u64, max: u32) -> AuditPage {
+        self.delivered = self.delivered.max(from.min(self.next));
         let oldest = self.entries.front().map_or(self.next, |e| e.seq);
         let start = from.max(oldest);
         let skip = (start - oldest) as usize;

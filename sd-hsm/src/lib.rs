@@ -116,6 +116,26 @@ pub struct Stats {
     pub requests: u64,
     pub refused: u64,
     pub malformed: u64,
+    /// Requests without a login refused over [`UNAUTHENTICATED_PER_SEC`].
+    pub throttled: u64,
+    /// Requests refused because the audit log was full of undelivered
+    /// entries.
+    pub audit_blocked: u64,
+}
+
+/// Requests without a login (Hello, Login, List, Random, and frames that
+/// do not decode) DomC serves per second, all applications together. Each
+/// is audited, so without a bound a client could flood the log; those
+/// over it are refused and audited as one summary entry.
+pub const UNAUTHENTICATED_PER_SEC: u32 = 100;
+
+/// The budget of requests without a login: the second, the count in it,
+/// and the refusals not yet audited.
+#[derive(Default)]
+struct Throttle {
+    second: u64,
+    count: u32,
+    suppressed: u64,
 }
 
 /// The HSM.
@@ -130,6 +150,7 @@ pub struct Hsm {
     logged_in: Option<[u8; 16]>,
     pub audit: AuditLog,
     pub stats: Stats,
+    throttle: Throttle,
 }
 
 /// What an operation needs before it may run.
@@ -153,6 +174,7 @@ impl Hsm {
             logged_in: None,
             audit: AuditLog::new(audit::KEEP),
             stats: Stats::default(),
+            throttle: Throttle::default(),
         }
     }
 
@@ -167,8 +189,11 @@ impl Hsm {
             Some(req) => self.client(req, now_ms),
             None => {
                 self.stats.malformed += 1;
-                self.audit.append(now_ms, Actor::Client { session: 0 }, "malformed-frame", None, "refused");
-                Response { id: 0, result: Err(HsmError::Malformed) }
+                let refused = self.gate(now_ms, false).err();
+                if refused.is_none() {
+                    self.audit.append(now_ms, Actor::Client { session: 0 }, "malformed-frame", None, "refused");
+                }
+                Response { id: 0, result: Err(refused.unwrap_or(HsmError::Malformed)) }
             }
         };
         postcard::to_allocvec(&resp).expect("in-memory encoding")
@@ -177,6 +202,10 @@ impl Hsm {
     /// Serves one decoded request.
     pub fn client(&mut self, req: Request, now_ms: u64) -> Response {
         self.stats.requests += 1;
+        let logged_in = self.logged_in_as(&req.token);
+        if let Err(e) = self.gate(now_ms, logged_in) {
+            return Response { id: req.id, result: Err(e) };
+        }
         let actor = Actor::Client { session: req.session };
         let (name, mut key) = op_name(&req.op);
         let result = self.check(&req.op, &req.token, now_ms).and_then(|()| self.run(req.op, now_ms));
@@ -206,6 +235,50 @@ impl Hsm {
             Op::Decrypt { key, .. } => Need::Key(*key, Usage::DECRYPT),
             Op::Wrap { wrapping, .. } => Need::Key(*wrapping, Usage::WRAP),
             Op::Unwrap { wrapping, .. } => Need::Key(*wrapping, Usage::UNWRAP),
+        }
+    }
+
+    /// What every request passes before it runs (and is audited): the
+    /// audit log must have room for its entry, and a request without a
+    /// login must be within [`UNAUTHENTICATED_PER_SEC`]. A refusal here
+    /// is not audited one by one: a full log has no room, and a flood's
+    /// refusals become one summary entry.
+    fn gate(&mut self, now_ms: u64, logged_in: bool) -> Result<(), HsmError> {
+        let second = now_ms / 1000;
+        if second != self.throttle.second {
+            self.flush_throttled(now_ms);
+            self.throttle.second = second;
+            self.throttle.count = 0;
+        }
+        if self.audit.blocked() {
+            self.stats.refused += 1;
+            self.stats.audit_blocked += 1;
+            return Err(HsmError::AuditFull);
+        }
+        if logged_in {
+            return Ok(());
+        }
+        let t = &mut self.throttle;
+        t.count += 1;
+        if t.count > UNAUTHENTICATED_PER_SEC {
+            t.suppressed += 1;
+            self.stats.refused += 1;
+            self.stats.throttled += 1;
+            return Err(HsmError::Throttled { per_sec: UNAUTHENTICATED_PER_SEC });
+        }
+        Ok(())
+    }
+
+    /// The refusals of the last flood become one audit entry (at a new
+    /// second, or when the tenant reads the log).
+    fn flush_throttled(&mut self, now_ms: u64) {
+        if self.throttle.suppressed > 0 && !self.audit.blocked() {
+            let outcome = alloc::format!(
+                "{} requests without a login refused (over {UNAUTHENTICATED_PER_SEC} per second)",
+                self.throttle.suppressed
+            );
+            self.audit.append(now_ms, Actor::Client { session: 0 }, "throttled", None, &outcome);
+            self.throttle.suppressed = 0;
         }
     }
 
@@ -371,9 +444,19 @@ impl Hsm {
             AdminOp::List => ("list", None),
             AdminOp::Destroy { key } => ("destroy", Some(*key)),
             // Reading the log is not itself logged: exporting would
-            // otherwise grow the log it exports.
-            AdminOp::Audit { from, max } => return AdminReply::Audit(self.audit.page(*from, *max)),
+            // otherwise grow the log it exports. A flood's summary is
+            // written first, so the tenant sees it.
+            AdminOp::Audit { from, max } => {
+                self.flush_throttled(now_ms);
+                return AdminReply::Audit(self.audit.page(*from, *max));
+            }
+            AdminOp::AuditWhenFull { block: true } => ("audit-when-full: block", None),
+            AdminOp::AuditWhenFull { block: false } => ("audit-when-full: drop the oldest", None),
         };
+        if self.audit.blocked() && !matches!(op, AdminOp::AuditWhenFull { .. }) {
+            self.stats.audit_blocked += 1;
+            return AdminReply::Error(HsmError::AuditFull);
+        }
         let reply = match op {
             AdminOp::SetPin { pin } => match pin.len() {
                 4..=64 => match Pin::new(&pin) {
@@ -399,6 +482,10 @@ impl Hsm {
                 None => AdminReply::Error(HsmError::UnknownKey { key }),
             },
             AdminOp::Audit { .. } => unreachable!("answered above"),
+            AdminOp::AuditWhenFull { block } => {
+                self.audit.block_when_full = block;
+                AdminReply::Ok
+            }
         };
         let (key, outcome) = match &reply {
             AdminReply::Key(info) => (Some(info.handle), String::from("ok")),

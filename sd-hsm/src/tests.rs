@@ -510,3 +510,99 @@ proptest! {
         }
     }
 }
+
+/// Everything DomC still keeps of its log.
+fn kept(h: &mut Hsm) -> Vec<AuditEntry> {
+    let mut out = vec![];
+    let mut from = 0;
+    loop {
+        let AdminReply::Audit(p) = h.admin(AdminOp::Audit { from, max: 256 }, 0) else { panic!() };
+        from = from.max(p.oldest_kept) + p.entries.len() as u64;
+        if p.entries.is_empty() {
+            return out;
+        }
+        out.extend(p.entries);
+    }
+}
+
+#[test]
+fn a_flood_of_requests_without_a_login_cannot_flush_the_audit_log() {
+    let mut h = hsm();
+    import(&mut h, P256, Usage::GENERAL);
+    // A client floods Random and garbage without logging in: far more
+    // than the log keeps.
+    let n = audit::KEEP as u64 + 1000;
+    let mut refused = 0;
+    for i in 0..n {
+        let r = if i % 2 == 0 {
+            call_as(&mut h, [0; 16], Op::Random { len: 8 })
+        } else {
+            let reply: Response = postcard::from_bytes(&h.client_frame(b"garbage", 0)).unwrap();
+            reply.result
+        };
+        if r == Err(HsmError::Throttled { per_sec: UNAUTHENTICATED_PER_SEC }) {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, n - u64::from(UNAUTHENTICATED_PER_SEC));
+    // The tenant's import is still in the log, and the flood is one line.
+    let log = kept(&mut h);
+    assert!(log.iter().any(|e| e.op == "import" && e.outcome == "ok"), "the import was flushed out");
+    let summary: Vec<&AuditEntry> = log.iter().filter(|e| e.op == "throttled").collect();
+    assert_eq!(summary.len(), 1);
+    assert!(
+        summary[0].outcome.starts_with(&alloc::format!("{refused} requests without a login refused")),
+        "{summary:?}"
+    );
+    assert!(log.len() < 200, "{} entries", log.len());
+    audit::verify(&log, None).unwrap();
+    // The next second serves again; a logged-in application is never
+    // throttled.
+    assert!(h.client(Request { id: 1, session: 1, token: [0; 16], op: Op::List }, 1000).result.is_ok());
+    login(&mut h);
+    for _ in 0..500 {
+        assert!(call(&mut h, Op::Random { len: 8 }).is_ok());
+    }
+}
+
+#[test]
+fn a_full_audit_log_of_undelivered_entries_blocks_operations_until_the_tenant_reads_it() {
+    let mut h = hsm();
+    h.audit = audit::AuditLog::new(16);
+    login(&mut h);
+    let k = generate(&mut h, KeyKind::EcP256);
+    let mut served = 0;
+    let blocked = loop {
+        match call(
+            &mut h,
+            Op::Sign { key: k.handle, mech: SignMech::Ecdsa { hash: Some(Hash::Sha256) }, data: vec![1] },
+        ) {
+            Ok(_) => served += 1,
+            Err(e) => break e,
+        }
+        assert!(served < 100, "never blocked");
+    };
+    assert_eq!(blocked, HsmError::AuditFull);
+    assert!(h.audit.blocked());
+    // The tenant's own requests wait too, but reading the log does not.
+    assert_eq!(h.admin(AdminOp::List, 0), AdminReply::Error(HsmError::AuditFull));
+    let log = kept(&mut h);
+    assert_eq!(log.len(), 16);
+    assert_eq!(log[0].seq, 0, "nothing was dropped before the tenant had it");
+    // Having read everything (the next page starts past it), operations go on.
+    let AdminReply::Audit(_) = h.admin(AdminOp::Audit { from: log[15].seq + 1, max: 1 }, 0) else { panic!() };
+    assert!(
+        call(&mut h, Op::Sign { key: k.handle, mech: SignMech::Ecdsa { hash: Some(Hash::Sha256) }, data: vec![1] })
+            .is_ok()
+    );
+
+    // A tenant who prefers availability drops the oldest instead.
+    let mut h = hsm();
+    h.audit = audit::AuditLog::new(16);
+    assert_eq!(h.admin(AdminOp::AuditWhenFull { block: false }, 0), AdminReply::Ok);
+    login(&mut h);
+    for _ in 0..100 {
+        assert!(call(&mut h, Op::List).is_ok());
+    }
+    assert!(kept(&mut h)[0].seq > 0);
+}

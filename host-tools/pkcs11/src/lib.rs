@@ -189,6 +189,9 @@ fn hsm_rv(e: &HsmError) -> CK_RV {
         HsmError::DecryptFailed => CKR_ENCRYPTED_DATA_INVALID,
         HsmError::BadKey { .. } => CKR_WRAPPED_KEY_INVALID,
         HsmError::Full => CKR_DEVICE_MEMORY,
+        // Both pass: the next second, or once the tenant has the log.
+        HsmError::Throttled { .. } => CKR_FUNCTION_REJECTED,
+        HsmError::AuditFull => CKR_DEVICE_MEMORY,
     }
 }
 

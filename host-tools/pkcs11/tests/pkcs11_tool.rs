@@ -241,7 +241,7 @@ fn pkcs11_tool_generates_signs_and_openssl_verifies() {
     ok(&port, &["--generate-random", "64", "-o", &d("rnd")]);
     assert_eq!(std::fs::metadata(d("rnd")).unwrap().len(), 64);
     // Everything above is in the audit log, and the chain verifies.
-    let h = hsm.lock().unwrap();
+    let mut h = hsm.lock().unwrap();
     let page = h.audit.page(0, 256);
     sd_hsm::audit::verify(&page.entries, Some(page.head)).unwrap();
     assert!(page.entries.iter().any(|e| e.op == "sign" && e.outcome == "ok"));

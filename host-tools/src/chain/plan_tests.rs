@@ -171,6 +171,11 @@ fn every_hsm_and_udom0_refusal_names_its_section() {
     std::fs::write(fx.dir.path().join("pin"), "123456\n").unwrap();
     fx.refuses("[client]\ncount = 2\n[hsm]\npin_file = \"pin\"\n", "[hsm]", "serves one client");
     fx.refuses(&format!("{CLIENT}[dedup]\n[udom0]\nlisten = \"10.0.0.1:7443\"\n"), "[udom0]", "loopback");
+    fx.refuses(
+        &format!("{CLIENT}[hsm]\npin_file = \"pin\"\naudit_when_full = \"maybe\"\n"),
+        "[hsm]",
+        "audit_when_full = `maybe`: `block` (the default) or `drop-oldest`",
+    );
     let fx = Fx::with_images(|t| t.replace("permissions = [\"hsm\"]", "permissions = []"));
     std::fs::write(fx.dir.path().join("pin"), "123456\n").unwrap();
     fx.refuses(&format!("{CLIENT}[hsm]\npin_file = \"pin\"\n"), "[hsm]", "does not declare the `hsm` permission");
