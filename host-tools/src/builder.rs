@@ -110,6 +110,19 @@ impl std::str::FromStr for WindowSpec {
     }
 }
 
+/// Creates a guest's memory file (private to the builder, sized, sparse),
+/// so that windows on it can be attached before the guest's QEMU starts.
+pub fn create_memory_file(f: &Path, mem_mib: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(f)
+        .and_then(|file| file.set_len(u64::from(mem_mib) << 20))
+        .with_context(|| format!("creating memory file {}", f.display()))
+}
+
 fn window_size(w: &WindowSpec) -> Result<u64> {
     let len = std::fs::metadata(&w.file).with_context(|| format!("memory window {}", w.file.display()))?.len();
     if len < 4096 || !len.is_power_of_two() {
@@ -919,16 +932,7 @@ impl Domain {
         if let Some(f) = &spec.memory_file
             && !f.exists()
         {
-            // Created here (private to the builder, sized, sparse) so a
-            // window on it can be attached before QEMU has started.
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(f)
-                .and_then(|file| file.set_len(u64::from(spec.mem_mib) << 20))
-                .with_context(|| format!("creating memory file {}", f.display()))?;
+            create_memory_file(f, spec.mem_mib)?;
         }
         for w in &spec.windows {
             window_size(w)?;

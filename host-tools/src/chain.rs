@@ -161,18 +161,11 @@ impl Plan {
 
     /// Every SD image the chain launches (not Udom0), once per launch.
     pub fn service_images(&self) -> Vec<&VerifiedImage> {
-        let mut v = self.images_before_clients();
+        let mut v: Vec<&VerifiedImage> = self.disks.iter().flat_map(|d| d.sds.iter()).collect();
+        v.extend(self.hsm.as_ref().map(|h| &h.image));
         v.extend(self.checkpoint.as_ref().map(|c| &c.image));
         v.extend(self.dedup.as_ref().map(|d| &d.image));
         v.extend(self.introspect.as_ref().map(|i| &i.image));
-        v
-    }
-
-    /// The SD images launched before the clients (each disk's SDs, DomC);
-    /// the memory SDs follow the clients.
-    pub fn images_before_clients(&self) -> Vec<&VerifiedImage> {
-        let mut v: Vec<&VerifiedImage> = self.disks.iter().flat_map(|d| d.sds.iter()).collect();
-        v.extend(self.hsm.as_ref().map(|h| &h.image));
         v
     }
 
@@ -512,6 +505,50 @@ pub fn plan(path: &Path) -> Result<Plan> {
     })
 }
 
+/// Where client `name`'s RAM lives when memory SDs have windows on it.
+fn memory_file(scratch: &Path, name: &str) -> PathBuf {
+    scratch.join(format!("{name}.mem"))
+}
+
+type MemorySds = (
+    Option<crate::chain_checkpoint::Session>,
+    Option<crate::chain_dedup::Session>,
+    Option<crate::chain_introspect::Session>,
+);
+
+/// Starts the chain's memory SDs (checkpoint, dedup, introspection), each
+/// with windows on the clients' memory files.
+fn start_memory_sds(
+    plan: &Plan,
+    names: &[String],
+    sds: &mut MetaDomain,
+    (accel, echo): (Accel, bool),
+    scratch: &Path,
+    restoring: bool,
+) -> Result<MemorySds> {
+    let first = memory_file(scratch, &names[0]);
+    let checkpoint = match &plan.checkpoint {
+        // One client (plan() refuses [checkpoint] with several).
+        Some(c) => {
+            Some(crate::chain_checkpoint::start_sd(c, sds, (accel, echo), scratch, (&first, plan.memory), restoring)?)
+        }
+        None => None,
+    };
+    let dedup = match &plan.dedup {
+        Some(d) => {
+            let mems: Vec<(String, PathBuf)> = names.iter().map(|n| (n.clone(), memory_file(scratch, n))).collect();
+            Some(crate::chain_dedup::start_sd(d, sds, (accel, echo), &mems)?)
+        }
+        None => None,
+    };
+    let introspect = match &plan.introspect {
+        // One client (plan() refuses [introspect] with several).
+        Some(i) => Some(crate::chain_introspect::start_sd(i, sds, (accel, echo), &first)?),
+        None => None,
+    };
+    Ok((checkpoint, dedup, introspect))
+}
+
 /// The running chain: SDs first, then the client.
 pub struct Running {
     pub sds: MetaDomain,
@@ -746,6 +783,21 @@ pub fn up(
     // The clients' kernel and initramfs are read once and pinned: what is
     // measured is what every client's QEMU runs, whatever happens to the
     // files meanwhile (`ssc up` may wait long for the tenant here).
+    let shared_ram = plan.checkpoint.is_some() || plan.dedup.is_some() || plan.introspect.is_some();
+    // In an attested meta-domain the memory SDs start now, before the
+    // tenant attests, so the evidence that decides whether secrets go out
+    // covers them too (issue 19, item 11). Their windows are the clients'
+    // memory files, made now and empty until the clients start, which
+    // only happens once the tenant has granted the windows and launched.
+    let memory_sds = match attested && shared_ram {
+        true => {
+            for name in &names {
+                crate::builder::create_memory_file(&memory_file(scratch.path(), name), plan.memory)?;
+            }
+            Some(start_memory_sds(plan, &names, &mut sds, (accel, echo), scratch.path(), restore.is_some())?)
+        }
+        false => None,
+    };
     let (kernel_pin, kernel_bytes) = crate::builder::PinnedFile::read(&plan.kernel)?;
     let (initrd_pin, initrd_bytes) = crate::builder::PinnedFile::read(&initrd)?;
     let granted = match udom0.as_mut() {
@@ -765,7 +817,6 @@ pub fn up(
             g.require(&want.sd, &want.client, &want.permission)?;
         }
     }
-    let shared_ram = plan.checkpoint.is_some() || plan.dedup.is_some() || plan.introspect.is_some();
     let mut clients = vec![];
     for name in &names {
         let mut spec = DomainSpec::new(name, &kernel_pin.qemu_path());
@@ -789,7 +840,7 @@ pub fn up(
         }
         if shared_ram {
             // Shared RAM: the SDs' windows (and skipped by migration).
-            spec.memory_file = Some(scratch.path().join(format!("{name}.mem")));
+            spec.memory_file = Some(memory_file(scratch.path(), name));
         }
         if restore.is_some() {
             spec.extra_args.extend(["-incoming".into(), "defer".into()]);
@@ -799,30 +850,9 @@ pub fn up(
     }
     // Each client's QEMU holds its own copy of the descriptors.
     drop((kernel_pin, initrd_pin));
-    let mut session = match (&plan.checkpoint, &clients[0].1) {
-        // One client (plan() refuses [checkpoint] with several), shared RAM.
-        (Some(c), Some(memory)) => {
-            let restoring = restore.is_some();
-            let at = (memory.as_path(), plan.memory);
-            Some(crate::chain_checkpoint::start_sd(c, &mut sds, (accel, echo), scratch.path(), at, restoring)?)
-        }
-        _ => None,
-    };
-    let dedup = match &plan.dedup {
-        Some(d) => {
-            let mems: Vec<(String, PathBuf)> = names
-                .iter()
-                .zip(&clients)
-                .map(|(n, (_, m))| (n.clone(), m.clone().expect("shared RAM with [dedup]")))
-                .collect();
-            Some(crate::chain_dedup::start_sd(d, &mut sds, (accel, echo), &mems)?)
-        }
-        None => None,
-    };
-    let introspect = match (&plan.introspect, &clients[0].1) {
-        // One client (plan() refuses [introspect] with several), shared RAM.
-        (Some(i), Some(memory)) => Some(crate::chain_introspect::start_sd(i, &mut sds, (accel, echo), memory)?),
-        _ => None,
+    let (mut session, dedup, introspect) = match memory_sds {
+        Some(m) => m,
+        None => start_memory_sds(plan, &names, &mut sds, (accel, echo), scratch.path(), restore.is_some())?,
     };
     let mut clients: Vec<Domain> = clients.into_iter().map(|(d, _)| d).collect();
     if commands.is_none() && (session.is_some() || dedup.is_some() || introspect.is_some() || hsm.is_some()) {

@@ -426,6 +426,9 @@ impl Session {
             if let Some(verb) = provider.poll(sds.domains_mut().iter_mut(), true) {
                 bail!("the provider ended this meta-domain before its clients launched ({verb:?})");
             }
+            if crate::interrupted() {
+                bail!("interrupted while waiting for the tenant to launch the clients");
+            }
             for d in sds.domains_mut() {
                 if !d.running() {
                     bail!("{} stopped while waiting for the tenant: {:?}", d.name, d.log().last());
@@ -607,22 +610,17 @@ pub struct Timings {
     pub provisioning: f64,
 }
 
-/// The launches the tenant's chain implies, from its plan: before the
-/// tenant launches the clients (`launched` false), the memory SDs, which
-/// start after the clients, are not there yet.
-pub fn expected_launches(
-    plan: &crate::chain::Plan,
-    client_initrd: &Path,
-    launched: bool,
-) -> Result<Vec<ExpectedLaunch>> {
+/// The launches the tenant's chain implies, from its plan: Udom0, every
+/// SD (the memory SDs too: an attested meta-domain starts them before the
+/// tenant attests), every client's kernel, initramfs and command line.
+pub fn expected_launches(plan: &crate::chain::Plan, client_initrd: &Path) -> Result<Vec<ExpectedLaunch>> {
     let u =
         plan.udom0.as_ref().ok_or_else(|| anyhow!("{}: no [udom0] section: nothing to attest", plan.path.display()))?;
     let mut out = vec![ExpectedLaunch {
         launch: launch_of(DOMAIN, "udom0", &u.image.manifest.image),
         sha384: sha384_file(&u.image.path)?,
     }];
-    let images = if launched { plan.service_images() } else { plan.images_before_clients() };
-    for img in images {
+    for img in plan.service_images() {
         out.push(ExpectedLaunch { launch: launch_of("", "sd", &img.manifest.image), sha384: sha384_file(&img.path)? });
     }
     for c in 0..plan.clients {
@@ -644,7 +642,7 @@ pub fn attest(chain: &Path, host_profile: &Path, job: Option<&Path>, provision: 
     let scratch = crate::builder::RunDir::create()?;
     let job = crate::chain::job_initrd(&plan, job, scratch.path())?;
     let initrd = crate::chain::client_initrd(&plan, job.as_deref(), scratch.path())?;
-    let expected = expected_launches(&plan, &initrd, !provision)?;
+    let expected = expected_launches(&plan, &initrd)?;
     // The secrets are read before anything goes out, so a missing key
     // file fails here, not half-way through provisioning.
     let keys = match provision {

@@ -109,7 +109,7 @@ fn diversion(chain: &Path, job: &Path, profile: &Path) -> String {
     let scratch = tempfile::tempdir().unwrap();
     let with_job = ssc::chain::job_initrd(&plan, Some(job), scratch.path()).unwrap();
     let initrd = ssc::chain::client_initrd(&plan, with_job.as_deref(), scratch.path()).unwrap();
-    let launches = ssc::chain_udom0::expected_launches(&plan, &initrd, true).unwrap();
+    let launches = ssc::chain_udom0::expected_launches(&plan, &initrd).unwrap();
     let host = ssc::chain_udom0::ProfileFile::read(profile).unwrap();
     let spki = s.udom0_spki();
     let ex =
@@ -301,4 +301,105 @@ fn attestation_mistakes_are_refused_by_name() {
         Duration::from_secs(60),
     );
     assert!(!r.output.status.success() && r.all().contains("no [udom0] section"), "{}", r.all());
+}
+
+/// A copy of the test catalog in which `checkpoint` is another validly
+/// signed build (version 0.0.9, other bytes): what a provider could run in
+/// place of the image the tenant chose.
+fn catalog_with_another_checkpoint(dir: &Path) -> PathBuf {
+    let (catalog_dir, _) = catalog();
+    let out = dir.join("provider-catalog");
+    std::fs::create_dir_all(&out).unwrap();
+    for e in std::fs::read_dir(&catalog_dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("checkpoint") {
+            std::fs::copy(e.path(), out.join(&name)).unwrap();
+        }
+    }
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let mut elf = std::fs::read(catalog_dir.join("checkpoint-0.1.0.elf")).unwrap();
+    elf.extend_from_slice(b"an older build with a known hole");
+    std::fs::write(bin.join("checkpoint"), elf).unwrap();
+    let images = dir.join("images.toml");
+    std::fs::write(
+        &images,
+        "[[image]]\nname = \"checkpoint\"\nbinary = \"checkpoint\"\ndescription = \"checkpoint SD\"\n\
+         permissions = [\"mem-read\", \"mem-write\"]\ndisks = 1\nwindows = 1\nlinks = []\n",
+    )
+    .unwrap();
+    ssc::catalog::build(&images, &bin, "0.0.9", &repo().join("build/publisher.pk8"), &out).unwrap();
+    out
+}
+
+/// A chain with `[udom0]`, a storage SD and a checkpoint SD over `catalog`.
+fn memory_chain(catalog: &Path) -> String {
+    let (_, trust) = qemu_tests::catalog();
+    let (kernel, initrd) = client_kernel();
+    format!(
+        "[catalog]\npath = \"{}\"\ntrust = [\"{}\"]\n[client]\nkernel = \"{}\"\ninitrd = \"{}\"\n[udom0]\n\
+         [[disk]]\nvolume = \"vol.img\"\nkey = \"vol.key\"\nchain = [\"storage-crypt\"]\n\
+         [checkpoint]\ndisk = \"ck.img\"\nkey = \"ck.key\"\n",
+        catalog.display(),
+        trust.display(),
+        kernel.display(),
+        initrd.display()
+    )
+}
+
+#[test]
+fn a_memory_sd_the_tenant_did_not_choose_is_caught_before_any_secret_goes_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (vol, key) = (d.join("vol.img"), d.join("vol.key"));
+    let r = run_ssc(
+        &["volume", "create", vol.to_str().unwrap(), "--size", "16M", "--key-out", key.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert!(r.output.status.success(), "{}", r.all());
+    std::fs::write(d.join("ck.key"), "3c".repeat(64)).unwrap();
+    let job = d.join("job.sh");
+    std::fs::write(&job, "echo MEMORY-SD-JOB-RAN\nsleep 600\n").unwrap();
+    let (js, prof) = (job.to_str().unwrap(), profile(d));
+    let ps = prof.to_str().unwrap();
+    let (catalog_dir, _) = catalog();
+    // `ssc attest CHAIN` reaches the `ssc up` that runs CHAIN (its socket
+    // sits beside it), so both sides use one path; what it holds is each
+    // side's own chain file.
+    let chain = d.join("chain.toml");
+    let cs = chain.to_str().unwrap();
+    let attest = || {
+        run_ssc(&["attest", cs, "--host-profile", ps, "--job", js, "--provision", "--json"], Duration::from_secs(120))
+    };
+
+    // The honest builder: the checkpoint SD is in the evidence the tenant
+    // checks before it provisions, and the client runs.
+    std::fs::write(&chain, memory_chain(&catalog_dir)).unwrap();
+    let up = Up::start(d, &["up", cs, "--job", js], "up");
+    wait_stderr(&up, "waiting for the tenant to attest");
+    let r = attest();
+    assert!(r.output.status.success(), "ssc attest --provision: {}\n{}", r.all(), up.stderr());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+    let images: Vec<&str> = v["launches"].as_array().unwrap().iter().filter_map(|l| l["image"].as_str()).collect();
+    assert!(images.contains(&"checkpoint"), "the checkpoint SD is not in the evidence: {images:?}");
+    up.wait_until("the client's job", |o| o.contains("MEMORY-SD-JOB-RAN"));
+    up.stop();
+
+    // The provider runs the chain with another (older, validly signed)
+    // checkpoint image. The tenant's first attestation sees it: no key is
+    // provisioned and the client never starts.
+    std::fs::write(&chain, memory_chain(&catalog_with_another_checkpoint(d))).unwrap();
+    let up = Up::start(d, &["up", cs, "--job", js], "up2");
+    wait_stderr(&up, "waiting for the tenant to attest");
+    std::fs::write(&chain, memory_chain(&catalog_dir)).unwrap();
+    let r = attest();
+    assert_eq!(r.code(), Some(1), "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("VM substitution") && error.contains("checkpoint"), "{}", r.all());
+    assert!(v["provisioned"].is_null(), "{}", r.all());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!up.stdout().contains("MEMORY-SD-JOB-RAN"), "the client ran:\n{}", up.stdout());
+    assert!(!up.stderr().contains("keyed by"), "a key went out:\n{}", up.stderr());
+    up.stop();
 }
