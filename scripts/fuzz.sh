@@ -3,7 +3,8 @@
 # the committed seeds (<crate>/fuzz/seeds/<target>/) plus whatever earlier
 # runs found (<crate>/fuzz/corpus/<target>/, not committed), and fails on
 # the first crash, leak or timeout (libFuzzer's artifact is kept in
-# <crate>/fuzz/artifacts/<target>/). Prints executions per target.
+# <crate>/fuzz/artifacts/<target>/); one input running over 10 s is a
+# hang. Prints executions per target.
 #
 #   scripts/fuzz.sh            # 20 s per target (what `make test` runs)
 #   scripts/fuzz.sh 600        # a long run (`make fuzz` uses 60)
@@ -25,6 +26,7 @@ targets=(
   "sd-checkpoint checkpoint_stream"
   "sd-hsm client_frames"
   "udom0 attestation_parsers"
+  "sd-introspect guest_memory"
 )
 summary=()
 for t in "${targets[@]}"; do
@@ -36,7 +38,7 @@ for t in "${targets[@]}"; do
   echo "fuzz: $crate/$target for ${seconds} s…"
   log=$(mktemp)
   if ! (cd "$crate" && cargo fuzz run "$target" "$corpus" "$seeds" -- \
-        -max_total_time="$seconds" -rss_limit_mb=4096 -print_final_stats=1) >"$log" 2>&1; then
+        -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -print_final_stats=1) >"$log" 2>&1; then
     tail -40 "$log"
     echo "fuzz: $crate/$target FAILED (the crashing input is under $crate/fuzz/artifacts/$target/)" >&2
     rm -f "$log"

@@ -38,6 +38,9 @@ pub mod paging;
 pub mod profile;
 pub mod vmcoreinfo;
 
+#[cfg(any(test, feature = "fake-guest"))]
+#[doc(hidden)]
+pub mod fake;
 #[cfg(test)]
 mod tests;
 
