@@ -16,7 +16,9 @@
 //! `CKM_EDDSA`, `CKM_RSA_PKCS`, `CKM_SHA256/384/512_RSA_PKCS`,
 //! `CKM_RSA_PKCS_PSS`, `CKM_SHA256/384/512_RSA_PKCS_PSS` (RSA keys are
 //! imported by the tenant with `ssc hsm import`), `CKM_AES_KEY_GEN`,
-//! `CKM_AES_GCM`. Entry points outside that set return
+//! `CKM_AES_GCM`, and `CKM_SSC_WRAP` (vendor-defined, DomC's own wrapped
+//! format) for `C_WrapKey`/`C_UnwrapKey` ([`wrap`]). Entry points outside
+//! that set return
 //! `CKR_FUNCTION_NOT_SUPPORTED`.
 //!
 //! Threads: the module's state sits behind one lock that is never held
@@ -31,6 +33,7 @@
 
 pub mod transport;
 mod unsupported;
+mod wrap;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -150,6 +153,8 @@ struct Session {
     verify: Option<SignOp>,
     encrypt: Option<CryptOp>,
     decrypt: Option<CryptOp>,
+    /// A blob `C_WrapKey` made for a length query: (wrapping key, key, blob).
+    wrapped: Option<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE, Vec<u8>)>,
 }
 
 struct State {
@@ -446,8 +451,8 @@ static mut FUNCTIONS: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
     C_DecryptVerifyUpdate: Some(unsupported::C_DecryptVerifyUpdate),
     C_GenerateKey: Some(C_GenerateKey),
     C_GenerateKeyPair: Some(C_GenerateKeyPair),
-    C_WrapKey: Some(unsupported::C_WrapKey),
-    C_UnwrapKey: Some(unsupported::C_UnwrapKey),
+    C_WrapKey: Some(wrap::C_WrapKey),
+    C_UnwrapKey: Some(wrap::C_UnwrapKey),
     C_DeriveKey: Some(unsupported::C_DeriveKey),
     C_SeedRandom: Some(C_SeedRandom),
     C_GenerateRandom: Some(C_GenerateRandom),
@@ -671,6 +676,7 @@ const MECHANISMS: &[(CK_MECHANISM_TYPE, CK_ULONG, CK_ULONG, CK_FLAGS)] = &[
     (CKM_SHA512_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_AES_KEY_GEN, 32, 32, CKF_GENERATE),
     (CKM_AES_GCM, 32, 32, CKF_ENCRYPT | CKF_DECRYPT),
+    (wrap::CKM_SSC_WRAP, 32, 32, CKF_WRAP | CKF_UNWRAP),
 ];
 
 /// # Safety

@@ -336,14 +336,7 @@ fn a_session_object_template_is_refused_not_turned_into_a_token_object() {
     // `session_object_application` with the port in its environment.
     let dir = tempdir();
     let (port, hsm) = serve(&dir);
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "session_object_application", "--nocapture"])
-        .env("SSC_HSM_PORT", &port)
-        .env("SSC_P11_APPLICATION", "1")
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("application: done"), "{text}");
+    let text = application("session_object_application", &port);
     // Only the token-object key pair was made.
     assert_eq!(hsm.lock().unwrap().key_count(), 1 + 1, "{text}");
 }
@@ -386,6 +379,103 @@ fn session_object_application() {
     session
         .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &[Attribute::Token(true), Attribute::Sign(true)])
         .unwrap();
+    println!("application: done");
+}
+
+#[test]
+fn the_tenants_private_key_cannot_be_wrapped_out_through_the_module() {
+    // The export of issue 19, item 1, tried through PKCS#11 itself: the
+    // application (cryptoki, in a child process as above) wraps what it
+    // may and is refused what it may not.
+    let dir = tempdir();
+    let (port, _hsm) = serve(&dir);
+    application("wrap_application", &port);
+}
+
+/// Runs the `name` test of this binary as a PKCS#11 application in a
+/// child process on DomC's `port`; it must print `application: done`.
+fn application(name: &str, port: &str) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture"])
+        .env("SSC_HSM_PORT", port)
+        .env("SSC_P11_APPLICATION", "1")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("application: done"), "{text}");
+    text
+}
+
+/// The application of the test above; does nothing unless run by it.
+#[test]
+fn wrap_application() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::error::{Error, RvError};
+    use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
+    use cryptoki::mechanism::{Mechanism, MechanismType};
+    use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    if std::env::var_os("SSC_P11_APPLICATION").is_none() {
+        return;
+    }
+    let refused =
+        |r: &cryptoki::error::Result<Vec<u8>>, want: RvError| matches!(r, Err(Error::Pkcs11(rv, _)) if *rv == want);
+    let p11 = Pkcs11::new(module()).unwrap();
+    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).unwrap();
+    let slot = p11.get_slots_with_token().unwrap()[0];
+    let ssc_wrap = MechanismType::new_vendor_defined(cryptoki_sys::CKM_VENDOR_DEFINED | 0x5353_4357).unwrap();
+    let info = p11.get_mechanism_info(slot, ssc_wrap).unwrap();
+    assert!(info.wrap() && info.unwrap(), "CKM_SSC_WRAP wraps and unwraps");
+    let wrap = Mechanism::VendorDefined(VendorDefinedMechanism::new::<()>(ssc_wrap, None));
+    let session = p11.open_rw_session(slot).unwrap();
+    session.login(UserType::User, Some(&AuthPin::new(PIN.into()))).unwrap();
+    let aes = |extra: &[Attribute]| {
+        let mut t = vec![
+            Attribute::Token(true),
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+        ];
+        t.extend_from_slice(extra);
+        session.generate_key(&Mechanism::AesKeyGen, &t).unwrap()
+    };
+    let kek = aes(&[Attribute::Wrap(true), Attribute::Unwrap(true), Attribute::Label(b"kek".to_vec())]);
+    let general = aes(&[Attribute::Encrypt(true), Attribute::Decrypt(true)]);
+    let movable = aes(&[Attribute::Encrypt(true), Attribute::Decrypt(true), Attribute::Extractable(true)]);
+    // The tenant's imported RSA key (not extractable), found by its id.
+    let rsa =
+        session.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Id(vec![0x52])]).unwrap()[0];
+
+    // Refused: the tenant's key; a key not made extractable; wrapping with
+    // a key that also decrypts (the wrap-then-decrypt export).
+    let r = session.wrap_key(&wrap, kek, rsa);
+    assert!(refused(&r, RvError::KeyUnextractable), "the tenant's RSA key: {:?}", r.map(|b| b.len()));
+    let r = session.wrap_key(&wrap, kek, general);
+    assert!(refused(&r, RvError::KeyUnextractable), "a non-extractable key: {:?}", r.map(|b| b.len()));
+    let r = session.wrap_key(&wrap, general, movable);
+    assert!(
+        refused(&r, RvError::WrappingKeyTypeInconsistent) || refused(&r, RvError::KeyFunctionNotPermitted),
+        "{:?}",
+        r.map(|b| b.len())
+    );
+
+    // Allowed: an extractable key, by a wrap-only key; the copy decrypts
+    // what the original encrypted and keeps the policy it was wrapped with.
+    let blob = session.wrap_key(&wrap, kek, movable).unwrap();
+    let copy = session.unwrap_key(&wrap, kek, &blob, &[Attribute::Label(b"copy".to_vec())]).unwrap();
+    let (mut iv1, mut iv2) = ([7u8; 12], [7u8; 12]);
+    let gcm = cryptoki::mechanism::aead::GcmParams::new(&mut iv1, &[], 128.into()).unwrap();
+    let sealed = session.encrypt(&Mechanism::AesGcm(gcm), movable, b"moved inside DomC").unwrap();
+    let gcm = cryptoki::mechanism::aead::GcmParams::new(&mut iv2, &[], 128.into()).unwrap();
+    assert_eq!(session.decrypt(&Mechanism::AesGcm(gcm), copy, &sealed).unwrap(), b"moved inside DomC");
+    let attrs = session.get_attributes(copy, &[AttributeType::Extractable, AttributeType::Wrap]).unwrap();
+    assert!(attrs.contains(&Attribute::Extractable(true)) && attrs.contains(&Attribute::Wrap(false)), "{attrs:?}");
+    // A blob edited in transit does not unwrap.
+    let mut bad = blob.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(session.unwrap_key(&wrap, kek, &bad, &[]).is_err());
     println!("application: done");
 }
 
