@@ -87,12 +87,13 @@ fn oversized_length_prefix_is_refused_before_its_data_arrives() {
 
 #[test]
 fn other_version_is_named_in_the_error() {
+    let other = VERSION + 1;
     let mut env = Envelope::new(7, Body::Shutdown);
-    env.version = 9;
+    env.version = other;
     let frame = env.to_frame().unwrap();
     let err = Envelope::decode(&frame[PREFIX..]).unwrap_err();
-    assert_eq!(err, FrameError::Version { got: 9 });
-    assert!(std::format!("{err}").contains("version 9"));
+    assert_eq!(err, FrameError::Version { got: other });
+    assert!(std::format!("{err}").contains(&std::format!("version {other}")));
 }
 
 #[test]
