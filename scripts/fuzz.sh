@@ -27,6 +27,7 @@ targets=(
   "sd-hsm client_frames"
   "udom0 attestation_parsers"
   "sd-introspect guest_memory"
+  "host-tools/luks luks_header"
 )
 summary=()
 for t in "${targets[@]}"; do
