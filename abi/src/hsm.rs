@@ -419,11 +419,17 @@ pub enum AdminOp {
     Destroy {
         key: u64,
     },
-    /// Audit entries from sequence number `from`, at most `max`; the
-    /// tenant has everything before `from`.
+    /// Audit entries from sequence number `from`, at most `max` (reading
+    /// acknowledges nothing).
     Audit {
         from: u64,
         max: u32,
+    },
+    /// The tenant holds, durably, every entry before `next`, the last of
+    /// which hashes to `head`: DomC may drop them when its log is full.
+    AuditAck {
+        next: u64,
+        head: [u8; 32],
     },
     /// What DomC does when its audit log is full of entries the tenant
     /// has not received: refuse operations (`block`, the default) or drop

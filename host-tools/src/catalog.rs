@@ -169,7 +169,7 @@ pub fn keygen(private: &Path, public: &Path) -> Result<String> {
         .with_context(|| format!("creating {} (it must not exist yet)", private.display()))?;
     std::io::Write::write_all(&mut f, doc.as_ref())?;
     let pubkey = hex(pair.public_key().as_ref());
-    std::fs::write(public, format!("{pubkey}\n")).with_context(|| format!("writing {}", public.display()))?;
+    crate::durable::write_public(public, format!("{pubkey}\n").as_bytes())?;
     Ok(pubkey)
 }
 

@@ -976,6 +976,10 @@ impl Running {
                 }
                 Some(crate::provider::Verb::Destroy) => {
                     eprintln!("ssc up: the provider destroys this meta-domain (`ssc provider destroy`)");
+                    // The tenant's audit stream ends complete even so.
+                    if let Some(h) = self.hsm.as_mut() {
+                        h.pull_audit(&mut self.sds);
+                    }
                     for c in &mut self.clients {
                         c.kill();
                     }

@@ -216,39 +216,68 @@ struct AuditStream {
     head: [u8; 32],
     last: Instant,
     failed: bool,
+    /// DomC refuses rather than drops: a gap would be a broken promise.
+    block_when_full: bool,
 }
 
 /// How often `ssc up` pulls DomC's new audit entries.
 const AUDIT_PULL: Duration = Duration::from_secs(1);
+/// Pages one tick pulls at most, so a busy client cannot hold `ssc up`'s
+/// loop (the rest comes at the next tick; DomC blocks, not drops).
+const PAGES_PER_TICK: usize = 16;
 
 impl AuditStream {
-    /// Starts the file afresh: each `ssc up` runs a new DomC, whose log
-    /// starts at entry 0 (DomC keeps no state across restarts yet).
-    fn create(path: &Path) -> Result<AuditStream> {
+    /// Opens the tenant's file for appending: each `ssc up` runs a new
+    /// DomC, whose log starts again at entry 0, so a line `{"session":…}`
+    /// starts each run's chain; earlier runs' entries stay.
+    fn create(path: &Path, block_when_full: bool) -> Result<AuditStream> {
+        use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
             .create(true)
-            .truncate(true)
             .mode(0o600)
             .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(path)
-            .with_context(|| format!("creating the audit stream {}", path.display()))?;
-        Ok(AuditStream { path: path.to_path_buf(), file, next: 0, head: [0; 32], last: Instant::now(), failed: false })
+            .with_context(|| format!("opening the audit stream {}", path.display()))?;
+        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let line = serde_json::json!({"session": {"started_unix": started, "first_seq": 0}}).to_string() + "\n";
+        file.write_all(line.as_bytes()).and_then(|()| file.sync_all())?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+        Ok(AuditStream {
+            path: path.to_path_buf(),
+            file,
+            next: 0,
+            head: [0; 32],
+            last: Instant::now(),
+            failed: false,
+            block_when_full,
+        })
     }
 
-    /// Pulls every entry DomC has past `next`; returns how many.
-    fn pull(&mut self, sd_name: &str, sds: &mut MetaDomain) -> Result<u64> {
+    /// Pulls DomC's entries past `next` (at most `pages` pages), writes and
+    /// syncs them, then acknowledges them so DomC may drop its copies.
+    /// Returns how many.
+    fn pull(&mut self, sd_name: &str, sds: &mut MetaDomain, pages: usize) -> Result<u64> {
         use std::io::Write;
         let mut wrote = 0;
-        loop {
+        for _ in 0..pages {
             let page = match admin(sd_name, sds, AdminOp::Audit { from: self.next, max: 256 })? {
                 AdminReply::Audit(p) => p,
                 other => bail!("DomC answered {other:?} to an audit request"),
             };
             let mut text = String::new();
             if page.oldest_kept > self.next {
-                // Only with `drop-oldest`: say so in the stream itself.
+                if self.block_when_full {
+                    bail!(
+                        "DomC dropped audit entries {}..{} that {} never received, although it was told to block",
+                        self.next,
+                        page.oldest_kept,
+                        self.path.display()
+                    );
+                }
+                // `drop-oldest`: say so in the stream itself.
                 eprintln!(
                     "ssc up: hsm: audit entries {}..{} were dropped before they reached {}",
                     self.next,
@@ -282,6 +311,10 @@ impl AuditStream {
         }
         if wrote > 0 {
             self.file.sync_data().with_context(|| format!("syncing {}", self.path.display()))?;
+            match admin(sd_name, sds, AdminOp::AuditAck { next: self.next, head: self.head })? {
+                AdminReply::Ok => {}
+                other => bail!("DomC refused the acknowledgement: {}", describe_error(&other)),
+            }
         }
         Ok(wrote)
     }
@@ -297,7 +330,7 @@ pub fn start_sd(
     scratch: &Path,
     audit_log: &Path,
 ) -> Result<(Session, PathBuf)> {
-    let stream = AuditStream::create(audit_log)?;
+    let stream = AuditStream::create(audit_log, plan.block_when_full)?;
     let socket = scratch.join("domc.hsm");
     let mut spec = plan.image.spec("domc");
     spec.links.push(LinkSpec::listen("hsm", &socket));
@@ -362,15 +395,20 @@ impl Session {
     /// [`AUDIT_PULL`]; call it from the chain's loop.
     pub fn tick(&mut self, sds: &mut MetaDomain) {
         if self.stream.last.elapsed() >= AUDIT_PULL {
-            self.pull_audit(sds);
+            self.pull_pages(sds, PAGES_PER_TICK);
         }
     }
 
-    /// Pulls now (also as the chain stops, so the stream ends complete).
+    /// Pulls everything now (as the chain stops, so the stream ends
+    /// complete).
     pub fn pull_audit(&mut self, sds: &mut MetaDomain) {
+        self.pull_pages(sds, usize::MAX);
+    }
+
+    fn pull_pages(&mut self, sds: &mut MetaDomain, pages: usize) {
         let stream = &mut self.stream;
         stream.last = Instant::now();
-        match stream.pull(&self.sd_name, sds) {
+        match stream.pull(&self.sd_name, sds, pages) {
             Ok(_) => stream.failed = false,
             Err(e) if !stream.failed => {
                 eprintln!("ssc up: hsm: streaming the audit log to {}: {e:#}", stream.path.display());

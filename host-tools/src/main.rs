@@ -1379,7 +1379,7 @@ fn hsm_command(cmd: HsmCmd) -> Result<ExitCode> {
                     text.push_str(&serde_json::to_string(e)?);
                     text.push('\n');
                 }
-                std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+                ssc::durable::write(path, text.as_bytes())?;
             }
             let shown = &entries[entries.len().saturating_sub(tail.unwrap_or(usize::MAX))..];
             for e in shown {

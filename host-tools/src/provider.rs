@@ -312,7 +312,8 @@ impl Quotas {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d)?;
         }
-        crate::durable::write(path, (serde_json::to_string_pretty(self)? + "\n").as_bytes())
+        // Readable by every builder (a non-root `ssc up` checks quotas too).
+        crate::durable::write_public(path, (serde_json::to_string_pretty(self)? + "\n").as_bytes())
     }
 
     /// Refuses a meta-domain of `domains` domains and `memory_mib` MiB

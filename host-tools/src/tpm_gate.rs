@@ -8,11 +8,16 @@
 //! `path=`, but the binding has no way to pass one, and we keep `unsafe`
 //! out of this crate). So the builder listens on two adjacent loopback
 //! ports itself and forwards a connection to the matching unix socket only
-//! when the connecting socket is one of this process's own file
-//! descriptors: the kernel's `sock_diag` names the inode of the socket at
-//! the other end, `/proc/self/fd` whether we hold it. Another local user (or another
-//! builder of the same user) who connects to the port gets a closed
-//! connection and never a byte of TPM protocol.
+//! when the connecting socket belongs to this process's user and is one of
+//! this process's own file descriptors: the kernel's `sock_diag` names the
+//! owner and the inode of the socket at the other end, `/proc/self/fd`
+//! whether we hold it. The uid is what keeps other users out (socket inode
+//! numbers come from a wrapping counter, so an inode alone could in
+//! principle be matched by a socket of theirs); the inode keeps out this
+//! user's other processes that merely connect to the port (a process of the
+//! same user could open the 0600 sockets, or ptrace us, anyway). Another
+//! local user who connects gets a closed connection and never a byte of
+//! TPM protocol.
 
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -88,7 +93,11 @@ fn serve(listener: TcpListener, target: PathBuf, stop: Arc<AtomicBool>, refused:
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(tcp) = conn else { continue };
+        let Ok(tcp) = conn else {
+            // Out of descriptors, say: do not spin.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        };
         let Ok(peer) = tcp.peer_addr() else { continue };
         if !held_by_this_process(peer, local) {
             refused.fetch_add(1, Ordering::Relaxed);
@@ -124,7 +133,10 @@ fn pipe(tcp: TcpStream, unix: UnixStream) {
 /// process's file descriptors.
 fn held_by_this_process(peer: SocketAddr, local: SocketAddr) -> bool {
     let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else { return false };
-    let Ok(Some(inode)) = socket_inode(peer, local) else { return false };
+    let Ok(Some((uid, inode))) = socket_owner(peer, local) else { return false };
+    if uid != rustix::process::geteuid().as_raw() {
+        return false;
+    }
     let want = format!("socket:[{inode}]");
     let Ok(fds) = std::fs::read_dir("/proc/self/fd") else { return false };
     fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
@@ -139,17 +151,18 @@ const NLM_F_REQUEST: u16 = 1;
 const NLMSG_HDR: usize = 16;
 /// `inet_diag_msg`: family, state, timer, retrans, `inet_diag_sockid` (48),
 /// expires, rqueue, wqueue, uid, inode.
-const INODE_AT: usize = NLMSG_HDR + 4 + 48 + 16;
+const UID_AT: usize = NLMSG_HDR + 4 + 48 + 12;
+const INODE_AT: usize = UID_AT + 4;
 
-/// The inode of the TCP socket whose local end is `from` and whose remote
-/// end is `to`, `None` if there is none.
-fn socket_inode(from: std::net::SocketAddrV4, to: std::net::SocketAddrV4) -> std::io::Result<Option<u32>> {
+/// The owner (uid) and inode of the TCP socket whose local end is `from`
+/// and whose remote end is `to`, `None` if there is none.
+fn socket_owner(from: std::net::SocketAddrV4, to: std::net::SocketAddrV4) -> std::io::Result<Option<(u32, u32)>> {
     use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketType, netlink};
     let fd = rustix::net::socket(AddressFamily::NETLINK, SocketType::DGRAM, Some(netlink::SOCK_DIAG))?;
     rustix::net::send(&fd, &diag_request(from, to), SendFlags::empty())?;
     let mut buf = [0u8; 512];
     let (n, _) = rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty())?;
-    Ok(diag_inode(&buf[..n]))
+    Ok(diag_owner(&buf[..n]))
 }
 
 fn diag_request(from: std::net::SocketAddrV4, to: std::net::SocketAddrV4) -> Vec<u8> {
@@ -174,15 +187,16 @@ fn diag_request(from: std::net::SocketAddrV4, to: std::net::SocketAddrV4) -> Vec
     m
 }
 
-/// The inode in a sock_diag reply (`None` for an error reply, e.g. no
-/// such socket).
-fn diag_inode(reply: &[u8]) -> Option<u32> {
+/// The uid and inode in a sock_diag reply (`None` for an error reply,
+/// e.g. no such socket).
+fn diag_owner(reply: &[u8]) -> Option<(u32, u32)> {
     let kind = u16::from_ne_bytes(reply.get(4..6)?.try_into().ok()?);
     if kind != SOCK_DIAG_BY_FAMILY {
         return None;
     }
+    let uid = u32::from_ne_bytes(reply.get(UID_AT..UID_AT + 4)?.try_into().ok()?);
     let inode = u32::from_ne_bytes(reply.get(INODE_AT..INODE_AT + 4)?.try_into().ok()?);
-    (inode != 0).then_some(inode)
+    (inode != 0).then_some((uid, inode))
 }
 
 #[cfg(test)]
@@ -204,12 +218,13 @@ mod tests {
         let (SocketAddr::V4(from), SocketAddr::V4(to)) = (c.local_addr().unwrap(), l.local_addr().unwrap()) else {
             panic!()
         };
-        assert_eq!(socket_inode(from, to).unwrap(), Some(inode(&c)));
+        let me = rustix::process::geteuid().as_raw();
+        assert_eq!(socket_owner(from, to).unwrap(), Some((me, inode(&c))));
         assert_ne!(inode(&c), inode(&a));
         assert!(held_by_this_process(c.local_addr().unwrap(), l.local_addr().unwrap()));
         // No such connection.
         let gone = std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1);
-        assert_eq!(socket_inode(gone, to).unwrap(), None);
+        assert_eq!(socket_owner(gone, to).unwrap(), None);
     }
 
     #[test]

@@ -241,8 +241,9 @@ fn domc_serves_pkcs11_tool_openssl_and_tls_inside_a_real_client() {
     // Every entry streamed to the tenant's file as it happened, from the
     // first, in one unbroken chain.
     let stream = std::fs::read_to_string(dir.join("chain.toml.hsm-audit.jsonl")).unwrap();
+    assert!(stream.lines().next().is_some_and(|l| l.starts_with("{\"session\"")), "{stream}");
     let entries: Vec<ssc_abi::hsm::AuditEntry> =
-        stream.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+        stream.lines().skip(1).map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
     assert_eq!(entries.first().map(|e| e.seq), Some(0));
     sd_hsm::audit::verify(&entries, None).unwrap();
     for (op, outcome) in [("import", "ok"), ("sign", "ok"), ("login", "wrong PIN"), ("malformed-frame", "refused")] {

@@ -4,7 +4,8 @@
 //! (`ssc_abi::hsm::AuditEntry`), so the tenant can check that the entries
 //! it exports are complete and unedited from any point on: [`verify`].
 //! DomC keeps the most recent [`KEEP`] entries in memory. An entry the
-//! tenant has received (a page that starts past it) may be dropped when
+//! tenant has acknowledged ([`AuditLog::acknowledge`], sent once its copy
+//! is on disk; reading a page acknowledges nothing) may be dropped when
 //! the log is full; one it has not received is evidence, so by default a
 //! full log of undelivered entries makes DomC refuse operations until the
 //! tenant reads them ([`AuditLog::blocked`]); the tenant may choose to
@@ -140,10 +141,23 @@ impl AuditLog {
             && self.entries.front().is_some_and(|e| e.seq >= self.delivered)
     }
 
-    /// Entries from `from`, at most `max` (and at most [`PAGE`]). The
-    /// tenant asking from `from` has everything before it.
-    pub fn page(&mut self, from: u64, max: u32) -> AuditPage {
-        self.delivered = self.delivered.max(from.min(self.next));
+    /// The tenant holds every entry before `next`, the last of which
+    /// hashes to `head`. Refused (false) for entries that do not exist yet
+    /// or a head that is not that entry's (when DomC still has it).
+    pub fn acknowledge(&mut self, next: u64, head: [u8; 32]) -> bool {
+        if next > self.next {
+            return false;
+        }
+        let last = next.checked_sub(1).and_then(|seq| self.entries.iter().find(|e| e.seq == seq));
+        if last.is_some_and(|e| e.hash != head) {
+            return false;
+        }
+        self.delivered = self.delivered.max(next);
+        true
+    }
+
+    /// Entries from `from`, at most `max` (and at most [`PAGE`]).
+    pub fn page(&self, from: u64, max: u32) -> AuditPage {
         let oldest = self.entries.front().map_or(self.next, |e| e.seq);
         let start = from.max(oldest);
         let skip = (start - oldest) as usize;

@@ -450,10 +450,20 @@ impl Hsm {
                 self.flush_throttled(now_ms);
                 return AdminReply::Audit(self.audit.page(*from, *max));
             }
+            AdminOp::AuditAck { next, head } => {
+                return match self.audit.acknowledge(*next, *head) {
+                    true => AdminReply::Ok,
+                    false => AdminReply::Error(HsmError::BadInput {
+                        why: alloc::format!("audit acknowledgement of entries before {next} does not match the log"),
+                    }),
+                };
+            }
             AdminOp::AuditWhenFull { block: true } => ("audit-when-full: block", None),
             AdminOp::AuditWhenFull { block: false } => ("audit-when-full: drop the oldest", None),
         };
-        if self.audit.blocked() && !matches!(op, AdminOp::AuditWhenFull { .. }) {
+        // Even the policy change waits: its own audit entry would drop an
+        // entry the tenant does not have yet.
+        if self.audit.blocked() {
             self.stats.audit_blocked += 1;
             return AdminReply::Error(HsmError::AuditFull);
         }
@@ -481,7 +491,7 @@ impl Hsm {
                 Some(_) => AdminReply::Ok,
                 None => AdminReply::Error(HsmError::UnknownKey { key }),
             },
-            AdminOp::Audit { .. } => unreachable!("answered above"),
+            AdminOp::Audit { .. } | AdminOp::AuditAck { .. } => unreachable!("answered above"),
             AdminOp::AuditWhenFull { block } => {
                 self.audit.block_when_full = block;
                 AdminReply::Ok

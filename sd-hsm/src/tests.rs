@@ -566,7 +566,7 @@ fn a_flood_of_requests_without_a_login_cannot_flush_the_audit_log() {
 }
 
 #[test]
-fn a_full_audit_log_of_undelivered_entries_blocks_operations_until_the_tenant_reads_it() {
+fn a_full_audit_log_of_undelivered_entries_blocks_operations_until_the_tenant_acknowledges_it() {
     let mut h = hsm();
     h.audit = audit::AuditLog::new(16);
     login(&mut h);
@@ -589,12 +589,19 @@ fn a_full_audit_log_of_undelivered_entries_blocks_operations_until_the_tenant_re
     let log = kept(&mut h);
     assert_eq!(log.len(), 16);
     assert_eq!(log[0].seq, 0, "nothing was dropped before the tenant had it");
-    // Having read everything (the next page starts past it), operations go on.
-    let AdminReply::Audit(_) = h.admin(AdminOp::Audit { from: log[15].seq + 1, max: 1 }, 0) else { panic!() };
-    assert!(
-        call(&mut h, Op::Sign { key: k.handle, mech: SignMech::Ecdsa { hash: Some(Hash::Sha256) }, data: vec![1] })
-            .is_ok()
-    );
+    // Reading acknowledges nothing (`ssc hsm audit`, or a page from far
+    // ahead); neither does the policy change, which would itself drop one.
+    let AdminReply::Audit(_) = h.admin(AdminOp::Audit { from: u64::MAX, max: 1 }, 0) else { panic!() };
+    assert!(h.audit.blocked());
+    assert_eq!(h.admin(AdminOp::AuditWhenFull { block: true }, 0), AdminReply::Error(HsmError::AuditFull));
+    assert_eq!(kept(&mut h)[0].seq, 0);
+    // A wrong head, or entries that do not exist, are not acknowledged.
+    assert!(matches!(h.admin(AdminOp::AuditAck { next: 16, head: [0; 32] }, 0), AdminReply::Error(_)));
+    assert!(matches!(h.admin(AdminOp::AuditAck { next: 99, head: log[15].hash }, 0), AdminReply::Error(_)));
+    // The tenant's stream acknowledges what it holds: operations go on.
+    assert_eq!(h.admin(AdminOp::AuditAck { next: 16, head: log[15].hash }, 0), AdminReply::Ok);
+    let sign = Op::Sign { key: k.handle, mech: SignMech::Ecdsa { hash: Some(Hash::Sha256) }, data: vec![1] };
+    assert!(call(&mut h, sign).is_ok());
 
     // A tenant who prefers availability drops the oldest instead.
     let mut h = hsm();

@@ -276,7 +276,9 @@ fn header_mac(mac_key: &[u8; 32], bytes: &[u8]) -> hmac::Hmac<Sha256> {
 /// The key check of an authenticated header of `version`: version 3 has a
 /// label of its own, so its check cannot be copied into an XTS header
 /// (version 1) to serve the volume without integrity; version 2 shared
-/// the XTS label.
+/// the XTS label (and an upgraded volume keeps its salt, so a saved
+/// version-2 header of it still could be: the tenant's record refuses that
+/// downgrade).
 fn auth_key_check(key: &[u8], version: u32, salt: &[u8; 32]) -> hmac::Hmac<Sha256> {
     if version == LEGACY_VERSION {
         key_check(key, salt)

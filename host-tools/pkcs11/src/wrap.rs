@@ -8,7 +8,7 @@
 //! what it may do. DomC enforces all of it; the module only forwards.
 
 use cryptoki_sys::*;
-use ssc_abi::hsm::{KeyKind, Op, Reply};
+use ssc_abi::hsm::{KeyInfo, KeyKind, Op, Reply, Usage};
 
 use super::{
     Class, asks_for_session_object, bytes, call, handle_of, object, output, owned_template, put, refresh_keys, with,
@@ -24,6 +24,32 @@ fn wrapping_key(h: CK_OBJECT_HANDLE) -> Result<u64, CK_RV> {
         Some((k, Class::Secret)) => Ok(k.handle),
         Some(_) => Err(CKR_WRAPPING_KEY_TYPE_INCONSISTENT),
         None => Err(CKR_WRAPPING_KEY_HANDLE_INVALID),
+    })
+}
+
+/// Wrapping works on private and secret objects: a logged-in session.
+fn logged_in(h: CK_SESSION_HANDLE) -> Result<(), CK_RV> {
+    with_session(h, |_, s| if s.logged_in { Ok(()) } else { Err(CKR_USER_NOT_LOGGED_IN) })
+}
+
+/// Whether the attributes a template states hold for the unwrapped key:
+/// its policy is the one it was wrapped with, and a template may not
+/// pretend otherwise (every DomC key is sensitive).
+fn template_agrees(t: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)], k: &KeyInfo) -> bool {
+    t.iter().all(|(ty, v)| {
+        let on = v.first().is_some_and(|b| *b != 0);
+        let have = match *ty {
+            CKA_EXTRACTABLE => k.usage.extractable,
+            CKA_SENSITIVE => true,
+            CKA_SIGN => k.usage.allows(Usage::SIGN),
+            CKA_VERIFY => k.usage.allows(Usage::VERIFY),
+            CKA_ENCRYPT => k.usage.allows(Usage::ENCRYPT),
+            CKA_DECRYPT => k.usage.allows(Usage::DECRYPT),
+            CKA_WRAP => k.usage.allows(Usage::WRAP),
+            CKA_UNWRAP => k.usage.allows(Usage::UNWRAP),
+            _ => return true,
+        };
+        on == have
     })
 }
 
@@ -82,6 +108,9 @@ pub(crate) unsafe extern "C" fn C_WrapKey(
     if out_len.is_null() {
         return CKR_ARGUMENTS_BAD;
     }
+    if let Err(e) = logged_in(h) {
+        return e;
+    }
     let blob = match wrapped(h, wrapping, key) {
         Ok(b) => b,
         Err(e) => return e,
@@ -120,6 +149,9 @@ pub(crate) unsafe extern "C" fn C_UnwrapKey(
     if out.is_null() || blob.is_null() {
         return CKR_ARGUMENTS_BAD;
     }
+    if let Err(e) = logged_in(h) {
+        return e;
+    }
     // SAFETY: the caller's wrapped key and template.
     let (blob, t) = unsafe { (bytes(blob, len).to_vec(), owned_template(tmpl, n)) };
     if asks_for_session_object(&[&t]) {
@@ -139,6 +171,11 @@ pub(crate) unsafe extern "C" fn C_UnwrapKey(
         Ok(_) => return CKR_DEVICE_ERROR,
         Err(e) => return e,
     };
+    if !template_agrees(&t, &k) {
+        // The copy exists only with the policy it was wrapped with.
+        let _ = call(h, Op::Destroy { key: k.handle });
+        return CKR_TEMPLATE_INCONSISTENT;
+    }
     if let Err(e) = refresh_keys(h) {
         return e;
     }

@@ -241,7 +241,7 @@ fn pkcs11_tool_generates_signs_and_openssl_verifies() {
     ok(&port, &["--generate-random", "64", "-o", &d("rnd")]);
     assert_eq!(std::fs::metadata(d("rnd")).unwrap().len(), 64);
     // Everything above is in the audit log, and the chain verifies.
-    let mut h = hsm.lock().unwrap();
+    let h = hsm.lock().unwrap();
     let page = h.audit.page(0, 256);
     sd_hsm::audit::verify(&page.entries, Some(page.head)).unwrap();
     assert!(page.entries.iter().any(|e| e.op == "sign" && e.outcome == "ok"));
@@ -471,6 +471,11 @@ fn wrap_application() {
     assert_eq!(session.decrypt(&Mechanism::AesGcm(gcm), copy, &sealed).unwrap(), b"moved inside DomC");
     let attrs = session.get_attributes(copy, &[AttributeType::Extractable, AttributeType::Wrap]).unwrap();
     assert!(attrs.contains(&Attribute::Extractable(true)) && attrs.contains(&Attribute::Wrap(false)), "{attrs:?}");
+    // A template cannot make the copy anything but what was wrapped.
+    let r = session.unwrap_key(&wrap, kek, &blob, &[Attribute::Extractable(false)]);
+    assert!(matches!(r, Err(Error::Pkcs11(RvError::TemplateInconsistent, _))), "{r:?}");
+    let r = session.unwrap_key(&wrap, kek, &blob, &[Attribute::Sign(true)]);
+    assert!(matches!(r, Err(Error::Pkcs11(RvError::TemplateInconsistent, _))), "{r:?}");
     // A blob edited in transit does not unwrap.
     let mut bad = blob.clone();
     let last = bad.len() - 1;

@@ -20,7 +20,14 @@ const REGIONS: [(usize, usize); 5] =
 fn template(five: bool) -> &'static Guest {
     static G4: OnceLock<Guest> = OnceLock::new();
     static G5: OnceLock<Guest> = OnceLock::new();
-    if five { G5.get_or_init(|| booted(true)) } else { G4.get_or_init(|| booted(false)) }
+    // The untouched guest must attach, or the target would only ever fuzz
+    // the error paths.
+    let boot = |five| {
+        let g = booted(five);
+        assert!(g.monitor(1).attach(&g.mem).is_ok(), "the fake guest no longer attaches");
+        g
+    };
+    if five { G5.get_or_init(|| boot(true)) } else { G4.get_or_init(|| boot(false)) }
 }
 
 fn guest(five: bool) -> Guest {
