@@ -35,6 +35,10 @@ const RSA_2048: &[u8] = include_bytes!("../../sd-hsm/testdata/rsa2048.pk8");
 fn core_with_key(alg: &str) -> Result<(Hsm, [u8; 16], u64, SignMech, Vec<u8>)> {
     let mut h = Hsm::new("bench", "0");
     h.admin(AdminOp::SetPin { pin: b"1234".to_vec() }, 0);
+    // Nobody streams this core's audit log; in a chain `ssc up` does, and
+    // the log never fills. Without this the core would block after 65 536
+    // operations and the benchmark would time refusals.
+    h.admin(AdminOp::AuditWhenFull { block: false }, 0);
     let login = Request { id: 1, session: 1, token: [0; 16], op: Op::Login { pin: b"1234".to_vec() } };
     let Ok(Reply::LoggedIn { token }) = h.client(login, 0).result else { bail!("logging in") };
     let call = |h: &mut Hsm, op| h.client(Request { id: 1, session: 1, token, op }, 0).result;
