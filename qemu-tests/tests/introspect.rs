@@ -107,7 +107,7 @@ rmmod ssc_hide
 kill $H $B $C
 yes > /dev/null & Y=$!
 echo "LOOP $Y"
-sleep 5
+sleep 10
 kill $Y
 echo "JOB-END"
 "#;
