@@ -245,8 +245,7 @@ impl AuditStream {
         let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
         let line = serde_json::json!({"session": {"started_unix": started, "first_seq": 0}}).to_string() + "\n";
         file.write_all(line.as_bytes()).and_then(|()| file.sync_all())?;
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+        crate::durable::sync_parent(path)?;
         Ok(AuditStream {
             path: path.to_path_buf(),
             file,

@@ -91,14 +91,25 @@ fn temp_path(path: &Path, suffix: &str) -> Result<PathBuf> {
     Ok(path.with_file_name(tmp))
 }
 
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Makes the directory entry of `path` (a file just created) durable.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    let dir = parent_dir(path);
+    Disk { mode: 0 }.sync_dir(&dir).with_context(|| format!("syncing {}", dir.display()))
+}
+
 /// Replaces the record at `path` with `bytes` through `fs`; `suffix` makes
 /// the temporary name fresh.
 pub fn replace<F: RecordFs>(fs: &mut F, path: &Path, bytes: &[u8], suffix: &str) -> Result<()> {
     let tmp = temp_path(path, suffix)?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = parent_dir(path);
     let mut f = fs.create_new(&tmp).with_context(|| {
         format!("creating {} (a file of that name exists: refusing to write through it)", tmp.display())
     })?;

@@ -27,11 +27,6 @@ fn wrapping_key(h: CK_OBJECT_HANDLE) -> Result<u64, CK_RV> {
     })
 }
 
-/// Wrapping works on private and secret objects: a logged-in session.
-fn logged_in(h: CK_SESSION_HANDLE) -> Result<(), CK_RV> {
-    with_session(h, |_, s| if s.logged_in { Ok(()) } else { Err(CKR_USER_NOT_LOGGED_IN) })
-}
-
 /// Whether the attributes a template states hold for the unwrapped key:
 /// its policy is the one it was wrapped with, and a template may not
 /// pretend otherwise (every DomC key is sensitive).
@@ -53,18 +48,21 @@ fn template_agrees(t: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)], k: &KeyInfo) -> bool {
     })
 }
 
+/// What both calls check first: the mechanism is [`CKM_SSC_WRAP`], and the
+/// session is logged in (wrapping works on private and secret objects).
+///
 /// # Safety
 ///
 /// `m` is NULL or one `CK_MECHANISM`.
-unsafe fn mechanism_ok(m: CK_MECHANISM_PTR) -> Result<(), CK_RV> {
+unsafe fn begin(h: CK_SESSION_HANDLE, m: CK_MECHANISM_PTR) -> Result<(), CK_RV> {
     if m.is_null() {
         return Err(CKR_ARGUMENTS_BAD);
     }
     // SAFETY: non-NULL mechanism from the caller.
-    match unsafe { (*m).mechanism } {
-        CKM_SSC_WRAP => Ok(()),
-        _ => Err(CKR_MECHANISM_INVALID),
+    if unsafe { (*m).mechanism } != CKM_SSC_WRAP {
+        return Err(CKR_MECHANISM_INVALID);
     }
+    with_session(h, |_, s| if s.logged_in { Ok(()) } else { Err(CKR_USER_NOT_LOGGED_IN) })
 }
 
 /// The blob of `key` wrapped by `wrapping`: the one a length query of
@@ -101,14 +99,11 @@ pub(crate) unsafe extern "C" fn C_WrapKey(
     out: CK_BYTE_PTR,
     out_len: CK_ULONG_PTR,
 ) -> CK_RV {
-    // SAFETY: the caller's mechanism.
-    if let Err(e) = unsafe { mechanism_ok(m) } {
-        return e;
-    }
     if out_len.is_null() {
         return CKR_ARGUMENTS_BAD;
     }
-    if let Err(e) = logged_in(h) {
+    // SAFETY: the caller's mechanism.
+    if let Err(e) = unsafe { begin(h, m) } {
         return e;
     }
     let blob = match wrapped(h, wrapping, key) {
@@ -142,14 +137,11 @@ pub(crate) unsafe extern "C" fn C_UnwrapKey(
     n: CK_ULONG,
     out: CK_OBJECT_HANDLE_PTR,
 ) -> CK_RV {
-    // SAFETY: the caller's mechanism.
-    if let Err(e) = unsafe { mechanism_ok(m) } {
-        return e;
-    }
     if out.is_null() || blob.is_null() {
         return CKR_ARGUMENTS_BAD;
     }
-    if let Err(e) = logged_in(h) {
+    // SAFETY: the caller's mechanism.
+    if let Err(e) = unsafe { begin(h, m) } {
         return e;
     }
     // SAFETY: the caller's wrapped key and template.
